@@ -1,0 +1,69 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+/// clipvisor: a supervisor that keeps media decoding out of the training process.
+///
+/// Only `DecodeWorker` links FFmpeg; the supervisor never does, so a hang or crash in a
+/// codec can only ever take down a short-lived worker.
+let package = Package(
+    name: "clipvisor",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "clipvisor", targets: ["Supervisor"]),
+        .executable(name: "clipvisor-worker", targets: ["DecodeWorker"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+    ],
+    targets: [
+        // C libraries, one target each, with a shim header for what does not import.
+        .systemLibrary(name: "CFFmpeg", path: "Sources/CFFmpeg", pkgConfig: "libavformat"),
+        .systemLibrary(name: "CZstd", path: "Sources/CZstd", pkgConfig: "libzstd"),
+        .systemLibrary(name: "CSystemd", path: "Sources/CSystemd", pkgConfig: "libsystemd"),
+        // Linux syscalls and macros that Swift's Glibc module does not expose.
+        .target(name: "CClipvisorShims", path: "Sources/CClipvisorShims"),
+
+        .target(
+            name: "Shared",
+            dependencies: [
+                "CZstd", "CClipvisorShims",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            path: "Sources/Shared"
+        ),
+        .executableTarget(
+            name: "DecodeWorker",
+            dependencies: [
+                "Shared", "CFFmpeg", "CClipvisorShims",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            path: "Sources/DecodeWorker"
+        ),
+        .executableTarget(
+            name: "Supervisor",
+            dependencies: [
+                "Shared", "CSystemd", "CClipvisorShims",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            path: "Sources/Supervisor"
+        ),
+
+        .testTarget(name: "SharedTests", dependencies: ["Shared"], path: "Tests/SharedTests"),
+        .testTarget(
+            name: "DecodeWorkerTests",
+            dependencies: ["DecodeWorker", "Shared"],
+            path: "Tests/DecodeWorkerTests"
+        ),
+        .testTarget(
+            name: "SupervisorTests",
+            dependencies: ["Supervisor", "Shared"],
+            path: "Tests/SupervisorTests"
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)

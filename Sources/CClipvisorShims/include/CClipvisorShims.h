@@ -1,0 +1,89 @@
+#ifndef CLIPVISOR_SHIMS_H
+#define CLIPVISOR_SHIMS_H
+// Linux primitives that Swift's Glibc module does not expose: it is built without _GNU_SOURCE,
+// `syscall()` is variadic, and the CMSG_* macros do not import. Each function is a thin,
+// errno-preserving wrapper: it returns what the syscall returns and leaves errno set.
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#pragma clang assume_nonnull begin
+
+/// memfd_create(2) with MFD_CLOEXEC | MFD_ALLOW_SEALING: the block's home (hidden by _GNU_SOURCE).
+int cv_memfd_create_sealable(const char *name);
+
+/// Seals a finished block against shrinking, growing, writing and further sealing
+/// (F_ADD_SEALS is hidden by _GNU_SOURCE). Fails with EBUSY while a writable shared mapping exists.
+int cv_seal_block(int fd);
+
+/// F_GET_SEALS: returns the seal bits, so a reader can refuse an unsealed (still mutable) block.
+int cv_get_seals(int fd);
+
+/// 1 when `seals` (from cv_get_seals) hold shrink, grow and write seals.
+int cv_seals_are_complete(int seals);
+
+/// pidfd_open(2): there is no libc wrapper on glibc 2.36.
+int cv_pidfd_open(pid_t pid);
+
+/// pidfd_send_signal(2): signals exactly the process we spawned, never a recycled pid.
+int cv_pidfd_send_signal(int pidfd, int sig);
+
+/// sendmsg(2) of `len` bytes with at most one fd as SCM_RIGHTS (pass -1 for none).
+/// The CMSG_* macros cannot be used from Swift. MSG_NOSIGNAL keeps a dead peer from raising SIGPIPE.
+ssize_t cv_send_with_fd(int sock, const void *buf, size_t len, int fd, int flags);
+
+/// recvmsg(2) into `buf`; a received fd (MSG_CMSG_CLOEXEC) goes to `*fd_out`, else -1.
+/// Extra fds beyond the first are closed so that a hostile peer cannot leak fds into us;
+/// `*truncated` is set when the kernel reports MSG_CTRUNC or MSG_TRUNC.
+ssize_t cv_recv_with_fd(int sock, void *buf, size_t len, int *fd_out, int *truncated, int flags);
+
+/// SO_PEERCRED: struct ucred is hidden by _GNU_SOURCE.
+int cv_peer_credentials(int sock, pid_t *pid, uid_t *uid, gid_t *gid);
+
+/// prctl(PR_SET_PDEATHSIG): a worker dies with its supervisor (prctl is variadic).
+int cv_set_parent_death_signal(int sig);
+
+/// prctl(PR_SET_NO_NEW_PRIVS, 1): required before Landlock, and no setuid escalation from a codec bug.
+int cv_set_no_new_privs(void);
+
+/// Landlock: forbids creating, writing, truncating, removing or renaming any file system object
+/// for this process and its children. Already-open fds (the block's memfd) still work.
+/// Returns the Landlock ABI version used (> 0), or -1 with errno (ENOSYS/EOPNOTSUPP: unavailable).
+int cv_landlock_forbid_writes(void);
+
+/// posix_spawn_file_actions_addclosefrom_np: closes every fd >= `lowfd` in the child, so a worker
+/// never inherits another client's connection (hidden by _GNU_SOURCE).
+int cv_spawn_file_actions_addclosefrom(void *actions, int lowfd);
+
+/// POSIX_SPAWN_SETSID is hidden by _GNU_SOURCE; the value is returned for posix_spawnattr_setflags.
+short cv_posix_spawn_setsid_flag(void);
+
+/// The number of CPUs in this process's affinity mask (CPU_COUNT is a macro).
+int cv_affinity_cpu_count(void);
+
+/// epoll_wait(2) that returns `fd`-tagged events as two parallel arrays; struct epoll_event is
+/// packed on x86_64 and its data union does not import cleanly.
+int cv_epoll_wait(int epfd, uint64_t *tokens, uint32_t *events, int max, int timeout_ms);
+
+/// epoll_ctl(2) with a 64-bit token as the event's data.
+int cv_epoll_ctl(int epfd, int op, int fd, uint32_t events, uint64_t token);
+
+/// signalfd(4) for SIGTERM/SIGINT/SIGHUP/SIGQUIT (sys/signalfd.h is not in the Glibc module):
+/// blocks those signals in the calling thread and returns a CLOEXEC|NONBLOCK fd.
+int cv_signalfd_for_lifecycle(void);
+
+/// Reads one signal number from the fd made by cv_signalfd_for_lifecycle; 0 when none is pending.
+int cv_signalfd_read(int fd);
+
+/// Unblocks every signal and resets dispositions for a child about to exec (posix_spawn helper).
+int cv_spawnattr_reset_signals(void *attr);
+
+/// strsignal-like short name ("SIGSEGV"); sigabbrev_np is hidden by _GNU_SOURCE.
+const char *_Nullable cv_signal_name(int sig);
+
+/// The real path of an open fd through /proc/self/fd (readlink), NUL-terminated; -1 on error.
+ssize_t cv_fd_real_path(int fd, char *buf, size_t size);
+
+#pragma clang assume_nonnull end
+#endif

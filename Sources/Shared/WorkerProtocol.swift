@@ -1,0 +1,24 @@
+/// Messages between the supervisor and a decode worker (docs/worker-protocol.md). They travel
+/// as one JSON object per SOCK_SEQPACKET datagram, so the kernel keeps message boundaries and
+/// an fd (a clip passed by a client, or the finished block) rides with its message.
+public enum WorkerMessage {
+    /// Largest datagram either side sends (results carry pts lists of up to 100 000 frames).
+    public static let maxSize = 4 << 20
+
+    /// Exit codes of `clipvisor-worker serve`, documented so the supervisor can tell a clean
+    /// recycle from a start-up failure.
+    public enum ExitCode: Int32, Sendable {
+        /// Served its clip quota or saw its control socket close.
+        case recycled = 0
+        /// Bad command line (a supervisor/worker version mismatch).
+        case usage = 64
+        /// Could not apply its limits or sandbox at start.
+        case sandbox = 71
+        /// The control socket failed or sent a malformed message.
+        case protocolError = 76
+    }
+
+    /// Environment variable that turns on test-only fault switches in workers. Only whoever
+    /// starts the supervisor can set it; no request can.
+    public static let faultEnvironmentKey = "CLIPVISOR_TEST_FAULTS"
+}

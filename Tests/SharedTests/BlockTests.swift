@@ -1,0 +1,128 @@
+import Foundation
+import SystemPackage
+import Testing
+
+@testable import Shared
+
+/// Builds a block with a small video tensor and a planar audio tensor from deterministic noise.
+private func makeBlock(level: Int, frames: Int = 3, samples: Int = 2500, reserve: Int? = nil) throws -> (block: [UInt8], video: [UInt8], audio: [UInt8]) {
+    var generator = SplitMix(seed: 42)
+    let frameBytes = 3 * 20 * 30
+    let video = (0..<(frames * frameBytes)).map { _ in UInt8(truncatingIfNeeded: generator.next()) }
+    let audioFloats = (0..<(2 * samples)).map { i in Float(sin(Double(i) * 0.01)) }
+    let audio = audioFloats.withUnsafeBytes { Array($0) }
+
+    let fd = try SharedMemory.createSealable(name: "test-block")
+    defer { try? fd.close() }
+    let writer = try BlockWriter(
+        fd: fd, level: level, reservedHeaderBytes: reserve ?? BlockWriter.estimatedHeaderBytes(frames: frames + 6))
+    try video.withUnsafeBytes { raw in
+        for t in 0..<frames {
+            try writer.append(tensor: 0, UnsafeRawBufferPointer(rebasing: raw[(t * frameBytes)..<((t + 1) * frameBytes)]))
+        }
+    }
+    // Planar audio: channel-major, chunks of 1000 samples.
+    try audio.withUnsafeBytes { raw in
+        for channel in 0..<2 {
+            var start = 0
+            while start < samples {
+                let end = min(samples, start + 1000)
+                let base = channel * samples * 4
+                try writer.append(tensor: 1, UnsafeRawBufferPointer(rebasing: raw[(base + start * 4)..<(base + end * 4)]))
+                start = end
+            }
+        }
+    }
+    let size = try writer.finish(
+        tensors: [
+            BlockTensor(name: "video", dtype: .uint8, shape: [frames, 3, 20, 30], layout: "TCHW", frameSizes: []),
+            BlockTensor(name: "audio", dtype: .float32, shape: [2, samples], layout: "CN", frameSizes: []),
+        ],
+        result: ["path": "/test.mp4", "pts": [0, 0.5, 1.0]])
+    try SharedMemory.seal(fd)
+    #expect(SharedMemory.isSealed(fd))
+    #expect(try SharedMemory.size(of: fd) == size)
+    var block = [UInt8](repeating: 0, count: size)
+    _ = try block.withUnsafeMutableBytes { try fd.read(fromAbsoluteOffset: 0, into: $0) }
+    return (block, video, audio)
+}
+
+struct SplitMix {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+@Suite struct BlockFormatTests {
+    @Test(arguments: [-1000, -5, 1, 3])
+    func roundTrip(level: Int) throws {
+        let (block, video, audio) = try makeBlock(level: level)
+        let (header, tensors) = try block.withUnsafeBytes { try BlockReader.read($0) }
+        #expect(header.tensors.map(\.name) == ["video", "audio"])
+        #expect(header.tensors[1].frameSizes == [4000, 4000, 2000, 4000, 4000, 2000])
+        #expect(header.tensors[0].frameSizes == [1800, 1800, 1800])
+        #expect(header.result["path"] == "/test.mp4")
+        #expect(tensors[0] == video)
+        #expect(tensors[1] == audio)
+    }
+
+    @Test func headerLargerThanItsReservationMovesTheData() throws {
+        let (block, video, _) = try makeBlock(level: 1, reserve: 40)
+        let (_, tensors) = try block.withUnsafeBytes { try BlockReader.read($0) }
+        #expect(tensors[0] == video)
+    }
+
+    @Test func zstdCommandLineYieldsTheRawTensorBytes() throws {
+        let (block, video, audio) = try makeBlock(level: 3)
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("cv-block-\(getpid())")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let file = directory.appendingPathComponent("block.zst")
+        try Data(block).write(to: file)
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/zstd")
+        process.arguments = ["-q", "-d", "-c", file.path]
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        try process.run()
+        let output = pipe.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        #expect(process.terminationStatus == 0)
+        #expect(Array(output) == video + audio)
+    }
+
+    /// Every byte of the block is covered by a check: the header CRC, the zstd frame headers'
+    /// CRC, the seek table cross-checks, or a frame's content checksum.
+    @Test(arguments: [UInt8(0x01), 0x10, 0x80, 0xFF])
+    func everyFlippedByteIsRejected(mask: UInt8) throws {
+        // A tight header reservation keeps the block small: the test reads it once per byte.
+        let (block, _, _) = try makeBlock(level: -1000, frames: 2, samples: 1200, reserve: 40)
+        var accepted: [Int] = []
+        for position in block.indices {
+            var damaged = block
+            damaged[position] ^= mask
+            let ok = (try? damaged.withUnsafeBytes { try BlockReader.read($0) }) != nil
+            if ok { accepted.append(position) }
+        }
+        #expect(accepted.isEmpty, "flips accepted at \(accepted.prefix(10)) of \(block.count) bytes")
+    }
+
+    @Test func everyTruncationIsRejected() throws {
+        let (block, _, _) = try makeBlock(level: 1, frames: 2, samples: 1200, reserve: 40)
+        for length in 0..<block.count {
+            let cut = Array(block[0..<length])
+            #expect((try? cut.withUnsafeBytes { try BlockReader.read($0) }) == nil, "accepted at \(length)")
+        }
+    }
+
+    @Test func extendedBlockIsRejected() throws {
+        let (block, _, _) = try makeBlock(level: 1, frames: 2)
+        #expect(throws: BlockError.self) { try (block + [0]).withUnsafeBytes { try BlockReader.read($0) } }
+    }
+}
