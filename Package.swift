@@ -29,6 +29,7 @@ let package = Package(
             name: "Shared",
             dependencies: [
                 "CZstd", "CClipvisorShims",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
             path: "Sources/Shared"

@@ -15,6 +15,7 @@
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 int cv_memfd_create_sealable(const char *name) {
@@ -145,21 +146,40 @@ int cv_affinity_cpu_count(void) {
     return CPU_COUNT(&set);
 }
 
+int cv_epoll_create(void) { return epoll_create1(EPOLL_CLOEXEC); }
+
+int cv_epoll_ctl(int epfd, int op, int fd, int writable, uint64_t token) {
+    static const int ops[] = {EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLL_CTL_DEL};
+    if (op < 0 || op > 2) {
+        errno = EINVAL;
+        return -1;
+    }
+    struct epoll_event event = {.events = EPOLLIN | EPOLLRDHUP | (writable ? EPOLLOUT : 0),
+                                .data = {.u64 = token}};
+    return epoll_ctl(epfd, ops[op], fd, &event);
+}
+
 int cv_epoll_wait(int epfd, uint64_t *tokens, uint32_t *events, int max, int timeout_ms) {
     struct epoll_event list[64];
     if (max > 64) max = 64;
     int n = epoll_wait(epfd, list, max, timeout_ms);
     for (int i = 0; i < n; i++) {
+        uint32_t e = list[i].events;
+        uint32_t out = 0;
+        if (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) out |= CV_EVENT_READABLE;
+        if (e & EPOLLOUT) out |= CV_EVENT_WRITABLE;
+        if (e & (EPOLLHUP | EPOLLERR)) out |= CV_EVENT_CLOSED;
         tokens[i] = list[i].data.u64;
-        events[i] = list[i].events;
+        events[i] = out;
     }
     return n;
 }
 
-int cv_epoll_ctl(int epfd, int op, int fd, uint32_t events, uint64_t token) {
-    struct epoll_event event = {.events = events, .data = {.u64 = token}};
-    return epoll_ctl(epfd, op, fd, &event);
+int cv_accept_nonblocking(int listener) {
+    return accept4(listener, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
 }
+
+int cv_pipe_cloexec(int *fds) { return pipe2(fds, O_CLOEXEC); }
 
 int cv_signalfd_for_lifecycle(void) {
     sigset_t set;
@@ -206,3 +226,17 @@ ssize_t cv_fd_real_path(int fd, char *buf, size_t size) {
     buf[n] = 0;
     return n;
 }
+
+int cv_waitid_pidfd(int pidfd, int *code, int *status) {
+    siginfo_t info;
+    memset(&info, 0, sizeof info);
+    if (waitid(P_PIDFD, (id_t)pidfd, &info, WEXITED | WNOHANG) != 0) return -1;
+    if (info.si_pid == 0) return 0;
+    *code = info.si_code;
+    *status = info.si_status;
+    return 1;
+}
+
+int cv_cld_exited(void) { return CLD_EXITED; }
+
+char **cv_environ(void) { return environ; }

@@ -111,7 +111,7 @@ public enum JSONValue: Sendable, Equatable, Hashable {
     }
 
     /// Integers print without a fraction; non-finite numbers (not JSON) print as null.
-    static func format(_ n: Double) -> String {
+    public static func format(_ n: Double) -> String {
         guard n.isFinite else { return "null" }
         if n.rounded() == n && abs(n) < 1e15 { return String(Int64(n)) }
         return "\(n)"

@@ -62,12 +62,29 @@ short cv_posix_spawn_setsid_flag(void);
 /// The number of CPUs in this process's affinity mask (CPU_COUNT is a macro).
 int cv_affinity_cpu_count(void);
 
-/// epoll_wait(2) that returns `fd`-tagged events as two parallel arrays; struct epoll_event is
-/// packed on x86_64 and its data union does not import cleanly.
+/// Readiness bits reported by cv_epoll_wait (sys/epoll.h is not in Swift's Glibc module).
+enum {
+    CV_EVENT_READABLE = 1,  // EPOLLIN, or a hang-up/error that a read will report
+    CV_EVENT_WRITABLE = 2,  // EPOLLOUT
+    CV_EVENT_CLOSED = 4,    // EPOLLHUP or EPOLLERR
+};
+
+/// epoll_create1(EPOLL_CLOEXEC).
+int cv_epoll_create(void);
+
+/// epoll_ctl(2): `op` 0 adds, 1 modifies, 2 removes. Watches input (and output when
+/// `writable`), with a 64-bit token as the event's data.
+int cv_epoll_ctl(int epfd, int op, int fd, int writable, uint64_t token);
+
+/// epoll_wait(2) returning tokens and CV_EVENT_* bits as parallel arrays; struct epoll_event
+/// is packed on x86_64 and its data union does not import cleanly.
 int cv_epoll_wait(int epfd, uint64_t *tokens, uint32_t *events, int max, int timeout_ms);
 
-/// epoll_ctl(2) with a 64-bit token as the event's data.
-int cv_epoll_ctl(int epfd, int op, int fd, uint32_t events, uint64_t token);
+/// accept4(2) with SOCK_CLOEXEC | SOCK_NONBLOCK (accept4 is hidden by _GNU_SOURCE).
+int cv_accept_nonblocking(int listener);
+
+/// pipe2(2) with O_CLOEXEC (hidden by _GNU_SOURCE).
+int cv_pipe_cloexec(int *fds);
 
 /// signalfd(4) for SIGTERM/SIGINT/SIGHUP/SIGQUIT (sys/signalfd.h is not in the Glibc module):
 /// blocks those signals in the calling thread and returns a CLOEXEC|NONBLOCK fd.
@@ -84,6 +101,18 @@ const char *_Nullable cv_signal_name(int sig);
 
 /// The real path of an open fd through /proc/self/fd (readlink), NUL-terminated; -1 on error.
 ssize_t cv_fd_real_path(int fd, char *buf, size_t size);
+
+/// waitid(P_PIDFD, WEXITED|WNOHANG): reaps the child behind `pidfd` if it has exited.
+/// Returns 1 when reaped (`*code` is CLD_EXITED/CLD_KILLED/CLD_DUMPED and `*status` the exit
+/// code or signal), 0 when it is still running, -1 with errno on error. siginfo_t's union does
+/// not import usefully into Swift.
+int cv_waitid_pidfd(int pidfd, int *code, int *status);
+
+/// CLD_EXITED, so Swift can tell an exit from a death by signal without the macro.
+int cv_cld_exited(void);
+
+/// The process environment (`environ` is declared only under _GNU_SOURCE), for posix_spawn.
+char *_Nullable *_Nonnull cv_environ(void);
 
 #pragma clang assume_nonnull end
 #endif

@@ -1,0 +1,8 @@
+/// The version both executables report; a supervisor refuses a worker of another version.
+public enum ClipvisorVersion {
+    public static let string = "0.1.0"
+    /// The client protocol version (docs/protocol.md).
+    public static let clientProtocol = 1
+    /// The worker protocol version (docs/worker-protocol.md).
+    public static let workerProtocol = 1
+}

@@ -1,0 +1,172 @@
+import CClipvisorShims
+import ArgumentParser
+import Shared
+import SystemPackage
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Options every client command shares.
+struct ConnectionOptions: ParsableArguments {
+    @Option(help: ArgumentHelp("Supervisor socket (default: $CLIPVISOR_SOCKET, /run/clipvisor/clipvisor.sock, then the per-user socket).", valueName: "path"))
+    var socket: String?
+
+    var candidates: [String] { socket.map { [$0] } ?? SocketDiscovery.clientCandidates }
+}
+
+struct StatusCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "status", abstract: "Show the running supervisor's workers, queue and counters.")
+
+    @OptionGroup var connection: ConnectionOptions
+
+    @Flag(help: "Print the status as JSON.")
+    var json = false
+
+    func run() throws {
+        let client = try SupervisorClient.connect(candidates: connection.candidates)
+        let (answer, _) = try client.call(["op": "status"], timeoutMs: 5000)
+        guard answer["ok"]?.boolValue == true, let status = answer["status"] else {
+            throw CleanExit.message("clipvisor: \(answer["error"]?["message"]?.stringValue ?? "status failed")")
+        }
+        if json {
+            print(status.jsonString)
+            return
+        }
+        print(StatusReport.render(status))
+    }
+}
+
+/// Human-readable `clipvisor status`.
+enum StatusReport {
+    static func number(_ value: JSONValue?) -> String {
+        guard let n = value?.doubleValue else { return "-" }
+        return JSONValue.format(n)
+    }
+
+    static func render(_ status: JSONValue) -> String {
+        var lines: [String] = []
+        lines.append(
+            "clipvisor \(status["version"]?.stringValue ?? "?") pid \(number(status["pid"])), \(status["phase"]?.stringValue ?? "?"), up \(number(status["uptime_s"])) s, socket \(status["socket"]?.stringValue ?? "?")")
+        let workers = status["workers"]
+        lines.append(
+            "workers: \(number(workers?["live"])) live of \(number(workers?["target"])), recycled after \(number(workers?["clips_per_worker"])) clips")
+        if let error = workers?["last_start_error"]?.stringValue {
+            lines.append("  last start failure: \(error) (\(number(workers?["consecutive_start_failures"])) in a row)")
+        }
+        for worker in workers?["list"]?.arrayValue ?? [] {
+            var line = "  pid \(number(worker["pid"]))  \(worker["state"]?.stringValue ?? "?")  clips \(number(worker["clips_done"]))"
+            if let clip = worker["clip"]?.stringValue { line += "  \(clip) (\(number(worker["busy_ms"])) ms)" }
+            lines.append(line)
+        }
+        let queue = status["queue"]
+        lines.append("queue: \(number(queue?["length"])) waiting (limit \(number(queue?["limit"])), wait bound \(number(queue?["wait_limit_ms"])) ms)")
+        let counters = status["counters"]
+        lines.append(
+            "decoded \(number(counters?["decoded"])), probed \(number(counters?["probed"])), timeouts \(number(counters?["timeouts"])), crashes \(number(counters?["crashes"])), recycles \(number(counters?["recycles"])), spawn failures \(number(counters?["spawn_failures"])), bytes out \(number(counters?["bytes_out"]))")
+        if let skipped = counters?["skipped"]?.objectValue {
+            let nonzero = skipped.filter { ($0.value.doubleValue ?? 0) > 0 }.sorted { $0.key < $1.key }
+            lines.append("skipped: " + (nonzero.isEmpty ? "none" : nonzero.map { "\($0.key) \(number($0.value))" }.joined(separator: ", ")))
+        }
+        if let log = status["skip_log"], log != .null {
+            let health = log["healthy"]?.boolValue == true ? "ok" : "NOT WRITABLE: \(log["problem"]?.stringValue ?? "?")"
+            lines.append("skip log: \(log["path"]?.stringValue ?? "?") (\(health)), \(number(log["quarantined"])) quarantined")
+        }
+        return lines.joined(separator: "\n")
+    }
+}
+
+/// A supervisor started for one CLI call when none answers, stopped when the call is done.
+final class EmbeddedSupervisor {
+    let pid: pid_t
+    let socketPath: String
+    let directory: String
+
+    init(extraArguments: [String] = []) throws {
+        let template = "/tmp/clipvisor-embedded-XXXXXX"
+        var buffer = Array(template.utf8CString)
+        guard let made = mkdtemp(&buffer) else { throw SupervisorClient.Failure("mkdtemp failed: \(Errno(rawValue: errno))") }
+        directory = String(cString: made)
+        socketPath = "\(directory)/clipvisor.sock"
+        let executable = ServeConfiguration.siblingWorker().replacingSuffix("clipvisor-worker", with: "clipvisor")
+        let argv = [executable, "serve", "--socket", socketPath, "--log-level", "warning"] + extraArguments
+        var cArguments: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
+        defer { for pointer in cArguments { free(pointer) } }
+        var child: pid_t = 0
+        let rc = posix_spawn(&child, executable, nil, nil, &cArguments, cv_environ())
+        guard rc == 0 else { throw SupervisorClient.Failure("cannot start an embedded supervisor: \(Errno(rawValue: rc))") }
+        pid = child
+    }
+
+    /// Connects once the embedded supervisor accepts (within `timeoutMs`).
+    func connect(timeoutMs: Int) throws -> SupervisorClient {
+        let until = Instant.now().adding(milliseconds: timeoutMs)
+        while true {
+            if let client = try? SupervisorClient.connect(candidates: [socketPath], timeoutMs: 2000) { return client }
+            var status: Int32 = 0
+            if waitpid(pid, &status, WNOHANG) == pid {
+                throw SupervisorClient.Failure("the embedded supervisor exited during start-up (status \(status))")
+            }
+            guard Instant.now() < until else { throw SupervisorClient.Failure("the embedded supervisor did not start within \(timeoutMs) ms") }
+            usleep(20_000)
+        }
+    }
+
+    func stop() {
+        kill(pid, SIGTERM)
+        var status: Int32 = 0
+        let until = Instant.now().adding(milliseconds: 15_000)
+        while waitpid(pid, &status, WNOHANG) == 0 {
+            if Instant.now() > until {
+                kill(pid, SIGKILL)
+                waitpid(pid, &status, 0)
+                break
+            }
+            usleep(10_000)
+        }
+        rmdir(directory)
+    }
+}
+
+extension String {
+    func replacingSuffix(_ suffix: String, with replacement: String) -> String {
+        hasSuffix(suffix) ? String(dropLast(suffix.count)) + replacement : self
+    }
+}
+
+/// Connects to a running supervisor, or starts an embedded one for this call.
+func connectOrEmbed(_ connection: ConnectionOptions, quiet: Bool) throws -> (SupervisorClient, EmbeddedSupervisor?) {
+    do {
+        return (try SupervisorClient.connect(candidates: connection.candidates), nil)
+    } catch {
+        if connection.socket != nil { throw error }
+        if !quiet {
+            FileOutput.standardError("clipvisor: no supervisor is running; starting one for this call\n")
+        }
+        let embedded = try EmbeddedSupervisor(extraArguments: ["--workers", "1"])
+        do {
+            return (try embedded.connect(timeoutMs: 15_000), embedded)
+        } catch {
+            embedded.stop()
+            throw error
+        }
+    }
+}
+
+/// Writes to fd 2 (the Glibc `stderr` global is not usable outside main.swift in Swift 6).
+enum FileOutput {
+    static func standardError(_ text: String) {
+        var bytes = Array(text.utf8)
+        _ = bytes.withUnsafeMutableBytes { write(2, $0.baseAddress, $0.count) }
+    }
+}
+
+/// An absolute form of a path given on the command line.
+func absolutePath(_ path: String) -> String {
+    if path.hasPrefix("/") { return path }
+    var buffer = [CChar](repeating: 0, count: 4096)
+    guard getcwd(&buffer, buffer.count) != nil else { return path }
+    let cwd = String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    return cwd == "/" ? "/\(path)" : "\(cwd)/\(path)"
+}

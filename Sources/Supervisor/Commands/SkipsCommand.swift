@@ -1,0 +1,120 @@
+import ArgumentParser
+import Logging
+import Shared
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct SkipsCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "skips",
+        abstract: "Show skipped clips from the skip log (rotated files included), or lift quarantine.",
+        discussion: """
+            Reads the log files directly, so it works whether or not a supervisor runs. Counts by reason \
+            come first, then the records, newest first. --forget lifts quarantine through the running \
+            supervisor (or in the log file when none runs) and records that in the log.
+            """)
+
+    @Option(help: "Only this reason (timeout, crashed, out_of_memory, decode_error, unsupported, too_large, not_found, permission).")
+    var reason: String?
+
+    @Option(help: ArgumentHelp("Only skips newer than this, e.g. 90m, 6h, 7d.", valueName: "duration"))
+    var since: String?
+
+    @Option(help: ArgumentHelp("Only clips whose path matches this shell pattern.", valueName: "glob"))
+    var path: String?
+
+    @Option(help: "Only skips with this tag.")
+    var tag: String?
+
+    @Option(help: "Show at most this many records.")
+    var limit: Int = 50
+
+    @Flag(help: "Print one JSON record per line instead of a table.")
+    var json = false
+
+    @Option(help: ArgumentHelp("Lift quarantine for this clip.", valueName: "path"))
+    var forget: String?
+
+    @Flag(help: "With --forget-all semantics: lift quarantine for every clip.")
+    var all = false
+
+    @Option(help: ArgumentHelp("The skip log (default: the supervisor's default location).", valueName: "path"))
+    var skipLog: String?
+
+    @OptionGroup var connection: ConnectionOptions
+
+    func validate() throws {
+        if let reason, SkipReason(rawValue: reason) == nil { throw ValidationError("unknown reason \(reason)") }
+        if let since, Timestamp.parseDuration(since) == nil { throw ValidationError("--since: \(since) is not a duration like 6h") }
+        if forget != nil && all { throw ValidationError("give --forget PATH or --all, not both") }
+    }
+
+    func run() throws {
+        let logPath = skipLog ?? SkipLog.defaultPath
+        if forget != nil || all {
+            try lift(logPath: logPath)
+            return
+        }
+        var filter = SkipFilter()
+        filter.reason = reason.flatMap(SkipReason.init(rawValue:))
+        filter.sinceMs = since.flatMap(Timestamp.parseDuration).map { Timestamp.nowMilliseconds() - $0 }
+        filter.pathGlob = path.map(absolutePattern)
+        filter.tag = tag
+        let records = SkipLogFiles.readAll(basePath: logPath).filter(filter.matches).reversed()
+        if json {
+            for record in records.prefix(limit) { print(record.json.jsonString) }
+            return
+        }
+        print(SkipTable.render(Array(records), limit: limit, logPath: logPath))
+    }
+
+    private func absolutePattern(_ pattern: String) -> String {
+        pattern.hasPrefix("/") || pattern.hasPrefix("*") ? pattern : absolutePath(pattern)
+    }
+
+    private func lift(logPath: String) throws {
+        let target = forget.map(absolutePath)
+        if let client = try? SupervisorClient.connect(candidates: connection.candidates, timeoutMs: 2000) {
+            var request: [String: JSONValue] = ["op": "forget"]
+            if let target { request["path"] = .string(target) } else { request["all"] = true }
+            let (answer, _) = try client.call(request, timeoutMs: 5000)
+            guard answer["ok"]?.boolValue == true else {
+                throw CleanExit.message("clipvisor: \(answer["error"]?["message"]?.stringValue ?? "forget failed")")
+            }
+            print("lifted quarantine for \(target ?? "all clips") (\(StatusReport.number(answer["forgotten"])) entries) in the running supervisor")
+            return
+        }
+        var logger = Logger(label: "clipvisor")
+        logger.logLevel = .error
+        let log = SkipLog(path: logPath, policy: QuarantinePolicy(), logger: logger)
+        let count = log.forget(path: target)
+        guard log.problem == nil else { throw CleanExit.message("clipvisor: \(log.problem!)") }
+        print("lifted quarantine for \(target ?? "all clips") (\(count) entries) in \(logPath); no supervisor is running")
+    }
+}
+
+/// `clipvisor skips` as a table: counts by reason, then newest first.
+enum SkipTable {
+    static func render(_ records: [SkipRecord], limit: Int, logPath: String) -> String {
+        guard !records.isEmpty else { return "no skips in \(logPath)" }
+        var counts: [String: Int] = [:]
+        for record in records { counts[record.reason?.rawValue ?? "?", default: 0] += 1 }
+        var lines = ["\(records.count) skips in \(logPath): " + counts.sorted { $0.value > $1.value }.map { "\($0.key) \($0.value)" }.joined(separator: ", "), ""]
+        lines.append(pad("time (UTC)", 24) + pad("reason", 15) + pad("elapsed", 9) + pad("tag", 12) + "path / detail")
+        for record in records.prefix(limit) {
+            let elapsed = record.elapsedMs.map { "\($0) ms" } ?? "-"
+            lines.append(
+                pad(Timestamp.rfc3339(milliseconds: record.timestampMs), 24) + pad(record.reason?.rawValue ?? "?", 15)
+                    + pad(elapsed, 9) + pad(record.tag ?? "-", 12) + (record.path ?? "?"))
+            lines.append(String(repeating: " ", count: 24) + "  " + record.detail)
+        }
+        if records.count > limit { lines.append("… \(records.count - limit) older records (use --limit)") }
+        return lines.joined(separator: "\n")
+    }
+
+    private static func pad(_ text: String, _ width: Int) -> String {
+        text.count >= width ? text + " " : text + String(repeating: " ", count: width - text.count)
+    }
+}

@@ -1,0 +1,83 @@
+import Shared
+import SystemPackage
+
+typealias JobID = UInt64
+
+/// One clip to decode or probe, from the moment it is accepted until it is answered.
+final class ClipJob {
+    enum Kind {
+        case decode(DecodeOptions)
+        case probe
+    }
+
+    enum State {
+        case queued
+        case running(worker: UInt64, since: Instant)
+        case answered
+    }
+
+    let id: JobID
+    let connectionID: UInt64
+    let requestID: Int
+    /// Index within a `sample`, nil for a single `decode`/`probe`.
+    let clipIndex: Int?
+    let kind: Kind
+    /// The path as the client gave it (for fd requests, its name for messages and the log).
+    let path: String
+    /// The clip's fd when the client passed one; handed to the worker, then closed here.
+    var clipFD: FileDescriptor?
+    let deadlineMs: Int
+    let tag: String?
+    let enqueuedAt: Instant
+    var state: State = .queued
+    /// Size and mtime of the file as the worker saw them when it took the clip (for the skip
+    /// log and quarantine); nil until then, or when it hung before it could look.
+    var fileSize: Int64?
+    var fileMtime: Double?
+    /// The quarantine entry sent with the job, so the worker can answer `quarantined` at once
+    /// when the file is unchanged.
+    var quarantine: QuarantineEntry?
+
+    init(
+        id: JobID, connectionID: UInt64, requestID: Int, clipIndex: Int?, kind: Kind, path: String,
+        clipFD: FileDescriptor?, deadlineMs: Int, tag: String?
+    ) {
+        self.id = id
+        self.connectionID = connectionID
+        self.requestID = requestID
+        self.clipIndex = clipIndex
+        self.kind = kind
+        self.path = path
+        self.clipFD = clipFD
+        self.deadlineMs = deadlineMs
+        self.tag = tag
+        self.enqueuedAt = Instant.now()
+    }
+
+    var isAnswered: Bool {
+        if case .answered = state { return true }
+        return false
+    }
+
+    /// The worker job message (docs/worker-protocol.md).
+    func workerMessage() -> JSONValue {
+        var message: [String: JSONValue] = ["job": .number(Double(id)), "path": .string(path)]
+        switch kind {
+        case .decode(let options):
+            message["op"] = "decode"
+            message["options"] = .object(options.json)
+        case .probe:
+            message["op"] = "probe"
+        }
+        if clipFD != nil { message["fd"] = true }
+        if let quarantine {
+            message["quarantine"] = [
+                "size": quarantine.size.map { .number(Double($0)) } ?? .null,
+                "mtime": quarantine.mtime.map { .number($0) } ?? .null,
+                "reason": .string(quarantine.reason.rawValue),
+                "since": .string(Timestamp.rfc3339(milliseconds: quarantine.sinceMs)),
+            ]
+        }
+        return .object(message)
+    }
+}

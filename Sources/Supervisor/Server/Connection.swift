@@ -1,0 +1,114 @@
+import Shared
+import SystemPackage
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One client connection: framed input with the fds that came with it, and an output queue
+/// whose messages may carry a block's memfd. Owns its fd and every fd it holds.
+final class Connection {
+    struct Peer {
+        var pid: pid_t
+        var uid: uid_t
+        var gid: gid_t
+    }
+
+    /// A framed message waiting to be written; `fd` goes with its first byte and is closed once sent.
+    struct Outgoing {
+        var bytes: [UInt8]
+        var sent = 0
+        var fd: FileDescriptor?
+        /// Block bytes this message keeps alive in the supervisor (for the memory budget).
+        var blockBytes: Int
+    }
+
+    /// What the client asked for and has not been fully answered yet.
+    enum Pending {
+        case single(JobID)
+        case sample(SampleState)
+    }
+
+    let id: UInt64
+    let fd: FileDescriptor
+    let peer: Peer
+    var inbox = MessageBuffer()
+    /// fds received and not yet claimed by a message declaring `"fd": true`, in arrival order.
+    var receivedFDs: [FileDescriptor] = []
+    var outbox: [Outgoing] = []
+    var wantsWritable = false
+    var greeted = false
+    /// Close once the outbox is flushed (after a fatal protocol error).
+    var closeAfterFlush = false
+    var pending: [Int: Pending] = [:]
+
+    init(id: UInt64, fd: FileDescriptor, peer: Peer) {
+        self.id = id
+        self.fd = fd
+        self.peer = peer
+    }
+
+    var outboxBlockBytes: Int { outbox.reduce(0) { $0 + $1.blockBytes } }
+
+    func enqueue(_ message: JSONValue, fd: FileDescriptor? = nil, blockBytes: Int = 0) {
+        outbox.append(Outgoing(bytes: MessageFraming.frame(message), fd: fd, blockBytes: blockBytes))
+    }
+
+    /// Writes as much of the outbox as the socket takes. Returns false when the peer is gone.
+    func flush() -> Bool {
+        while !outbox.isEmpty {
+            var message = outbox[0]
+            let attach = message.sent == 0 ? message.fd : nil
+            let result = message.bytes.withUnsafeBytes { raw in
+                Result { () throws(Errno) in
+                    try SocketIO.send(fd, UnsafeRawBufferPointer(rebasing: raw[message.sent...]), passing: attach, nonBlocking: true)
+                }
+            }
+            switch result {
+            case .success(let n):
+                message.sent += n
+                if let attached = attach {
+                    try? attached.close()
+                    message.fd = nil
+                }
+                if message.sent == message.bytes.count {
+                    outbox.removeFirst()
+                } else {
+                    outbox[0] = message
+                }
+            case .failure(let error):
+                if error == .wouldBlock || error == .resourceTemporarilyUnavailable { return true }
+                return false
+            }
+        }
+        return true
+    }
+
+    /// Releases every fd this connection holds. Called once, when it is dropped.
+    func closeAll() {
+        for message in outbox { try? message.fd?.close() }
+        outbox.removeAll()
+        for received in receivedFDs { try? received.close() }
+        receivedFDs.removeAll()
+        try? fd.close()
+    }
+}
+
+/// The progress of one `sample` request.
+final class SampleState {
+    let requestID: Int
+    let allOrNothing: Bool
+    /// Job of each clip, by clip index.
+    var jobs: [JobID]
+    var answered: [Bool]
+    var firstFailure: (clip: Int, failure: DecodeFailure)?
+
+    init(requestID: Int, allOrNothing: Bool, jobs: [JobID]) {
+        self.requestID = requestID
+        self.allOrNothing = allOrNothing
+        self.jobs = jobs
+        self.answered = Array(repeating: false, count: jobs.count)
+    }
+
+    var isComplete: Bool { answered.allSatisfy { $0 } }
+}

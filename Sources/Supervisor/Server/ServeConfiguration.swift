@@ -1,0 +1,117 @@
+import CClipvisorShims
+import Shared
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Everything `clipvisor serve` can be told. Defaults make a useful sidecar with no
+/// configuration; the config file (systemd issue) and flags override them in that order.
+struct ServeConfiguration: Sendable {
+    var socketPath: String = SocketDiscovery.serverDefault
+    var socketMode: mode_t = 0o660
+    /// Absolute path of `clipvisor-worker`; next to this executable unless `--worker` says.
+    var workerExecutable: String = ServeConfiguration.siblingWorker()
+    /// Pool size; CPUs available to the process (affinity mask and cgroup quota) by default.
+    var workers: Int = CPUBudget.available()
+    /// A worker exits and is replaced after this many clips (bounds leaks in codecs).
+    var clipsPerWorker = 100
+    var deadlineDefaultMs = 30_000
+    var deadlineMaxMs = 600_000
+    /// Clips waiting for a worker; past it new clips are answered `overloaded`.
+    var queueLimit = 4096
+    /// How long a clip may wait for a worker before it is answered `overloaded`.
+    var queueWaitMs = 60_000
+    /// A worker that has not said `ready` by then is killed and counted as a failed start.
+    var workerStartTimeoutMs = 10_000
+    /// RLIMIT_AS of a worker, MiB: an allocation beyond it fails and answers `out_of_memory`.
+    var workerAddressSpaceMB = 16_384
+    /// RLIMIT_CPU of a worker over its lifetime, seconds.
+    var workerCPUSeconds = 3_600
+    /// RLIMIT_NOFILE of a worker.
+    var workerOpenFiles = 256
+    /// Landlock write ban and no_new_privs in workers (tests of the sandbox itself turn it off).
+    var workerSandbox = true
+    var maxSourcePixels = 8192 * 8192
+    var maxOutputBytes = 2 << 30
+    /// Bytes of finished blocks the supervisor may hold for clients that have not read them yet;
+    /// past it, no new clip is dispatched until clients catch up.
+    var memoryBudgetBytes: Int? = nil
+    /// On SIGTERM, how long clips in flight may run on before they are killed.
+    var gracePeriodMs = 10_000
+    /// Requests in one `sample`.
+    var maxSampleClips = 256
+
+    var effectiveMemoryBudget: Int { memoryBudgetBytes ?? max(1, workers) * maxOutputBytes }
+
+    /// Arguments for `clipvisor-worker serve` (docs/worker-protocol.md).
+    var workerArguments: [String] {
+        var list = [
+            "serve", "--max-clips", String(clipsPerWorker),
+            "--address-space-mb", String(workerAddressSpaceMB),
+            "--cpu-seconds", String(workerCPUSeconds),
+            "--open-files", String(workerOpenFiles),
+        ]
+        if !workerSandbox { list.append("--no-sandbox") }
+        return list
+    }
+
+    /// `clipvisor-worker` in the directory of this executable (`/proc/self/exe`).
+    static func siblingWorker() -> String {
+        var buffer = [CChar](repeating: 0, count: 4096)
+        let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+        guard n > 0 else { return "clipvisor-worker" }
+        let path = String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        let directory = path.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
+        return "\(directory)/clipvisor-worker"
+    }
+}
+
+/// CPUs this process may use: the affinity mask, capped by a cgroup CPU quota (v2 `cpu.max`
+/// or v1 `cpu.cfs_quota_us`/`cpu.cfs_period_us`), at least 1.
+enum CPUBudget {
+    static func available() -> Int {
+        let affinity = Int(cv_affinity_cpu_count())
+        var count = affinity > 0 ? affinity : 1
+        if let quota = cgroupQuota() { count = min(count, max(1, Int(quota.rounded(.up)))) }
+        return max(1, count)
+    }
+
+    static func cgroupQuota() -> Double? {
+        if let line = readSmallFile("/sys/fs/cgroup/cpu.max") {
+            let parts = line.split(separator: " ")
+            if parts.count == 2, parts[0] != "max", let quota = Double(parts[0]), let period = Double(parts[1]), period > 0 {
+                return quota / period
+            }
+            return nil
+        }
+        if let quotaText = readSmallFile("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"),
+            let periodText = readSmallFile("/sys/fs/cgroup/cpu/cpu.cfs_period_us"),
+            let quota = Double(quotaText), let period = Double(periodText), quota > 0, period > 0
+        {
+            return quota / period
+        }
+        return nil
+    }
+
+    static func readSmallFile(_ path: String) -> String? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var buffer = [UInt8](repeating: 0, count: 256)
+        let n = read(fd, &buffer, buffer.count)
+        guard n > 0 else { return nil }
+        return String(decoding: buffer[0..<n], as: UTF8.self).trimmingCharacters(in: " \n\t")
+    }
+}
+
+extension String {
+    /// Drops leading and trailing characters in `set` (no Foundation in the supervisor's hot path).
+    func trimmingCharacters(in set: String) -> String {
+        let drop = Set(set)
+        var slice = Substring(self)
+        while let first = slice.first, drop.contains(first) { slice = slice.dropFirst() }
+        while let last = slice.last, drop.contains(last) { slice = slice.dropLast() }
+        return String(slice)
+    }
+}

@@ -1,0 +1,484 @@
+import CClipvisorShims
+import Logging
+import Shared
+import SystemPackage
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Client connections: accepting, reading framed requests, answering.
+extension Supervisor {
+    /// Keys of a `decode`/`probe` request or of a `sample` clip that are not decode options.
+    static let clipKeys: Set<String> = ["path", "fd", "deadline_ms", "tag"]
+
+    func acceptConnections() {
+        guard let listener else { return }
+        while true {
+            let fd = cv_accept_nonblocking(listener.rawValue)
+            if fd < 0 {
+                let error = Errno(rawValue: errno)
+                switch error {
+                case .wouldBlock, .resourceTemporarilyUnavailable, .interrupted, Errno(rawValue: ECONNABORTED):
+                    return
+                default:
+                    // Out of fds (EMFILE/ENFILE) or memory: stop accepting for a moment rather
+                    // than spin on a listener that stays readable.
+                    logger.error("accept failed: \(error); pausing new connections for 200 ms")
+                    poller.remove(listener)
+                    listenerPausedUntil = Instant.now().adding(milliseconds: 200)
+                    return
+                }
+            }
+            var pid: pid_t = 0
+            var uid: uid_t = 0
+            var gid: gid_t = 0
+            _ = cv_peer_credentials(fd, &pid, &uid, &gid)
+            let connection = Connection(
+                id: makeID(), fd: FileDescriptor(rawValue: fd), peer: .init(pid: pid, uid: uid, gid: gid))
+            do {
+                try poller.add(connection.fd, .connection(connection.id))
+            } catch {
+                logger.error("cannot watch a new connection: \(error)")
+                connection.closeAll()
+                continue
+            }
+            connections[connection.id] = connection
+            counters.connections += 1
+        }
+    }
+
+    func readFrom(_ connection: Connection) {
+        var buffer = [UInt8](repeating: 0, count: 65_536)
+        // Bounded per event so one chatty client cannot starve the others.
+        for _ in 0..<16 {
+            let result = buffer.withUnsafeMutableBytes { raw in
+                Result { () throws(Errno) in try SocketIO.receive(connection.fd, into: raw, nonBlocking: true) }
+            }
+            switch result {
+            case .failure(let error):
+                if error == .wouldBlock || error == .resourceTemporarilyUnavailable { return }
+                drop(connection, reason: "read failed: \(error)")
+                return
+            case .success(let received):
+                if let fd = received.fd { connection.receivedFDs.append(fd) }
+                if received.count == 0 {
+                    drop(connection, reason: "client closed the connection")
+                    return
+                }
+                if connection.closeAfterFlush { continue }
+                buffer.withUnsafeBytes { connection.inbox.append(UnsafeRawBufferPointer(rebasing: $0[0..<received.count])) }
+                processMessages(of: connection)
+                guard connections[connection.id] != nil else { return }
+            }
+        }
+    }
+
+    private func processMessages(of connection: Connection) {
+        while !connection.closeAfterFlush {
+            let body: [UInt8]?
+            do {
+                body = try connection.inbox.next()
+            } catch {
+                counters.protocolErrors += 1
+                fatalProtocolError(connection, message: "\(error); closing the connection")
+                return
+            }
+            guard let body else { break }
+            handleMessage(body, from: connection)
+            guard connections[connection.id] != nil else { return }
+        }
+        // fds that arrived with messages that did not declare them are the client's mistake;
+        // they must not be handed to a later message.
+        if connection.inbox.isEmpty, !connection.receivedFDs.isEmpty {
+            for fd in connection.receivedFDs { try? fd.close() }
+            connection.receivedFDs.removeAll()
+        }
+        flush(connection)
+    }
+
+    /// Answers an error that ends the connection (framing broken, no hello).
+    private func fatalProtocolError(_ connection: Connection, message: String, id: JSONValue = .null) {
+        connection.enqueue(["id": id, "ok": false, "error": DecodeFailure(.invalidRequest, message).json])
+        connection.closeAfterFlush = true
+        flush(connection)
+    }
+
+    private func reply(_ connection: Connection, id: JSONValue, failure: DecodeFailure) {
+        counters.protocolErrors += failure.reason == .invalidRequest ? 1 : 0
+        connection.enqueue(["id": id, "ok": false, "error": failure.json])
+    }
+
+    private func handleMessage(_ body: [UInt8], from connection: Connection) {
+        let value: JSONValue
+        do {
+            value = try JSONValue.parse(body)
+        } catch {
+            reply(connection, id: .null, failure: DecodeFailure(.invalidRequest, "\(error)"))
+            return
+        }
+        guard let fields = value.objectValue else {
+            reply(connection, id: .null, failure: DecodeFailure(.invalidRequest, "a message must be a JSON object, got \(value.typeName)"))
+            return
+        }
+        let idValue = fields["id"] ?? .null
+        guard let op = fields["op"]?.stringValue else {
+            reply(connection, id: idValue, failure: FieldReader.invalid("op", "missing or not a string"))
+            return
+        }
+        counters.requests += 1
+        if op == "hello" {
+            handleHello(fields, from: connection)
+            return
+        }
+        guard connection.greeted else {
+            fatalProtocolError(connection, message: "the first message must be {\"op\":\"hello\",\"protocol\":1}", id: idValue)
+            return
+        }
+        guard let id = idValue.intValue, id >= 0 else {
+            reply(connection, id: idValue, failure: FieldReader.invalid("id", "must be an integer ≥ 0, got \(idValue.jsonString)"))
+            return
+        }
+        guard connection.pending[id] == nil else {
+            reply(connection, id: idValue, failure: FieldReader.invalid("id", "\(id) is already in flight on this connection"))
+            return
+        }
+        do throws(DecodeFailure) {
+            switch op {
+            case "decode": try handleClip(fields, id: id, kind: .decode, from: connection)
+            case "probe": try handleClip(fields, id: id, kind: .probe, from: connection)
+            case "sample": try handleSample(fields, id: id, from: connection)
+            case "cancel": try handleCancel(fields, id: id, from: connection)
+            case "status":
+                try rejectUnknownKeys(fields, allowed: ["op", "id"])
+                connection.enqueue(["id": idValue, "ok": true, "status": statusJSON()])
+            case "skips":
+                connection.enqueue(JSONValue.object(["id": idValue, "ok": true]).merging(try skipsResponse(fields)))
+            case "forget":
+                connection.enqueue(JSONValue.object(["id": idValue, "ok": true]).merging(try forgetResponse(fields)))
+            default:
+                throw FieldReader.invalid("op", "unknown operation \"\(op)\" (decode, sample, probe, cancel, status, skips, forget)")
+            }
+        } catch {
+            reply(connection, id: idValue, failure: error)
+        }
+    }
+
+    private func handleHello(_ fields: [String: JSONValue], from connection: Connection) {
+        let version = fields["protocol"]?.intValue
+        guard version == ClipvisorVersion.clientProtocol else {
+            connection.enqueue([
+                "op": "hello", "ok": false,
+                "error": DecodeFailure(
+                    .invalidRequest,
+                    "protocol \(fields["protocol"]?.jsonString ?? "missing") is not supported; this server speaks \(ClipvisorVersion.clientProtocol)"
+                ).json,
+            ])
+            connection.closeAfterFlush = true
+            return
+        }
+        connection.greeted = true
+        connection.enqueue([
+            "op": "hello", "ok": true, "protocol": .number(Double(ClipvisorVersion.clientProtocol)),
+            "server": .string("clipvisor \(ClipvisorVersion.string)"), "pid": .number(Double(getpid())),
+            "max_message_bytes": .number(Double(MessageFraming.maxMessageBytes)),
+            "deadline_ms_default": .number(Double(configuration.deadlineDefaultMs)),
+            "deadline_ms_max": .number(Double(configuration.deadlineMaxMs)),
+        ])
+    }
+
+    func rejectUnknownKeys(_ fields: [String: JSONValue], allowed: Set<String>) throws(DecodeFailure) {
+        for key in fields.keys.sorted() where !allowed.contains(key) {
+            throw FieldReader.invalid(key, "unknown field")
+        }
+    }
+
+    enum ClipKind { case decode, probe }
+
+    /// A clip's fields, validated: everything a job needs except its ids.
+    struct ClipRequest {
+        var path: String
+        var clipFD: FileDescriptor?
+        var options: DecodeOptions
+        var deadlineMs: Int
+        var tag: String?
+    }
+
+    /// Validates one clip's fields. Takes the client's fd when the clip declares `"fd": true`;
+    /// the caller owns it from then on.
+    func parseClip(_ fields: [String: JSONValue], kind: ClipKind, allowFD: Bool, from connection: Connection) throws(DecodeFailure) -> ClipRequest {
+        let reader = FieldReader(fields)
+        let wantsFD = try reader.bool("fd") ?? false
+        if wantsFD, !allowFD {
+            throw FieldReader.invalid("fd", "sample clips cannot pass fds; send one decode per clip instead")
+        }
+        var clipFD: FileDescriptor?
+        if wantsFD {
+            guard !connection.receivedFDs.isEmpty else {
+                throw FieldReader.invalid("fd", "\"fd\": true but no file descriptor came with the message")
+            }
+            clipFD = connection.receivedFDs.removeFirst()
+        }
+        do throws(DecodeFailure) {
+            var allowed = Self.clipKeys.union(["op", "id"])
+            if kind == .decode { allowed.formUnion(DecodeOptions.protocolKeys) }
+            try rejectUnknownKeys(fields, allowed: allowed)
+            let path = try reader.string("path", maxLength: 4096)
+            if clipFD == nil {
+                guard let path else { throw FieldReader.invalid("path", "missing (or pass the clip as an fd with \"fd\": true)") }
+                guard path.hasPrefix("/") else { throw FieldReader.invalid("path", "must be absolute, got \"\(path)\"") }
+            }
+            var options = kind == .decode ? try DecodeOptions(json: fields) : DecodeOptions()
+            options.maxSourcePixels = min(options.maxSourcePixels, configuration.maxSourcePixels)
+            options.maxOutputBytes = min(options.maxOutputBytes, configuration.maxOutputBytes)
+            let deadline = try reader.int("deadline_ms", min: 1, max: configuration.deadlineMaxMs) ?? configuration.deadlineDefaultMs
+            let tag = try reader.string("tag", maxLength: 256)
+            return ClipRequest(
+                path: path ?? "fd:\(clipFD!.rawValue)", clipFD: clipFD, options: options, deadlineMs: deadline, tag: tag)
+        } catch {
+            try? clipFD?.close()
+            throw error
+        }
+    }
+
+    /// Refuses new clips past the queue bound with `overloaded` and a retry hint.
+    private func checkQueueRoom(for count: Int) throws(DecodeFailure) {
+        guard case .running = phase else {
+            throw DecodeFailure(.cancelled, "the supervisor is shutting down")
+        }
+        guard queuedCount + count <= configuration.queueLimit else {
+            throw DecodeFailure(.overloaded, "\(queuedCount) clips are queued (limit \(configuration.queueLimit)); retry later")
+        }
+        if consecutiveStartFailures >= 3, !workers.values.contains(where: { if case .idle = $0.state { return true }; if case .busy = $0.state { return true }; return false }) {
+            throw DecodeFailure(.overloaded, "no decode worker can start: \(lastSpawnError ?? "unknown error")")
+        }
+    }
+
+    private func handleClip(_ fields: [String: JSONValue], id: Int, kind: ClipKind, from connection: Connection) throws(DecodeFailure) {
+        let clip = try parseClip(fields, kind: kind, allowFD: true, from: connection)
+        do throws(DecodeFailure) {
+            try checkQueueRoom(for: 1)
+        } catch {
+            try? clip.clipFD?.close()
+            throw error
+        }
+        let job = ClipJob(
+            id: makeID(), connectionID: connection.id, requestID: id, clipIndex: nil,
+            kind: kind == .decode ? .decode(clip.options) : .probe, path: clip.path, clipFD: clip.clipFD,
+            deadlineMs: clip.deadlineMs, tag: clip.tag)
+        connection.pending[id] = .single(job.id)
+        enqueue(job)
+    }
+
+    private func handleSample(_ fields: [String: JSONValue], id: Int, from connection: Connection) throws(DecodeFailure) {
+        let reader = FieldReader(fields)
+        guard let clipsValue = fields["clips"], let clipList = clipsValue.arrayValue else {
+            throw FieldReader.invalid("clips", "missing or not an array")
+        }
+        guard !clipList.isEmpty, clipList.count <= configuration.maxSampleClips else {
+            throw FieldReader.invalid("clips", "must hold 1 to \(configuration.maxSampleClips) clips, got \(clipList.count)")
+        }
+        let allOrNothing = try reader.bool("all_or_nothing") ?? true
+        var defaults = fields
+        for key in ["op", "id", "clips", "all_or_nothing"] { defaults.removeValue(forKey: key) }
+        try rejectUnknownKeys(defaults, allowed: DecodeOptions.protocolKeys.union(["deadline_ms", "tag"]))
+        var requests: [ClipRequest] = []
+        for (index, item) in clipList.enumerated() {
+            guard let clipFields = item.objectValue else {
+                throw FieldReader.invalid("clips[\(index)]", "must be an object, got \(item.typeName)")
+            }
+            do throws(DecodeFailure) {
+                requests.append(try parseClip(defaults.merging(clipFields) { _, clip in clip }, kind: .decode, allowFD: false, from: connection))
+            } catch {
+                var failure = error
+                failure.message = "clips[\(index)]: \(failure.message)"
+                if let field = failure.detail { failure.detail = "clips[\(index)].\(field)" }
+                throw failure
+            }
+        }
+        try checkQueueRoom(for: requests.count)
+        let jobList = requests.enumerated().map { index, clip in
+            ClipJob(
+                id: makeID(), connectionID: connection.id, requestID: id, clipIndex: index,
+                kind: .decode(clip.options), path: clip.path, clipFD: nil, deadlineMs: clip.deadlineMs, tag: clip.tag)
+        }
+        let sample = SampleState(requestID: id, allOrNothing: allOrNothing, jobs: jobList.map(\.id))
+        connection.pending[id] = .sample(sample)
+        for job in jobList { enqueue(job) }
+    }
+
+    private func handleCancel(_ fields: [String: JSONValue], id: Int, from connection: Connection) throws(DecodeFailure) {
+        try rejectUnknownKeys(fields, allowed: ["op", "id", "target"])
+        guard let target = try FieldReader(fields).int("target", min: 0, max: 1 << 53) else {
+            throw FieldReader.invalid("target", "missing")
+        }
+        var cancelled = false
+        switch connection.pending[target] {
+        case .single(let jobID):
+            if let job = jobs[jobID] {
+                cancel(job, message: "\(job.path): cancelled by the client")
+                cancelled = true
+            }
+        case .sample(let sample):
+            for jobID in sample.jobs {
+                if let job = jobs[jobID] { cancel(job, message: "\(job.path): sample cancelled by the client") }
+            }
+            cancelled = true
+        case nil:
+            break
+        }
+        connection.enqueue(["id": .number(Double(id)), "ok": true, "cancelled": .bool(cancelled)])
+    }
+
+    /// Cancels a clip wherever it is: dropped from the queue, or its worker killed.
+    func cancel(_ job: ClipJob, message: String) {
+        switch job.state {
+        case .answered:
+            return
+        case .queued:
+            queuedCount -= 1
+        case .running(let workerID, _):
+            workers[workerID]?.kill(reason: "cancelled")
+        }
+        answer(job, .failed(DecodeFailure(.cancelled, message, path: job.path)), alreadyDequeued: true)
+    }
+
+    // MARK: - Answers
+
+    enum Outcome {
+        case decoded(result: JSONValue, block: FileDescriptor, bytes: Int)
+        case probed(JSONValue)
+        case failed(DecodeFailure)
+    }
+
+    /// Answers a clip exactly once. A clip-level skip is written to the skip log (durably)
+    /// before the client can see the answer.
+    func answer(_ job: ClipJob, _ outcome: Outcome, retryAfterMs: Int? = nil, alreadyDequeued: Bool = false) {
+        guard !job.isAnswered else {
+            if case .decoded(_, let block, _) = outcome { try? block.close() }
+            return
+        }
+        if case .queued = job.state, !alreadyDequeued { queuedCount -= 1 }
+        let previousState = job.state
+        job.state = .answered
+        jobs.removeValue(forKey: job.id)
+        try? job.clipFD?.close()
+        job.clipFD = nil
+        let elapsed = Instant.now().milliseconds(since: job.enqueuedAt)
+        var workerElapsed = 0
+        if case .running(_, let since) = previousState { workerElapsed = Instant.now().milliseconds(since: since) }
+
+        var message: [String: JSONValue] = ["id": .number(Double(job.requestID)), "elapsed_ms": .number(Double(elapsed))]
+        if let clip = job.clipIndex { message["clip"] = .number(Double(clip)) }
+        var attached: FileDescriptor?
+        var blockBytes = 0
+        switch outcome {
+        case .decoded(let result, let block, let bytes):
+            counters.decoded += 1
+            counters.bytesOut += bytes
+            if job.quarantine != nil || skipLog?.entries[job.path] != nil { skipLog?.clear(path: job.path) }
+            message["ok"] = true
+            message["result"] = result
+            message["block_bytes"] = .number(Double(bytes))
+            attached = block
+            blockBytes = bytes
+        case .probed(let probe):
+            counters.probed += 1
+            message["ok"] = true
+            message["probe"] = probe
+        case .failed(let failure):
+            counters.skipped[failure.reason, default: 0] += 1
+            message["ok"] = false
+            message["error"] = failure.json
+            if let retryAfterMs { message["retry_after_ms"] = .number(Double(retryAfterMs)) }
+            recordSkip(job, failure, elapsedMs: workerElapsed)
+        }
+
+        guard let connection = connections[job.connectionID] else {
+            try? attached?.close()
+            return
+        }
+        switch connection.pending[job.requestID] {
+        case .single:
+            connection.pending.removeValue(forKey: job.requestID)
+            connection.enqueue(.object(message), fd: attached, blockBytes: blockBytes)
+        case .sample(let sample):
+            connection.enqueue(.object(message), fd: attached, blockBytes: blockBytes)
+            if let clip = job.clipIndex { sample.answered[clip] = true }
+            if case .failed(let failure) = outcome, sample.firstFailure == nil, let clip = job.clipIndex {
+                sample.firstFailure = (clip, failure)
+                if sample.allOrNothing {
+                    for siblingID in sample.jobs where siblingID != job.id {
+                        if let sibling = jobs[siblingID] {
+                            cancel(sibling, message: "\(sibling.path): cancelled because clip \(clip) of the sample failed (\(failure.reason))")
+                        }
+                    }
+                }
+            }
+            if sample.isComplete {
+                connection.pending.removeValue(forKey: job.requestID)
+                var done: [String: JSONValue] = [
+                    "id": .number(Double(sample.requestID)), "done": true, "clips": .number(Double(sample.jobs.count)),
+                ]
+                if let (clip, failure) = sample.firstFailure {
+                    var summary = failure
+                    summary.message = "clip \(clip): \(failure.message)"
+                    done["ok"] = false
+                    done["error"] = summary.json
+                    done["clip"] = .number(Double(clip))
+                } else {
+                    done["ok"] = true
+                }
+                connection.enqueue(.object(done))
+            }
+        case nil:
+            try? attached?.close()
+            return
+        }
+        flush(connection)
+    }
+
+    func flush(_ connection: Connection) {
+        guard connection.flush() else {
+            drop(connection, reason: "write failed")
+            return
+        }
+        if connection.outbox.isEmpty, connection.closeAfterFlush {
+            drop(connection, reason: "protocol error")
+            return
+        }
+        let wantsWritable = !connection.outbox.isEmpty
+        if wantsWritable != connection.wantsWritable {
+            connection.wantsWritable = wantsWritable
+            try? poller.modify(connection.fd, .connection(connection.id), writable: wantsWritable)
+        }
+    }
+
+    /// Forgets a connection: its clips are cancelled (workers killed), its fds closed.
+    func drop(_ connection: Connection, reason: String) {
+        guard connections.removeValue(forKey: connection.id) != nil else { return }
+        poller.remove(connection.fd)
+        for pending in connection.pending.values {
+            switch pending {
+            case .single(let jobID):
+                if let job = jobs[jobID] { cancel(job, message: "\(job.path): the client disconnected") }
+            case .sample(let sample):
+                for jobID in sample.jobs {
+                    if let job = jobs[jobID] { cancel(job, message: "\(job.path): the client disconnected") }
+                }
+            }
+        }
+        connection.pending.removeAll()
+        connection.closeAll()
+        logger.debug("connection closed: \(reason)", metadata: ["client.pid": "\(connection.peer.pid)"])
+    }
+}
+
+extension JSONValue {
+    /// Adds the fields of `other` to an object (other wins).
+    func merging(_ other: [String: JSONValue]) -> JSONValue {
+        guard case .object(var fields) = self else { return self }
+        for (key, value) in other { fields[key] = value }
+        return .object(fields)
+    }
+}

@@ -1,0 +1,134 @@
+import Logging
+import Shared
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Skip records, quarantine answers and the `status` report.
+extension Supervisor {
+    /// Records a clip-level skip durably before the answer goes out, with one readable line on
+    /// stderr. Caller outcomes and quarantine repeats are only counted.
+    func recordSkip(_ job: ClipJob, _ failure: DecodeFailure, elapsedMs: Int) {
+        guard failure.reason.isClipLevel else { return }
+        var record = SkipRecord(path: job.path, reason: failure.reason)
+        record.size = job.fileSize
+        record.mtime = job.fileMtime
+        record.detail = failure.detail.map { "\(failure.message) [\($0)]" } ?? failure.message
+        record.elapsedMs = elapsedMs
+        record.deadlineMs = job.deadlineMs
+        record.requestID = job.requestID
+        record.tag = job.tag
+        if let connection = connections[job.connectionID] {
+            record.clientPID = Int(connection.peer.pid)
+            record.clientUID = Int(connection.peer.uid)
+        }
+        skipLog?.append(record)
+        skipAnnouncer(record, failure)
+    }
+
+    /// The `skips` operation: recent records, newest first, filtered like `clipvisor skips`.
+    func skipsResponse(_ fields: [String: JSONValue]) throws(DecodeFailure) -> [String: JSONValue] {
+        try rejectUnknownKeys(fields, allowed: ["op", "id", "reason", "since_s", "path_glob", "tag", "limit"])
+        let reader = FieldReader(fields)
+        var filter = SkipFilter()
+        if let reason = try reader.string("reason") {
+            guard let parsed = SkipReason(rawValue: reason) else {
+                throw FieldReader.invalid("reason", "unknown reason \"\(reason)\"")
+            }
+            filter.reason = parsed
+        }
+        if let since = try reader.double("since_s", min: 0) {
+            filter.sinceMs = Timestamp.nowMilliseconds() - Int64(since * 1000)
+        }
+        filter.pathGlob = try reader.string("path_glob")
+        filter.tag = try reader.string("tag")
+        let limit = try reader.int("limit", min: 1, max: SkipLog.recentLimit) ?? 100
+        let matching = (skipLog?.recent ?? []).filter(filter.matches)
+        var counts: [String: JSONValue] = [:]
+        for record in matching {
+            let key = record.reason?.rawValue ?? "?"
+            counts[key] = .number((counts[key]?.doubleValue ?? 0) + 1)
+        }
+        return [
+            "skips": .array(matching.suffix(limit).reversed().map(\.json)),
+            "counts": .object(counts), "total": .number(Double(matching.count)),
+        ]
+    }
+
+    /// The `forget` operation: lifts quarantine for a path or for everything.
+    func forgetResponse(_ fields: [String: JSONValue]) throws(DecodeFailure) -> [String: JSONValue] {
+        try rejectUnknownKeys(fields, allowed: ["op", "id", "path", "all"])
+        let reader = FieldReader(fields)
+        let path = try reader.string("path")
+        let all = try reader.bool("all") ?? false
+        guard (path != nil) != all else { throw FieldReader.invalid("path", "give either 'path' or \"all\": true") }
+        guard let skipLog else { return ["forgotten": 0] }
+        return ["forgotten": .number(Double(skipLog.forget(path: path)))]
+    }
+
+    func statusJSON() -> JSONValue {
+        let now = Instant.now()
+        var workerList: [JSONValue] = []
+        for worker in workers.values.sorted(by: { $0.id < $1.id }) {
+            var entry: [String: JSONValue] = [
+                "pid": .number(Double(worker.pid)), "state": .string(worker.stateName),
+                "clips_done": .number(Double(worker.clipsDone)), "landlock": .number(Double(worker.landlockABI)),
+                "age_ms": .number(Double(now.milliseconds(since: worker.spawnedAt))),
+            ]
+            if case .busy(let jobID, _) = worker.state, let job = jobs[jobID] {
+                entry["clip"] = .string(job.path)
+                if case .running(_, let since) = job.state { entry["busy_ms"] = .number(Double(now.milliseconds(since: since))) }
+            }
+            workerList.append(.object(entry))
+        }
+        let phaseName: String
+        switch phase {
+        case .running: phaseName = "running"
+        case .draining: phaseName = "draining"
+        case .stopping: phaseName = "stopping"
+        case .finished: phaseName = "finished"
+        }
+        return [
+            "pid": .number(Double(getpid())), "version": .string(ClipvisorVersion.string), "phase": .string(phaseName),
+            "uptime_s": .number(Double(now.milliseconds(since: startedAt)) / 1000), "socket": .string(configuration.socketPath),
+            "workers": [
+                "target": .number(Double(configuration.workers)), "live": .number(Double(workers.values.filter(\.isLive).count)),
+                "clips_per_worker": .number(Double(configuration.clipsPerWorker)), "list": .array(workerList),
+                "consecutive_start_failures": .number(Double(consecutiveStartFailures)),
+                "last_start_error": lastSpawnError.map { .string($0) } ?? .null,
+            ],
+            "queue": [
+                "length": .number(Double(queuedCount)), "limit": .number(Double(configuration.queueLimit)),
+                "wait_limit_ms": .number(Double(configuration.queueWaitMs)),
+            ],
+            "deadlines": [
+                "default_ms": .number(Double(configuration.deadlineDefaultMs)), "max_ms": .number(Double(configuration.deadlineMaxMs)),
+            ],
+            "memory": [
+                "block_bytes_held": .number(Double(heldBlockBytes)), "budget": .number(Double(configuration.effectiveMemoryBudget)),
+            ],
+            "connections": .number(Double(connections.count)), "counters": counters.json,
+            "skip_log": skipLog?.statusJSON ?? .null,
+        ]
+    }
+}
+
+/// Which skip records a query wants.
+struct SkipFilter {
+    var reason: SkipReason?
+    var sinceMs: Int64?
+    var pathGlob: String?
+    var tag: String?
+
+    func matches(_ record: SkipRecord) -> Bool {
+        guard record.event == .skip else { return false }
+        if let reason, record.reason != reason { return false }
+        if let sinceMs, record.timestampMs < sinceMs { return false }
+        if let tag, record.tag != tag { return false }
+        if let pathGlob {
+            guard let path = record.path, fnmatch(pathGlob, path, 0) == 0 else { return false }
+        }
+        return true
+    }
+}

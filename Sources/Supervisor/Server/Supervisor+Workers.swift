@@ -1,0 +1,233 @@
+import Logging
+import Shared
+import SystemPackage
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The worker pool: spawning ahead of need, reading worker replies, reaping exits.
+extension Supervisor {
+    /// Keeps `configuration.workers` live workers, spawning replacements at once unless start
+    /// failures have armed the back-off (100 ms doubling to 30 s: the supervisor never spins).
+    func maintainPool(now: Instant) {
+        guard case .running = phase else { return }
+        var live = workers.values.filter(\.isLive).count
+        while live < configuration.workers, now >= nextSpawnAllowed {
+            let worker: WorkerProcess
+            do {
+                worker = try spawner.spawn(id: makeID(), startTimeoutMs: configuration.workerStartTimeoutMs)
+            } catch {
+                recordStartFailure(error.description)
+                return
+            }
+            do {
+                try poller.add(worker.control, .workerControl(worker.id))
+                try poller.add(worker.pidfd, .workerExit(worker.id))
+            } catch {
+                logger.error("cannot watch worker \(worker.pid): \(error)")
+                worker.kill(reason: "cannot watch")
+            }
+            workers[worker.id] = worker
+            counters.spawns += 1
+            live += 1
+        }
+    }
+
+    /// A worker could not be started or died before `ready`: log it clearly and back off.
+    func recordStartFailure(_ reason: String) {
+        consecutiveStartFailures += 1
+        counters.spawnFailures += 1
+        lastSpawnError = reason
+        let delay = min(30_000, 100 << min(consecutiveStartFailures - 1, 9))
+        nextSpawnAllowed = Instant.now().adding(milliseconds: delay)
+        logger.error(
+            "decode worker failed to start (\(consecutiveStartFailures) in a row): \(reason); next try in \(delay) ms",
+            metadata: ["worker.executable": "\(configuration.workerExecutable)"])
+        if consecutiveStartFailures >= 3, !workers.values.contains(where: { if case .idle = $0.state { true } else if case .busy = $0.state { true } else { false } }) {
+            // Nothing can decode: answer waiting clips now instead of at the queue bound.
+            while let job = oldestQueuedJob() {
+                answer(job, .failed(DecodeFailure(.overloaded, "\(job.path): no decode worker can start: \(reason)", path: job.path)), retryAfterMs: delay)
+            }
+        }
+    }
+
+    func readControl(of worker: WorkerProcess) {
+        while worker.controlOpen {
+            let result = receiveBuffer.withUnsafeMutableBytes { raw in
+                Result { () throws(Errno) in try SocketIO.receive(worker.control, into: raw, nonBlocking: true) }
+            }
+            switch result {
+            case .failure(let error):
+                if error == .wouldBlock || error == .resourceTemporarilyUnavailable { return }
+                closeControl(of: worker)
+                return
+            case .success(let received):
+                if received.count == 0 {
+                    // The worker is exiting; its pidfd tells us when and how.
+                    try? received.fd?.close()
+                    closeControl(of: worker)
+                    return
+                }
+                let message = receiveBuffer.withUnsafeBytes { raw in
+                    try? JSONValue.parse(UnsafeRawBufferPointer(rebasing: raw[0..<received.count]))
+                }
+                guard let message, !received.truncated else {
+                    try? received.fd?.close()
+                    protocolViolation(by: worker, "sent a malformed or truncated message")
+                    return
+                }
+                handleWorkerMessage(message, fd: received.fd, from: worker)
+            }
+        }
+    }
+
+    private func protocolViolation(by worker: WorkerProcess, _ problem: String) {
+        logger.error("worker \(worker.pid) \(problem); killing it", metadata: ["worker.pid": "\(worker.pid)"])
+        if case .busy(let jobID, _) = worker.state, let job = jobs[jobID] {
+            worker.kill(reason: "protocol violation")
+            counters.crashes += 1
+            answer(job, .failed(DecodeFailure(.crashed, "\(job.path): the decode worker \(problem)", path: job.path)))
+        } else {
+            worker.kill(reason: "protocol violation")
+        }
+    }
+
+    private func handleWorkerMessage(_ message: JSONValue, fd: FileDescriptor?, from worker: WorkerProcess) {
+        switch message["op"]?.stringValue {
+        case "ready":
+            try? fd?.close()
+            guard case .starting = worker.state else {
+                protocolViolation(by: worker, "said ready twice")
+                return
+            }
+            guard message["protocol"]?.intValue == ClipvisorVersion.workerProtocol else {
+                worker.kill(reason: "protocol mismatch")
+                recordStartFailure("worker speaks protocol \(message["protocol"]?.jsonString ?? "?"), supervisor \(ClipvisorVersion.workerProtocol): reinstall both from one build")
+                return
+            }
+            worker.landlockABI = message["landlock"]?.intValue ?? 0
+            worker.state = .idle
+            consecutiveStartFailures = 0
+            nextSpawnAllowed = Instant(nanoseconds: 0)
+        case "started":
+            try? fd?.close()
+            if case .busy(let jobID, _) = worker.state, message["job"]?.intValue == Int(jobID), let job = jobs[jobID] {
+                job.fileSize = message["size"]?.doubleValue.map { Int64($0) }
+                job.fileMtime = message["mtime"]?.doubleValue
+            }
+        case "done":
+            handleDone(message, fd: fd, from: worker)
+        default:
+            try? fd?.close()
+            protocolViolation(by: worker, "sent an unknown message \(message["op"]?.jsonString ?? "without op")")
+        }
+    }
+
+    private func handleDone(_ message: JSONValue, fd: FileDescriptor?, from worker: WorkerProcess) {
+        guard case .busy(let jobID, _) = worker.state, message["job"]?.intValue == Int(jobID) else {
+            try? fd?.close()
+            // A reply racing a kill (deadline, cancel) is expected; anything else is a bug.
+            if case .killed = worker.state { return }
+            protocolViolation(by: worker, "answered a job it was not given")
+            return
+        }
+        worker.clipsDone += 1
+        worker.state = message["exiting"]?.boolValue == true ? .retiring : .idle
+        if case .retiring = worker.state { counters.recycles += 1 }
+        guard let job = jobs[jobID] else {
+            try? fd?.close()
+            return
+        }
+        if message["ok"]?.boolValue == true {
+            switch job.kind {
+            case .decode:
+                guard let fd, let bytes = message["block_bytes"]?.intValue, let result = message["result"] else {
+                    try? fd?.close()
+                    protocolViolation(by: worker, "sent a result without its block")
+                    return
+                }
+                guard SharedMemory.isSealed(fd), (try? SharedMemory.size(of: fd)) == bytes else {
+                    try? fd.close()
+                    protocolViolation(by: worker, "sent a block that is not sealed or not \(bytes) bytes")
+                    return
+                }
+                answer(job, .decoded(result: result, block: fd, bytes: bytes))
+            case .probe:
+                try? fd?.close()
+                answer(job, .probed(message["probe"] ?? .null))
+            }
+        } else {
+            try? fd?.close()
+            let failure = message["error"].flatMap(DecodeFailure.init(json:))
+                ?? DecodeFailure(.crashed, "\(job.path): the decode worker sent an unreadable error", path: job.path)
+            answer(job, .failed(failure))
+        }
+    }
+
+    func closeControl(of worker: WorkerProcess) {
+        guard worker.controlOpen else { return }
+        worker.controlOpen = false
+        poller.remove(worker.control)
+        try? worker.control.close()
+    }
+
+    /// The worker's pidfd became readable: reap it and settle whatever it was doing.
+    func handleExit(of worker: WorkerProcess) {
+        guard let exit = worker.reap() else { return }
+        poller.remove(worker.pidfd)
+        try? worker.pidfd.close()
+        closeControl(of: worker)
+        workers.removeValue(forKey: worker.id)
+        switch worker.state {
+        case .starting:
+            recordStartFailure("worker \(worker.pid) \(exit) before it was ready\(startHint(exit))")
+        case .idle, .retiring:
+            if exit != .exited(0) {
+                logger.warning("idle worker \(worker.pid) \(exit)", metadata: ["worker.pid": "\(worker.pid)"])
+            }
+        case .busy(let jobID, _):
+            guard let job = jobs[jobID] else { return }
+            answer(job, .failed(classify(exit, of: worker, job: job)))
+        case .killed(let reason, let at):
+            let waited = Instant.now().milliseconds(since: at)
+            if waited > 1000 {
+                logger.warning("worker \(worker.pid) took \(waited) ms to die after SIGKILL (\(reason))")
+            }
+        }
+    }
+
+    private func startHint(_ exit: WorkerProcess.Exit) -> String {
+        switch exit {
+        case .exited(WorkerMessage.ExitCode.sandbox.rawValue): " (it could not apply its limits or sandbox; see its stderr)"
+        case .exited(WorkerMessage.ExitCode.usage.rawValue): " (it rejected its command line: is it from the same build?)"
+        case .exited(127): " (exec failed)"
+        default: ""
+        }
+    }
+
+    /// What a worker's death while decoding means for the clip.
+    private func classify(_ exit: WorkerProcess.Exit, of worker: WorkerProcess, job: ClipJob) -> DecodeFailure {
+        switch exit {
+        case .signaled(SIGKILL):
+            return DecodeFailure(
+                .outOfMemory,
+                "\(job.path): the decode worker \(worker.pid) was killed by SIGKILL, not by clipvisor (most likely the kernel's OOM killer)",
+                path: job.path, detail: "SIGKILL")
+        case .signaled(SIGXCPU):
+            counters.timeouts += 1
+            return DecodeFailure(
+                .timeout, "\(job.path): the decode worker ran out of its CPU-time limit", path: job.path, detail: "SIGXCPU")
+        case .signaled(let signal):
+            counters.crashes += 1
+            return DecodeFailure(
+                .crashed, "\(job.path): the decode worker \(worker.pid) crashed with \(signalName(signal))", path: job.path,
+                detail: signalName(signal))
+        case .exited(let code):
+            counters.crashes += 1
+            return DecodeFailure(
+                .crashed, "\(job.path): the decode worker \(worker.pid) exited with code \(code) without answering",
+                path: job.path, detail: "exit \(code)")
+        }
+    }
+}

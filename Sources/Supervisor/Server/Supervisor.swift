@@ -1,0 +1,378 @@
+import CClipvisorShims
+import Logging
+import Shared
+import SystemPackage
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The supervisor: one thread, one epoll loop, every state change in response to an event —
+/// a client message, a worker message, a worker exit, a signal, or a deadline.
+///
+/// It never touches media. The only way it can learn about a clip is from a worker, and a
+/// worker that does not answer in time is killed; so nothing a clip does can stall this loop.
+final class Supervisor {
+    enum Phase {
+        case running
+        /// SIGTERM/SIGINT seen: no new work; clips in flight may finish until `graceEnd`.
+        case draining(graceEnd: Instant)
+        /// Workers told to exit; waiting for them (SIGKILL at `killAt`) and for outboxes to flush.
+        case stopping(killAt: Instant, giveUpAt: Instant)
+        case finished
+    }
+
+    let configuration: ServeConfiguration
+    let logger: Logger
+    let poller: Poller
+    let spawner: WorkerSpawner
+    private(set) var listener: FileDescriptor?
+    /// Whether we created the socket file (and so remove it at exit; never one systemd passed).
+    let ownsSocketFile: Bool
+    let signals: FileDescriptor
+    let startedAt = Instant.now()
+
+    var phase: Phase = .running
+    var connections: [UInt64: Connection] = [:]
+    var workers: [UInt64: WorkerProcess] = [:]
+    var jobs: [JobID: ClipJob] = [:]
+    /// FIFO of queued job ids; answered ids are skipped when reached.
+    var queue: [JobID] = []
+    var queueHead = 0
+    var queuedCount = 0
+    var counters = Counters()
+    var nextID: UInt64 = 1
+    var consecutiveStartFailures = 0
+    var nextSpawnAllowed = Instant(nanoseconds: 0)
+    var lastSpawnError: String?
+    var listenerPausedUntil: Instant?
+    /// Called after every loop iteration (systemd watchdog, status updates).
+    var onTick: ((Supervisor) -> Void)?
+    /// Called once when the listener accepts and the pool is warm (systemd READY=1).
+    var onReady: ((Supervisor) -> Void)?
+    var announcedReady = false
+    /// Announces each skip to the operator: a stderr line, or a journal entry under systemd.
+    var skipAnnouncer: (SkipRecord, DecodeFailure) -> Void
+    var receiveBuffer = [UInt8](repeating: 0, count: WorkerMessage.maxSize)
+    let skipLog: SkipLog?
+
+    init(
+        configuration: ServeConfiguration, listener: FileDescriptor, ownsSocketFile: Bool,
+        skipLog: SkipLog?, logger: Logger
+    ) throws {
+        self.configuration = configuration
+        self.logger = logger
+        self.listener = listener
+        self.ownsSocketFile = ownsSocketFile
+        self.skipLog = skipLog
+        self.skipAnnouncer = { record, failure in
+            logger.warning(
+                "skipped \(record.path ?? "?"): \(failure.reason): \(failure.message)",
+                metadata: ["clip.path": "\(record.path ?? "")", "skip.reason": "\(failure.reason)"])
+        }
+        self.poller = try Poller()
+        self.spawner = WorkerSpawner(executable: configuration.workerExecutable, arguments: configuration.workerArguments)
+        let signalFD = cv_signalfd_for_lifecycle()
+        guard signalFD >= 0 else { throw Errno(rawValue: errno) }
+        self.signals = FileDescriptor(rawValue: signalFD)
+        try poller.add(listener, .listener)
+        try poller.add(signals, .signals)
+    }
+
+    func makeID() -> UInt64 {
+        defer { nextID += 1 }
+        return nextID
+    }
+
+    /// Runs until shutdown completes. Returns the process exit code.
+    func run() -> Int32 {
+        maintainPool(now: Instant.now())
+        while true {
+            if case .finished = phase { break }
+            let now = Instant.now()
+            let timeout = nextTimeoutMs(now: now)
+            let events: [Poller.Event]
+            do {
+                events = try poller.wait(timeoutMs: timeout)
+            } catch {
+                logger.critical("epoll_wait failed: \(error)")
+                return 1
+            }
+            for event in events { handle(event) }
+            let after = Instant.now()
+            handleTimers(now: after)
+            dispatch()
+            maintainPool(now: after)
+            while true {
+                let before = phase
+                advanceShutdown(now: after)
+                if case .finished = phase { break }
+                if Self.sameStage(before, phase) { break }
+            }
+            if !announcedReady, isWarm {
+                announcedReady = true
+                onReady?(self)
+            }
+            onTick?(self)
+        }
+        cleanUpAtExit()
+        return 0
+    }
+
+    /// The pool is warm when as many workers as configured have said `ready` (or, after
+    /// failed starts, when at least one has: a degraded pool still serves).
+    var isWarm: Bool {
+        let ready = workers.values.filter {
+            switch $0.state {
+            case .idle, .busy: true
+            default: false
+            }
+        }.count
+        return ready >= configuration.workers || (ready > 0 && consecutiveStartFailures > 0)
+    }
+
+    private func handle(_ event: Poller.Event) {
+        switch event.source {
+        case .listener: acceptConnections()
+        case .signals: handleSignals()
+        case .connection(let id):
+            guard let connection = connections[id] else { return }
+            if event.writable { flush(connection) }
+            if event.readable, connections[id] != nil { readFrom(connection) }
+        case .workerControl(let id):
+            guard let worker = workers[id] else { return }
+            readControl(of: worker)
+        case .workerExit(let id):
+            guard let worker = workers[id] else { return }
+            handleExit(of: worker)
+        }
+    }
+
+    private func handleSignals() {
+        while true {
+            let signal = cv_signalfd_read(signals.rawValue)
+            guard signal > 0 else { return }
+            switch signal {
+            case SIGHUP:
+                logger.info("SIGHUP: reopening the skip log")
+                skipLog?.reopen()
+            default:
+                beginShutdown(reason: signalName(signal))
+            }
+        }
+    }
+
+    // MARK: - Timers
+
+    private func nextTimeoutMs(now: Instant) -> Int32 {
+        var earliest = now.adding(milliseconds: 1000)
+        func consider(_ instant: Instant) { if instant < earliest { earliest = instant } }
+        for worker in workers.values {
+            switch worker.state {
+            case .starting(let deadline): consider(deadline)
+            case .busy(_, let deadline): consider(deadline)
+            default: break
+            }
+        }
+        if let oldest = oldestQueuedJob() { consider(oldest.enqueuedAt.adding(milliseconds: configuration.queueWaitMs)) }
+        if nextSpawnAllowed > now { consider(nextSpawnAllowed) }
+        if let paused = listenerPausedUntil { consider(paused) }
+        switch phase {
+        case .draining(let graceEnd): consider(graceEnd)
+        case .stopping(let killAt, let giveUpAt):
+            consider(killAt)
+            consider(giveUpAt)
+        default: break
+        }
+        if earliest <= now { return 0 }
+        // Round up so a deadline is never checked a millisecond early and missed.
+        return Int32((earliest.nanoseconds - now.nanoseconds + 999_999) / 1_000_000)
+    }
+
+    private func handleTimers(now: Instant) {
+        for worker in Array(workers.values) {
+            switch worker.state {
+            case .busy(let jobID, let deadline) where deadline <= now:
+                guard let job = jobs[jobID] else { continue }
+                worker.kill(reason: "deadline")
+                counters.timeouts += 1
+                answer(job, .failed(DecodeFailure(
+                    .timeout,
+                    "\(job.path): no answer within the \(job.deadlineMs) ms deadline; worker \(worker.pid) killed",
+                    path: job.path)))
+            case .starting(let deadline) where deadline <= now:
+                worker.kill(reason: "start timeout")
+                recordStartFailure("worker \(worker.pid) did not say ready within \(configuration.workerStartTimeoutMs) ms")
+            default:
+                break
+            }
+        }
+        while let job = oldestQueuedJob(), job.enqueuedAt.adding(milliseconds: configuration.queueWaitMs) <= now {
+            answer(job, .failed(DecodeFailure(
+                .overloaded,
+                "\(job.path): waited \(configuration.queueWaitMs) ms for a free worker; retry later",
+                path: job.path)), retryAfterMs: 1000)
+        }
+        if let paused = listenerPausedUntil, paused <= now, let listener {
+            listenerPausedUntil = nil
+            try? poller.add(listener, .listener)
+        }
+    }
+
+    // MARK: - Queue
+
+    func enqueue(_ job: ClipJob) {
+        jobs[job.id] = job
+        queue.append(job.id)
+        queuedCount += 1
+    }
+
+    /// The oldest job still waiting, dropping answered ids from the head.
+    func oldestQueuedJob() -> ClipJob? {
+        while queueHead < queue.count {
+            if let job = jobs[queue[queueHead]], case .queued = job.state { return job }
+            queueHead += 1
+        }
+        compactQueue()
+        return nil
+    }
+
+    private func popQueuedJob() -> ClipJob? {
+        guard let job = oldestQueuedJob() else { return nil }
+        queueHead += 1
+        queuedCount -= 1
+        compactQueue()
+        return job
+    }
+
+    private func compactQueue() {
+        if queueHead > 1024, queueHead * 2 > queue.count {
+            queue.removeFirst(queueHead)
+            queueHead = 0
+        } else if queueHead == queue.count, queueHead > 0 {
+            queue.removeAll(keepingCapacity: true)
+            queueHead = 0
+        }
+    }
+
+    /// Bytes of finished blocks still held in client outboxes.
+    var heldBlockBytes: Int { connections.values.reduce(0) { $0 + $1.outboxBlockBytes } }
+
+    /// Hands queued clips to idle workers while the memory budget allows.
+    func dispatch() {
+        guard case .running = phase else { return }
+        // Blocks are produced one per busy worker, so the budget is checked against what
+        // clients have not read yet.
+        guard heldBlockBytes < configuration.effectiveMemoryBudget else { return }
+        for worker in workers.values {
+            guard case .idle = worker.state else { continue }
+            guard let job = popQueuedJob() else { return }
+            if !send(job, to: worker) {
+                // The worker died before taking the clip: the clip has not started, so it waits
+                // for the next worker instead of failing.
+                queue.insert(job.id, at: queueHead)
+                queuedCount += 1
+            }
+        }
+    }
+
+    private func send(_ job: ClipJob, to worker: WorkerProcess) -> Bool {
+        job.quarantine = skipLog?.quarantine(for: job.path)
+        let bytes = job.workerMessage().serialized()
+        let result = bytes.withUnsafeBytes { raw in
+            Result { () throws(Errno) in try SocketIO.send(worker.control, raw, passing: job.clipFD, nonBlocking: true) }
+        }
+        guard case .success = result else {
+            logger.warning("worker \(worker.pid) refused a job: \(result); replacing it", metadata: ["worker.pid": "\(worker.pid)"])
+            worker.kill(reason: "control socket failed")
+            return false
+        }
+        try? job.clipFD?.close()
+        job.clipFD = nil
+        let now = Instant.now()
+        job.state = .running(worker: worker.id, since: now)
+        worker.state = .busy(job: job.id, deadline: now.adding(milliseconds: job.deadlineMs))
+        return true
+    }
+
+    // MARK: - Shutdown
+
+    private static func sameStage(_ a: Phase, _ b: Phase) -> Bool {
+        switch (a, b) {
+        case (.running, .running), (.draining, .draining), (.stopping, .stopping), (.finished, .finished): true
+        default: false
+        }
+    }
+
+    func beginShutdown(reason: String) {
+        guard case .running = phase else { return }
+        logger.info("\(reason): shutting down; clips in flight have \(configuration.gracePeriodMs) ms to finish")
+        phase = .draining(graceEnd: Instant.now().adding(milliseconds: configuration.gracePeriodMs))
+        closeListener()
+        for job in jobs.values {
+            guard case .queued = job.state else { continue }
+            answer(job, .failed(DecodeFailure(.cancelled, "\(job.path): the supervisor is shutting down", path: job.path)))
+        }
+    }
+
+    private func closeListener() {
+        guard let listener else { return }
+        poller.remove(listener)
+        try? listener.close()
+        self.listener = nil
+        if ownsSocketFile { unlink(configuration.socketPath) }
+    }
+
+    private func advanceShutdown(now: Instant) {
+        switch phase {
+        case .running, .finished:
+            return
+        case .draining(let graceEnd):
+            let busy = workers.values.filter { if case .busy = $0.state { return true }; return false }
+            if graceEnd <= now {
+                for worker in busy {
+                    if case .busy(let jobID, _) = worker.state, let job = jobs[jobID] {
+                        worker.kill(reason: "shutdown")
+                        answer(job, .failed(DecodeFailure(.cancelled, "\(job.path): the supervisor shut down before the clip finished", path: job.path)))
+                    }
+                }
+            } else if !busy.isEmpty {
+                return
+            }
+            for worker in workers.values { closeControl(of: worker) }
+            phase = .stopping(killAt: now.adding(milliseconds: 2000), giveUpAt: now.adding(milliseconds: 5000))
+        case .stopping(let killAt, let giveUpAt):
+            if killAt <= now {
+                for worker in workers.values { worker.kill(reason: "shutdown") }
+            }
+            let flushed = connections.values.allSatisfy { $0.outbox.isEmpty }
+            if (workers.isEmpty && flushed) || giveUpAt <= now {
+                phase = .finished
+            }
+        }
+    }
+
+    private func cleanUpAtExit() {
+        for worker in workers.values {
+            worker.kill(reason: "exit")
+            closeControl(of: worker)
+        }
+        // Reap what has died; a worker stuck in uninterruptible I/O is left to init.
+        let until = Instant.now().adding(milliseconds: 1000)
+        while !workers.isEmpty, Instant.now() < until {
+            for worker in Array(workers.values) where worker.reap() != nil {
+                poller.remove(worker.pidfd)
+                try? worker.pidfd.close()
+                workers.removeValue(forKey: worker.id)
+            }
+            usleep(5000)
+        }
+        for connection in connections.values {
+            poller.remove(connection.fd)
+            connection.closeAll()
+        }
+        connections.removeAll()
+        closeListener()
+        logger.info("stopped")
+    }
+}

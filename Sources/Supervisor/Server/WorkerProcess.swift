@@ -1,0 +1,170 @@
+import CClipvisorShims
+import Shared
+import SystemPackage
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One decode worker: a `clipvisor-worker serve` child in its own process group, reached
+/// through a SOCK_SEQPACKET control socket and watched through a pidfd.
+final class WorkerProcess {
+    enum State {
+        /// Spawned; waiting for its `ready` message until the deadline.
+        case starting(deadline: Instant)
+        case idle
+        /// Decoding `job` until `deadline`.
+        case busy(job: JobID, deadline: Instant)
+        /// Said it exits after its last reply; waiting for the exit.
+        case retiring
+        /// SIGKILL sent; waiting for the exit. `reason` is for logs and status.
+        case killed(reason: String, at: Instant)
+    }
+
+    let id: UInt64
+    let pid: pid_t
+    let pidfd: FileDescriptor
+    let control: FileDescriptor
+    let spawnedAt: Instant
+    var state: State
+    var clipsDone = 0
+    /// Landlock ABI the worker reported in `ready` (0: writes not restricted).
+    var landlockABI = 0
+    /// Whether its control socket is still registered and open.
+    var controlOpen = true
+
+    init(id: UInt64, pid: pid_t, pidfd: FileDescriptor, control: FileDescriptor, startDeadline: Instant) {
+        self.id = id
+        self.pid = pid
+        self.pidfd = pidfd
+        self.control = control
+        self.spawnedAt = Instant.now()
+        self.state = .starting(deadline: startDeadline)
+    }
+
+    /// Counts toward the pool's size: a worker being killed or retiring is already replaced.
+    var isLive: Bool {
+        switch state {
+        case .starting, .idle, .busy: true
+        case .retiring, .killed: false
+        }
+    }
+
+    var stateName: String {
+        switch state {
+        case .starting: "starting"
+        case .idle: "idle"
+        case .busy: "busy"
+        case .retiring: "retiring"
+        case .killed: "killed"
+        }
+    }
+
+    /// SIGKILL to the worker's whole process group and to the process itself through its pidfd
+    /// (the pidfd can never hit a recycled pid; the group catches anything it forked). Safe to
+    /// repeat. The pgid cannot be reused before we reap the leader, which we have not yet done.
+    func kill(reason: String) {
+        _ = Glibc.kill(-pid, SIGKILL)
+        _ = cv_pidfd_send_signal(pidfd.rawValue, SIGKILL)
+        if case .killed = state { return }
+        state = .killed(reason: reason, at: Instant.now())
+    }
+
+    /// How a reaped worker ended.
+    enum Exit: Equatable, CustomStringConvertible {
+        case exited(Int32)
+        case signaled(Int32)
+
+        var description: String {
+            switch self {
+            case .exited(let code): "exited with code \(code)"
+            case .signaled(let signal): "killed by \(signalName(signal))"
+            }
+        }
+    }
+
+    /// Reaps the worker if it has exited (`waitid(P_PIDFD, WNOHANG)`).
+    func reap() -> Exit? {
+        var code: Int32 = 0
+        var status: Int32 = 0
+        let rc = cv_waitid_pidfd(pidfd.rawValue, &code, &status)
+        guard rc == 1 else { return nil }
+        return code == cv_cld_exited() ? .exited(status) : .signaled(status)
+    }
+}
+
+/// "SIGSEGV" for 11.
+func signalName(_ signal: Int32) -> String {
+    if let abbreviation = cv_signal_name(signal) { return "SIG" + String(cString: abbreviation) }
+    return "signal \(signal)"
+}
+
+/// Starts workers. The spawn uses posix_spawn (vfork-like, cheap from a large process) with
+/// the control socket as fd 3, /dev/null for stdin/stdout, every other fd closed, a new process
+/// group, and signal mask and dispositions reset (the supervisor blocks SIGTERM for signalfd).
+struct WorkerSpawner {
+    /// Absolute path of `clipvisor-worker`.
+    var executable: String
+    /// `serve` and its limit options, without `--control-fd` and `--parent-pid`.
+    var arguments: [String]
+
+    struct SpawnError: Error, CustomStringConvertible {
+        var description: String
+    }
+
+    func spawn(id: UInt64, startTimeoutMs: Int) throws(SpawnError) -> WorkerProcess {
+        var pair: [Int32] = [-1, -1]
+        guard socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
+            throw SpawnError(description: "socketpair failed: \(Errno(rawValue: errno))")
+        }
+        let parentEnd = FileDescriptor(rawValue: pair[0])
+        var childEnd = pair[1]
+        defer { close(childEnd) }
+        // dup2(3, 3) would keep FD_CLOEXEC and the worker would start without its socket.
+        if childEnd == 3 {
+            childEnd = fcntl(3, F_DUPFD_CLOEXEC, 10)
+            close(3)
+        }
+        _ = fcntl(parentEnd.rawValue, F_SETFL, fcntl(parentEnd.rawValue, F_GETFL) | O_NONBLOCK)
+
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_adddup2(&actions, childEnd, 3)
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+        _ = withUnsafeMutablePointer(to: &actions) { cv_spawn_file_actions_addclosefrom($0, 4) }
+
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        posix_spawnattr_setflags(
+            &attributes, Int16(POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+        posix_spawnattr_setpgroup(&attributes, 0)
+        _ = withUnsafeMutablePointer(to: &attributes) { cv_spawnattr_reset_signals($0) }
+
+        let argv = [executable] + arguments + ["--control-fd", "3", "--parent-pid", String(getpid())]
+        var cArguments: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
+        defer { for pointer in cArguments { free(pointer) } }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, executable, &actions, &attributes, &cArguments, cv_environ())
+        guard rc == 0 else {
+            try? parentEnd.close()
+            throw SpawnError(description: "cannot start \(executable): \(Errno(rawValue: rc))")
+        }
+        let pidfd = cv_pidfd_open(pid)
+        guard pidfd >= 0 else {
+            let error = Errno(rawValue: errno)
+            _ = Glibc.kill(-pid, SIGKILL)
+            _ = Glibc.kill(pid, SIGKILL)
+            var status: Int32 = 0
+            waitpid(pid, &status, 0)
+            try? parentEnd.close()
+            throw SpawnError(description: "pidfd_open(\(pid)) failed: \(error)")
+        }
+        _ = fcntl(pidfd, F_SETFD, FD_CLOEXEC)
+        return WorkerProcess(
+            id: id, pid: pid, pidfd: FileDescriptor(rawValue: pidfd), control: parentEnd,
+            startDeadline: Instant.now().adding(milliseconds: startTimeoutMs))
+    }
+}
