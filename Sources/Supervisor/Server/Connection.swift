@@ -102,6 +102,8 @@ final class SampleState {
     var jobs: [JobID]
     var answered: [Bool]
     var firstFailure: (clip: Int, failure: DecodeFailure)?
+    /// The final message went out (cancelling siblings can complete the sample from within).
+    var finished = false
 
     init(requestID: Int, allOrNothing: Bool, jobs: [JobID]) {
         self.requestID = requestID

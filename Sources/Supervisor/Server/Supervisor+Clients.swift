@@ -49,11 +49,12 @@ extension Supervisor {
     }
 
     func readFrom(_ connection: Connection) {
-        var buffer = [UInt8](repeating: 0, count: 65_536)
         // Bounded per event so one chatty client cannot starve the others.
         for _ in 0..<16 {
-            let result = buffer.withUnsafeMutableBytes { raw in
-                Result { () throws(Errno) in try SocketIO.receive(connection.fd, into: raw, nonBlocking: true) }
+            let result = receiveBuffer.withUnsafeMutableBytes { raw in
+                Result { () throws(Errno) in
+                    try SocketIO.receive(connection.fd, into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<65_536]), nonBlocking: true)
+                }
             }
             switch result {
             case .failure(let error):
@@ -67,7 +68,7 @@ extension Supervisor {
                     return
                 }
                 if connection.closeAfterFlush { continue }
-                buffer.withUnsafeBytes { connection.inbox.append(UnsafeRawBufferPointer(rebasing: $0[0..<received.count])) }
+                receiveBuffer.withUnsafeBytes { connection.inbox.append(UnsafeRawBufferPointer(rebasing: $0[0..<received.count])) }
                 processMessages(of: connection)
                 guard connections[connection.id] != nil else { return }
             }
@@ -415,7 +416,8 @@ extension Supervisor {
                     }
                 }
             }
-            if sample.isComplete {
+            if sample.isComplete, !sample.finished {
+                sample.finished = true
                 connection.pending.removeValue(forKey: job.requestID)
                 var done: [String: JSONValue] = [
                     "id": .number(Double(sample.requestID)), "done": true, "clips": .number(Double(sample.jobs.count)),

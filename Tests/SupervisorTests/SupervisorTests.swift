@@ -1,0 +1,346 @@
+import Foundation
+import Shared
+import SystemPackage
+import Testing
+
+@testable import Supervisor
+
+/// The supervisor with real workers on real files: decoding, hard deadlines, faults, and that
+/// nothing leaks after any of them.
+@Suite(.serialized, .timeLimit(.minutes(5)))
+final class SupervisorTests {
+    let fixtures = TemporaryDirectory("fixtures")
+    var goodClip: String { fixtures.file("good.mp4") }
+
+    init() throws {
+        try Fixtures.clip(at: goodClip)
+    }
+
+    @Test func decodesAClipAndTheBytesEqualTheWorkersOwnDecode() throws {
+        let supervisor = try SupervisorProcess(arguments: ["--workers", "2"])
+        let client = try supervisor.client()
+        let (answer, block) = try client.decode(goodClip, ["fps": 4, "max_pixels": 50176])
+        #expect(answer["ok"]?.boolValue == true, "\(answer.jsonString)")
+        let result = answer["result"]
+        #expect(result?["video"]?["shape"]?.arrayValue?.count == 4)
+        #expect(result?["video"]?["pts"]?.arrayValue?.count == 8)
+
+        let out = fixtures.file("direct.block")
+        let status = try Fixtures.run(Binaries.worker, ["decode", goodClip, "--fps", "4", "--max-pixels", "50176", "--out", out])
+        #expect(status == 0)
+        let direct = try [UInt8](Data(contentsOf: URL(fileURLWithPath: out)))
+        let (_, viaSupervisor) = try block!.withUnsafeBytes { try BlockReader.read($0) }
+        let (_, viaWorker) = try direct.withUnsafeBytes { try BlockReader.read($0) }
+        #expect(viaSupervisor == viaWorker, "tensors differ between the supervisor and the worker CLI")
+    }
+
+    @Test func hangingClipsTimeOutOnTimeWhileOtherClipsAreAnswered() throws {
+        let supervisor = try SupervisorProcess(arguments: ["--workers", "3"])
+        let baseline = supervisor.settledFDCount()
+        let fifo = fixtures.file("hang.fifo")
+        Fixtures.fifo(at: fifo)
+        let stalled = fixtures.file("stalled.fifo")
+        Fixtures.fifo(at: stalled)
+        // A writer that sends the start of a real file, then stalls with the FIFO open.
+        let writer = Thread {
+            let fd = open(stalled, O_WRONLY)
+            guard fd >= 0 else { return }
+            let head = (try? Data(contentsOf: URL(fileURLWithPath: self.goodClip)).prefix(4096)) ?? Data()
+            _ = head.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+            sleep(6)
+            close(fd)
+        }
+        writer.start()
+
+        let client = try supervisor.client()
+        let deadline = 1500
+        let started = Date()
+        let ids = [
+            client.makeID(), client.makeID(), client.makeID(),
+        ]
+        try client.send(["op": "decode", "id": .number(Double(ids[0])), "path": .string(fifo), "deadline_ms": .number(Double(deadline))])
+        try client.send(["op": "decode", "id": .number(Double(ids[1])), "path": .string(stalled), "deadline_ms": .number(Double(deadline))])
+        try client.send(["op": "decode", "id": .number(Double(ids[2])), "path": .string(goodClip), "fps": 2])
+        var answers: [Int: (JSONValue, Double)] = [:]
+        while answers.count < 3 {
+            let (answer, fd) = try client.receive(timeoutMs: 10_000)
+            try? fd?.close()
+            answers[answer["id"]!.intValue!] = (answer, Date().timeIntervalSince(started))
+        }
+        #expect(answers[ids[2]]!.0["ok"]?.boolValue == true)
+        #expect(answers[ids[2]]!.1 < 1.4, "the good clip waited for the hung ones")
+        for id in ids[0..<2] {
+            let (answer, seconds) = answers[id]!
+            #expect(answer.errorReason == "timeout", "\(answer.jsonString)")
+            // Deadline + 100 ms is the product's bar; tests on shared machines allow more.
+            #expect(seconds * 1000 < Double(deadline) + 600, "answered after \(seconds) s")
+            #expect(seconds * 1000 >= Double(deadline) - 5)
+        }
+        // An over-long decode (a real clip, tiny deadline) is a timeout too.
+        let long = fixtures.file("long.mp4")
+        try Fixtures.clip(at: long, seconds: 8, size: "1280x720")
+        let (answer, _) = try client.decode(long, ["fps": 30, "max_frames": 300, "deadline_ms": 200])
+        #expect(answer.errorReason == "timeout")
+        try supervisor.expectClean(baselineFDs: baseline + 1)
+        #expect(supervisor.skipRecords().filter { $0["reason"]?.stringValue == "timeout" }.count == 3)
+    }
+
+    @Test func badFilesGetTheirReasons() throws {
+        let supervisor = try SupervisorProcess(arguments: ["--workers", "2"])
+        let baseline = supervisor.settledFDCount()
+        let client = try supervisor.client()
+        let cases: [(String, String)] = [
+            (fixtures.file("missing.mp4"), "not_found"),
+            (fixtures.path, "unsupported"),
+            (Corpus.path("jcodec__fr.vp8"), "decode_error"),
+            (Corpus.path("libwebm__invalid_vp9_bitstream-bug_1416.webm"), "too_large"),
+        ]
+        for (path, reason) in cases {
+            let (answer, block) = try client.decode(path)
+            #expect(answer.errorReason == reason, "\(path): \(answer.jsonString)")
+            #expect(block == nil)
+            let message = answer["error"]?["message"]?.stringValue ?? ""
+            #expect(message.contains(path), "the message does not name the file: \(message)")
+        }
+        try supervisor.expectClean(baselineFDs: baseline + 1)
+    }
+
+    @Test func unreadableFileIsAPermissionSkip() throws {
+        let directory = TemporaryDirectory("perm")
+        let locked = directory.file("locked.mp4")
+        try FileManager.default.copyItem(atPath: goodClip, toPath: locked)
+        chmod(locked, 0o000)
+        // Root reads anything: run the supervisor as nobody then.
+        let supervisor = try SupervisorProcess(
+            arguments: ["--workers", "1"], directory: directory, asUser: getuid() == 0 ? "nobody" : nil)
+        let (answer, _) = try supervisor.client().decode(locked)
+        #expect(answer.errorReason == "permission", "\(answer.jsonString)")
+    }
+
+    @Test func aClipPassedAsAnFDDecodesWhereTheSupervisorCannotSeeIt() throws {
+        let supervisor = try SupervisorProcess(arguments: ["--workers", "1"])
+        let hidden = TemporaryDirectory("hidden")
+        let path = hidden.file("clip.mp4")
+        try FileManager.default.copyItem(atPath: goodClip, toPath: path)
+        let fd = try FileDescriptor.open(path, .readOnly)
+        defer { try? fd.close() }
+        unlink(path)  // No path leads to it any more; only the fd does.
+        let client = try supervisor.client()
+        let (answer, block) = try client.call(
+            ["op": "decode", "fd": true, "path": .string(path), "frames": 4], passing: fd, timeoutMs: 30_000)
+        defer { try? block?.close() }
+        #expect(answer["ok"]?.boolValue == true, "\(answer.jsonString)")
+        #expect(answer["result"]?["video"]?["pts"]?.arrayValue?.count == 4)
+        // Without the fd the same path is simply missing.
+        #expect(try client.decode(path).0.errorReason == "not_found")
+    }
+
+    @Test func aWorkerKilledBySignalAnswersCrashedAndIsReplaced() throws {
+        let supervisor = try SupervisorProcess(
+            arguments: ["--workers", "1"], environment: [WorkerMessage.faultEnvironmentKey: "crash-on=CRASHME"])
+        let baseline = supervisor.settledFDCount()
+        let crashing = fixtures.file("CRASHME.mp4")
+        try? FileManager.default.copyItem(atPath: goodClip, toPath: crashing)
+        let client = try supervisor.client()
+        let (answer, _) = try client.decode(crashing)
+        #expect(answer.errorReason == "crashed")
+        #expect(answer["error"]?["message"]?.stringValue?.contains("SIGSEGV") == true, "\(answer.jsonString)")
+        #expect(try client.decode(goodClip).0["ok"]?.boolValue == true)
+        try supervisor.expectClean(baselineFDs: baseline + 1)
+    }
+
+    @Test func aFullQueueAnswersOverloaded() throws {
+        let supervisor = try SupervisorProcess(arguments: ["--workers", "1", "--queue-limit", "1"])
+        let fifo = fixtures.file("overload.fifo")
+        Fixtures.fifo(at: fifo)
+        let client = try supervisor.client()
+        for _ in 0..<2 {
+            try client.send(["op": "decode", "id": .number(Double(client.makeID())), "path": .string(fifo), "deadline_ms": 3000])
+        }
+        usleep(200_000)
+        let (answer, _) = try client.decode(goodClip, timeoutMs: 5000)
+        #expect(answer.errorReason == "overloaded")
+        #expect(answer["retry_after_ms"] != nil || answer["error"] != nil)
+    }
+
+    @Test func allOrNothingSampleFailsWholeAndNamesTheClip() throws {
+        let supervisor = try SupervisorProcess(arguments: ["--workers", "2"])
+        let baseline = supervisor.settledFDCount()
+        let client = try supervisor.client()
+        let missing = fixtures.file("absent.mp4")
+        let id = client.makeID()
+        try client.send([
+            "op": "sample", "id": .number(Double(id)), "frames": 4,
+            "clips": [["path": .string(goodClip)], ["path": .string(missing)], ["path": .string(goodClip)], ["path": .string(goodClip)]],
+        ])
+        var clipAnswers: [Int: JSONValue] = [:]
+        var done: JSONValue?
+        while done == nil {
+            let (answer, fd) = try client.receive(timeoutMs: 30_000)
+            try? fd?.close()
+            #expect(answer["id"]?.intValue == id)
+            if answer["done"]?.boolValue == true { done = answer } else { clipAnswers[answer["clip"]!.intValue!] = answer }
+        }
+        #expect(clipAnswers.count == 4, "every clip is answered exactly once")
+        #expect(done?["ok"]?.boolValue == false)
+        #expect(done?["clip"]?.intValue == 1)
+        #expect(done?["error"]?["reason"]?.stringValue == "not_found")
+        #expect(done?["error"]?["message"]?.stringValue?.contains("absent.mp4") == true)
+        for (clip, answer) in clipAnswers where clip != 1 {
+            #expect(answer["ok"]?.boolValue == true || answer.errorReason == "cancelled")
+        }
+        // Without all-or-nothing every good clip is delivered.
+        let second = client.makeID()
+        try client.send([
+            "op": "sample", "id": .number(Double(second)), "frames": 4, "all_or_nothing": false,
+            "clips": [["path": .string(goodClip)], ["path": .string(missing)], ["path": .string(goodClip)]],
+        ])
+        var ok = 0
+        while true {
+            let (answer, fd) = try client.receive(timeoutMs: 30_000)
+            try? fd?.close()
+            if answer["done"]?.boolValue == true { break }
+            if answer["ok"]?.boolValue == true { ok += 1 }
+        }
+        #expect(ok == 2)
+        try supervisor.expectClean(baselineFDs: baseline + 1)
+    }
+
+    @Test func malformedRequestsAreAnsweredAndNothingLeaks() throws {
+        let supervisor = try SupervisorProcess(arguments: ["--workers", "1"])
+        let baseline = supervisor.settledFDCount()
+        let client = try supervisor.client()
+        let bad: [(JSONValue, String)] = [
+            (["op": "decode", "id": 1, "path": .string(goodClip), "fps": "fast"], "fps"),
+            (["op": "decode", "id": 2, "path": "relative.mp4"], "path"),
+            (["op": "decode", "id": 3, "path": .string(goodClip), "colour": "red"], "colour"),
+            (["op": "decode", "id": 4, "path": .string(goodClip), "width": 100], "height"),
+            (["op": "decode", "id": 5, "path": .string(goodClip), "deadline_ms": 1e12], "deadline_ms"),
+            (["op": "explode", "id": 6], "op"),
+            (["op": "decode", "id": 7, "fd": true], "fd"),
+            (["op": "sample", "id": 8, "clips": []], "clips"),
+        ]
+        for (message, field) in bad {
+            try client.send(message)
+            let (answer, _) = try client.receive(timeoutMs: 5000)
+            #expect(answer.errorReason == "invalid_request", "\(message.jsonString) → \(answer.jsonString)")
+            #expect(answer["error"]?["message"]?.stringValue?.contains(field) == true, "\(answer.jsonString)")
+        }
+        // Raw garbage on fresh connections: random bytes, truncated JSON, a 100 MB length prefix.
+        var generator = SystemRandomNumberGenerator()
+        let garbage: [[UInt8]] = [
+            (0..<64).map { _ in UInt8.random(in: 0...255, using: &generator) },
+            MessageFraming.frame(["op": "hello", "protocol": 1]) + [20, 0, 0, 0] + Array("{\"op\":\"deco".utf8),
+            MessageFraming.frame(["op": "hello", "protocol": 1]) + [0x00, 0xE1, 0xF5, 0x05],
+            MessageFraming.frame(["op": "hello", "protocol": 1]) + MessageFraming.frame(["op": "decode", "id": 9, "path": .string(goodClip)]),
+        ]
+        for bytes in garbage {
+            let fd = try UnixSocket.connect(to: supervisor.socketPath)
+            try SocketIO.sendAll(fd, bytes)
+            usleep(100_000)
+            try fd.close()  // Disconnect mid-request.
+        }
+        try supervisor.expectClean(baselineFDs: baseline + 1)
+    }
+
+    @Test func aDisconnectCancelsRunningWorkAndTheWorkerIsReplaced() throws {
+        let supervisor = try SupervisorProcess(arguments: ["--workers", "1"])
+        let baseline = supervisor.settledFDCount()
+        let fifo = fixtures.file("disconnect.fifo")
+        Fixtures.fifo(at: fifo)
+        do {
+            let client = try supervisor.client()
+            try client.send(["op": "decode", "id": 1, "path": .string(fifo), "deadline_ms": 60_000])
+            usleep(300_000)
+            let status = try supervisor.status()
+            #expect(status["workers"]?["list"]?.arrayValue?.first?["state"]?.stringValue == "busy")
+        }
+        // The client is gone; its hung clip must not keep the only worker.
+        let (answer, _) = try supervisor.client().decode(goodClip, timeoutMs: 10_000)
+        #expect(answer["ok"]?.boolValue == true)
+        let status = try supervisor.status()
+        #expect(status["counters"]?["skipped"]?["cancelled"]?.intValue == 1)
+        try supervisor.expectClean(baselineFDs: baseline + 1)
+    }
+
+    @Test func sigtermDrainsAndRemovesTheSocket() throws {
+        let supervisor = try SupervisorProcess(arguments: ["--workers", "1", "--grace", "1"])
+        let fifo = fixtures.file("drain.fifo")
+        Fixtures.fifo(at: fifo)
+        let client = try supervisor.client()
+        try client.send(["op": "decode", "id": 1, "path": .string(fifo), "deadline_ms": 60_000])
+        usleep(200_000)
+        let workerPIDs = supervisor.children().map(\.pid)
+        let started = Date()
+        #expect(supervisor.stop() == 0)
+        #expect(Date().timeIntervalSince(started) < 5)
+        let (answer, _) = try client.receive(timeoutMs: 1000)
+        #expect(answer.errorReason == "cancelled")
+        #expect(!FileManager.default.fileExists(atPath: supervisor.socketPath))
+        for pid in workerPIDs { #expect(kill(pid, 0) != 0, "worker \(pid) outlived the supervisor") }
+    }
+
+    @Test func refusesASocketALiveSupervisorOwnsAndReplacesAStaleOne() throws {
+        let first = try SupervisorProcess(arguments: ["--workers", "1"])
+        let second = Process()
+        second.executableURL = URL(fileURLWithPath: Binaries.supervisor)
+        second.arguments = ["serve", "--socket", first.socketPath, "--skip-log", first.skipLogPath]
+        let pipe = Pipe()
+        second.standardError = pipe
+        try second.run()
+        second.waitUntilExit()
+        #expect(second.terminationStatus != 0)
+        let message = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(message.contains("already serving"), "\(message)")
+
+        first.stop(signal: SIGKILL)  // Leaves a stale socket file behind.
+        #expect(FileManager.default.fileExists(atPath: first.socketPath))
+        let third = try SupervisorProcess(arguments: ["--workers", "1"], directory: first.directory)
+        #expect(try third.client().decode(goodClip).0["ok"]?.boolValue == true)
+    }
+
+    @Test func aMissingWorkerBinaryIsRefusedAtStartAndADyingOneBacksOff() throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: Binaries.supervisor)
+        process.arguments = ["serve", "--socket", fixtures.file("nw.sock"), "--worker", "/nonexistent/clipvisor-worker"]
+        let pipe = Pipe()
+        process.standardError = pipe
+        try process.run()
+        process.waitUntilExit()
+        #expect(process.terminationStatus != 0)
+        let text = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(text.contains("/nonexistent/clipvisor-worker"))
+
+        // A worker that dies at start: the supervisor backs off instead of spinning.
+        let directory = TemporaryDirectory("dying")
+        let dying = SupervisorProcessLauncher.start(
+            directory: directory, arguments: ["--workers", "2"],
+            environment: [WorkerMessage.faultEnvironmentKey: "exit-at-start"])
+        sleep(3)
+        let client = try SupervisorClient.connect(candidates: [directory.file("s.sock")])
+        let status = try client.call(["op": "status"], timeoutMs: 5000).0["status"]
+        let failures = status?["counters"]?["spawn_failures"]?.intValue ?? 0
+        #expect(failures >= 3 && failures <= 16, "\(failures) start failures in 3 s")
+        let (answer, _) = try client.decode(goodClip, timeoutMs: 5000)
+        #expect(answer.errorReason == "overloaded")
+        #expect(answer["error"]?["message"]?.stringValue?.contains("no decode worker can start") == true)
+        kill(dying.processIdentifier, SIGKILL)
+        dying.waitUntilExit()
+    }
+}
+
+/// Starts a supervisor without waiting for its pool (for supervisors that cannot get ready).
+enum SupervisorProcessLauncher {
+    static func start(directory: TemporaryDirectory, arguments: [String], environment: [String: String]) -> Process {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: Binaries.supervisor)
+        process.arguments = ["serve", "--socket", directory.file("s.sock"), "--skip-log", directory.file("skips.jsonl")] + arguments
+        var env = ProcessInfo.processInfo.environment
+        for (key, value) in environment { env[key] = value }
+        process.environment = env
+        process.standardError = FileHandle.nullDevice
+        try? process.run()
+        usleep(300_000)
+        return process
+    }
+}

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The main job on the embedded defaults: start a local supervisor, decode sample clips through it
+# (good ones, a hanging FIFO, a corrupt and a truncated file, a missing one), show the results,
+# the status and the skip log. Everything lives in a scratch directory removed at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+command -v swift >/dev/null || export PATH="/opt/swift/usr/bin:$PATH"
+
+echo "== building (release)"
+swift build -c release --product clipvisor >/dev/null
+swift build -c release --product clipvisor-worker >/dev/null
+bin="$PWD/.build/release"
+
+demo=$(mktemp -d /tmp/clipvisor-demo.XXXXXX)
+supervisor_pid=
+cleanup() {
+    [ -n "$supervisor_pid" ] && kill "$supervisor_pid" 2>/dev/null && wait "$supervisor_pid" 2>/dev/null
+    rm -rf "$demo"
+}
+trap cleanup EXIT
+
+echo "== making sample clips in $demo"
+# Natural-looking content: moving test pattern with film-grain noise, and a tone.
+ffmpeg -nostdin -v error -f lavfi -i "testsrc2=size=1280x720:rate=30,noise=alls=25:allf=t+u" \
+    -f lavfi -i "sine=frequency=440:sample_rate=48000" -t 6 -c:v libx264 -preset veryfast \
+    -pix_fmt yuv420p -c:a aac -movflags +faststart "$demo/street.mp4"
+ffmpeg -nostdin -v error -f lavfi -i "mandelbrot=size=640x360:rate=25" -t 4 -c:v libx264 \
+    -preset veryfast -pix_fmt yuv420p "$demo/zoom.mp4"
+cp "$demo/street.mp4" "$demo/corrupt.mp4"        # garbage over the middle of the video data
+dd if=/dev/urandom of="$demo/corrupt.mp4" bs=1k seek=300 count=200 conv=notrunc status=none
+ffmpeg -nostdin -v error -i "$demo/zoom.mp4" -c copy "$demo/zoom-moov-last.mp4"
+head -c 60000 "$demo/zoom-moov-last.mp4" > "$demo/truncated.mp4"
+mkfifo "$demo/hanging.fifo"                        # opening it blocks forever: a real hang
+
+echo "== starting the supervisor"
+export CLIPVISOR_SOCKET="$demo/clipvisor.sock"
+"$bin/clipvisor" serve --skip-log "$demo/skips.jsonl" --deadline 3 &
+supervisor_pid=$!
+for _ in $(seq 100); do "$bin/clipvisor" status >/dev/null 2>&1 && break; sleep 0.1; done
+"$bin/clipvisor" status
+
+echo
+echo "== decoding through the supervisor"
+for clip in street.mp4 zoom.mp4 corrupt.mp4 truncated.mp4 hanging.fifo missing.mp4; do
+    echo "-- $clip"
+    "$bin/clipvisor" decode "$demo/$clip" --fps 2 --max-pixels 200704 || true
+done
+
+echo
+echo "== the same from Python, into numpy"
+python3 - "$demo" <<'PY'
+import sys, time
+import clipvisor
+demo = sys.argv[1]
+with clipvisor.Client(spawn=False) as client:
+    start = time.perf_counter()
+    video = client.video(f"{demo}/street.mp4", fps=2.0, max_pixels=448 * 448)
+    print(f"street.mp4: frames {video.frames.shape} {video.frames.dtype}, pts {[round(t, 3) for t in video.pts]}, "
+          f"sample_fps {video.sample_fps:.3f}, {1000 * (time.perf_counter() - start):.0f} ms")
+    try:
+        client.video(f"{demo}/hanging.fifo", deadline=2.0)
+    except clipvisor.ClipSkipped as skip:
+        print(f"hanging.fifo: {type(skip).__name__}: {skip}")
+PY
+
+echo
+echo "== status"
+"$bin/clipvisor" status
+echo
+echo "== skip log ($demo/skips.jsonl)"
+"$bin/clipvisor" skips --skip-log "$demo/skips.jsonl"

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Installs what clipvisor needs on Debian 12, as root: FFmpeg 5.1, zstd and systemd development
+# packages (the worker links FFmpeg; the supervisor links libsystemd), the ffmpeg CLI (test
+# fixtures only), and the Python client with its test dependencies. Idempotent and quiet when
+# everything is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(libavformat-dev libavcodec-dev libswscale-dev libswresample-dev libavutil-dev
+          libzstd-dev libsystemd-dev pkg-config ffmpeg zstd util-linux systemd)
+missing=()
+for package in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if ((${#missing[@]})); then
+    echo "setup: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v swift >/dev/null; then
+    for candidate in /opt/swift/usr/bin /usr/share/swift/usr/bin; do
+        [ -x "$candidate/swift" ] && export PATH="$candidate:$PATH"
+    done
+fi
+command -v swift >/dev/null || {
+    echo "setup: the Swift 6 toolchain is not installed; get it from https://www.swift.org/install/linux/ (Debian 12) and put swift on PATH" >&2
+    exit 1
+}
+
+pip_install() {
+    # Debian's own python3 refuses system-wide installs (PEP 668); a pyenv or venv python does not.
+    python3 -m pip install -q --disable-pip-version-check "$@" 2>/tmp/clipvisor-pip.err || {
+        if grep -q externally-managed /tmp/clipvisor-pip.err; then
+            python3 -m pip install -q --disable-pip-version-check --break-system-packages "$@"
+        else
+            cat /tmp/clipvisor-pip.err >&2
+            return 1
+        fi
+    }
+}
+python3 -c "import numpy, zstandard, pytest" 2>/dev/null || pip_install numpy zstandard pytest
+pip_install --no-deps -e clients/python
+if [ "${CLIPVISOR_SKIP_TORCH:-0}" != 1 ]; then
+    # The DataLoader tests need torch (large; pip caches it).
+    python3 -c "import torch" 2>/dev/null || pip_install torch
+fi

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs every test: Swift (block format, decode engine, supervisor, skip log, systemd glue)
+# and Python (client, compatibility layer, DataLoader), against real processes and files.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+command -v swift >/dev/null || export PATH="/opt/swift/usr/bin:$PATH"
+
+echo "== swift build"
+swift build --build-tests 2>&1 | grep -Ev '^(\[[0-9]+/[0-9]+\]|Building|Compiling|Write|Emitting|Linking)' || true
+swift build --build-tests >/dev/null   # fails the script if the build failed
+
+echo "== swift test"
+# Serial: the supervisor tests measure deadlines and spawn many processes on small machines.
+swift test --skip-build --no-parallel
+
+echo "== python tests"
+export CLIPVISOR_BIN="$PWD/.build/debug/clipvisor"
+python3 -m pytest -q clients/python/tests
+
+if [ -x scripts/check-systemd.sh ]; then
+    echo "== systemd units"
+    scripts/check-systemd.sh
+fi
+echo "== all tests passed"
