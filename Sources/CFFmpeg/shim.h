@@ -1,6 +1,7 @@
 #ifndef CLIPVISOR_CFFMPEG_SHIM_H
 #define CLIPVISOR_CFFMPEG_SHIM_H
 #include <errno.h>
+#include <math.h>
 #include <libavformat/avformat.h>
 #include <libavcodec/avcodec.h>
 #include <libavutil/avutil.h>
@@ -50,5 +51,44 @@ typedef void (*cffmpeg_log_callback)(void *avcl, int level, const char *fmt, va_
 /// av_log_set_callback, typed with `cffmpeg_log_callback` so Swift sees a C function pointer.
 static inline void cffmpeg_set_log_callback(cffmpeg_log_callback callback) {
     av_log_set_callback(callback);
+}
+
+/// sws_scale over a whole decoded frame. `AVFrame.data`/`linesize` arrive in Swift as 8-element
+/// tuples, so the cast to sws_scale's `const uint8_t *const[]` is done here.
+static inline int cffmpeg_sws_scale_frame(struct SwsContext *ctx, const AVFrame *frame,
+                                          uint8_t *const dst[4], const int dst_stride[4]) {
+    return sws_scale(ctx, (const uint8_t *const *)frame->data, frame->linesize, 0, frame->height,
+                     dst, dst_stride);
+}
+
+/// The display-matrix rotation of a stream in degrees counterclockwise, as av_display_rotation_get
+/// returns it; NAN when the stream has no display matrix (the side data is a byte array in C).
+static inline double cffmpeg_stream_display_rotation(const AVStream *st) {
+    size_t size = 0;
+    const uint8_t *matrix = av_stream_get_side_data(st, AV_PKT_DATA_DISPLAYMATRIX, &size);
+    if (!matrix || size < 9 * sizeof(int32_t)) return NAN;
+    return av_display_rotation_get((const int32_t *)matrix);
+}
+
+/// Whether a packet carries CENC/CBCS encryption info: FFmpeg "decodes" encrypted samples without
+/// a key into garbage, so the worker refuses such streams instead.
+static inline int cffmpeg_packet_is_encrypted(const AVPacket *pkt) {
+    size_t size = 0;
+    return av_packet_get_side_data(pkt, AV_PKT_DATA_ENCRYPTION_INFO, &size) != NULL;
+}
+
+/// Whether a stream carries encryption init data (a `pssh`/`tenc` box): the stream is encrypted.
+static inline int cffmpeg_stream_is_encrypted(const AVStream *st) {
+    size_t size = 0;
+    return av_stream_get_side_data(st, AV_PKT_DATA_ENCRYPTION_INIT_INFO, &size) != NULL;
+}
+
+/// The name FFmpeg's log prefix would show for a logging context ("h264", "mov,mp4,m4a,..."),
+/// or NULL. The context is a struct whose first member is an `AVClass *`, which Swift cannot see.
+static inline const char *cffmpeg_log_context_name(void *avcl) {
+    if (!avcl) return NULL;
+    AVClass *cls = *(AVClass **)avcl;
+    if (!cls || !cls->item_name) return NULL;
+    return cls->item_name(avcl);
 }
 #endif

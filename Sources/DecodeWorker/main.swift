@@ -1,1 +1,2 @@
-print("placeholder")
+// clipvisor-worker: thin entry point; the commands live in Worker/Commands.swift.
+WorkerCommand.main()

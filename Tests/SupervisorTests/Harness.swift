@@ -94,12 +94,14 @@ final class SupervisorProcess {
         socketPath = self.directory.file("s.sock")
         skipLogPath = self.directory.file("state/skips.jsonl")
         stderrPath = self.directory.file("stderr-\(UInt32.random(in: 0...UInt32.max)).log")
-        FileManager.default.createFile(atPath: stderrPath, contents: nil)
+        _ = FileManager.default.createFile(atPath: stderrPath, contents: nil)
         process = Process()
         var argv = ["serve", "--socket", socketPath, "--skip-log", skipLogPath, "--log-level", "info"] + arguments
         if let asUser {
             process.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
             argv = ["--reuid", asUser, "--regid", asUser, "--clear-groups", Binaries.supervisor] + argv
+            // The binaries must be reachable by that user too.
+            chmod(Binaries.directory, 0o755)
         } else {
             process.executableURL = URL(fileURLWithPath: Binaries.supervisor)
         }

@@ -22,14 +22,16 @@ final class SkipLogTests {
     }
 
     @Test func eachClipLevelSkipWritesExactlyOneRecordWithItsFields() throws {
+        // A small address-space limit makes the oom-on fault hit it quickly.
         let supervisor = try SupervisorProcess(
-            arguments: ["--workers", "1"], environment: [WorkerMessage.faultEnvironmentKey: "crash-on=CRASHME,oom-on=OOMME"])
+            arguments: ["--workers", "1", "--worker-memory", "1536"],
+            environment: [WorkerMessage.faultEnvironmentKey: "crash-on=CRASHME,oom-on=OOMME"])
         let client = try supervisor.client()
         let fifo = fixtures.file("t.fifo")
         Fixtures.fifo(at: fifo)
         let cases: [(String, String, [String: JSONValue])] = [
             (fixtures.file("nope.mp4"), "not_found", [:]),
-            (Corpus.path("jcodec__fr.vp8"), "decode_error", [:]),
+            (Corpus.path("mp4parse-rust__chunk_out_of_range.mp4"), "decode_error", [:]),
             (Corpus.path("libwebm__invalid_vp9_bitstream-bug_1416.webm"), "too_large", [:]),
             (fixtures.path, "unsupported", [:]),
             (fifo, "timeout", ["deadline_ms": 300]),
@@ -169,7 +171,7 @@ final class SkipLogTests {
         chmod(readOnly, 0o555)
         let supervisor = try SupervisorProcess(
             arguments: ["--workers", "1", "--skip-log", "\(readOnly)/skips.jsonl"], directory: directory,
-            asUser: getuid() == 0 ? "nobody" : nil)
+            asUser: getuid() == 0 ? "65534" : nil)
         let client = try supervisor.client()
         let (answer, _) = try client.decode(directory.file("missing.mp4"))
         #expect(answer.errorReason == "not_found")

@@ -42,10 +42,10 @@ final class SupervisorTests {
         let stalled = fixtures.file("stalled.fifo")
         Fixtures.fifo(at: stalled)
         // A writer that sends the start of a real file, then stalls with the FIFO open.
+        let head = (try? Data(contentsOf: URL(fileURLWithPath: goodClip)).prefix(4096)) ?? Data()
         let writer = Thread {
             let fd = open(stalled, O_WRONLY)
             guard fd >= 0 else { return }
-            let head = (try? Data(contentsOf: URL(fileURLWithPath: self.goodClip)).prefix(4096)) ?? Data()
             _ = head.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
             sleep(6)
             close(fd)
@@ -92,7 +92,9 @@ final class SupervisorTests {
         let cases: [(String, String)] = [
             (fixtures.file("missing.mp4"), "not_found"),
             (fixtures.path, "unsupported"),
-            (Corpus.path("jcodec__fr.vp8"), "decode_error"),
+            (Corpus.path("jcodec__fr.vp8"), "unsupported"),
+            (Corpus.path("mp4parse-rust__chunk_out_of_range.mp4"), "decode_error"),
+            (Corpus.path("mathiasbynens-small__Mpeg4.mp4"), "unsupported"),
             (Corpus.path("libwebm__invalid_vp9_bitstream-bug_1416.webm"), "too_large"),
         ]
         for (path, reason) in cases {
@@ -112,7 +114,7 @@ final class SupervisorTests {
         chmod(locked, 0o000)
         // Root reads anything: run the supervisor as nobody then.
         let supervisor = try SupervisorProcess(
-            arguments: ["--workers", "1"], directory: directory, asUser: getuid() == 0 ? "nobody" : nil)
+            arguments: ["--workers", "1"], directory: directory, asUser: getuid() == 0 ? "65534" : nil)
         let (answer, _) = try supervisor.client().decode(locked)
         #expect(answer.errorReason == "permission", "\(answer.jsonString)")
     }

@@ -60,7 +60,7 @@ final class ClipJob {
     }
 
     /// The worker job message (docs/worker-protocol.md).
-    func workerMessage() -> JSONValue {
+    func workerMessage(roots: [String]) -> JSONValue {
         var message: [String: JSONValue] = ["job": .number(Double(id)), "path": .string(path)]
         switch kind {
         case .decode(let options):
@@ -70,6 +70,7 @@ final class ClipJob {
             message["op"] = "probe"
         }
         if clipFD != nil { message["fd"] = true }
+        if !roots.isEmpty { message["roots"] = .array(roots.map { .string($0) }) }
         if let quarantine {
             message["quarantine"] = [
                 "size": quarantine.size.map { .number(Double($0)) } ?? .null,

@@ -41,6 +41,8 @@ struct ServeConfiguration: Sendable {
     var gracePeriodMs = 10_000
     /// Requests in one `sample`.
     var maxSampleClips = 256
+    /// Data roots (`roots` in the config file, `--root`): absolute paths; empty means no path policy.
+    var roots: [String] = []
 
     var effectiveMemoryBudget: Int { memoryBudgetBytes ?? max(1, workers) * maxOutputBytes }
 

@@ -278,7 +278,7 @@ final class Supervisor {
 
     private func send(_ job: ClipJob, to worker: WorkerProcess) -> Bool {
         job.quarantine = skipLog?.quarantine(for: job.path)
-        let bytes = job.workerMessage().serialized()
+        let bytes = job.workerMessage(roots: configuration.roots).serialized()
         let result = bytes.withUnsafeBytes { raw in
             Result { () throws(Errno) in try SocketIO.send(worker.control, raw, passing: job.clipFD, nonBlocking: true) }
         }

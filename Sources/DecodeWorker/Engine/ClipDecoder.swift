@@ -1,0 +1,379 @@
+import CFFmpeg
+import Shared
+import SystemPackage
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A file descriptor closed exactly once, when the value goes away (unless released).
+final class OwnedFD {
+    private(set) var fd: FileDescriptor?
+
+    init(_ fd: FileDescriptor) { self.fd = fd }
+
+    /// Hands the fd to the caller, who closes it.
+    func release() -> FileDescriptor? {
+        defer { fd = nil }
+        return fd
+    }
+
+    deinit { try? fd?.close() }
+}
+
+/// One clip to decode.
+struct ClipRequest {
+    /// What FFmpeg opens (a path, or /proc/self/fd/N for a passed fd).
+    var path: String
+    /// The clip's name in messages and results.
+    var displayPath: String
+    var options: DecodeOptions
+    var access: AccessPolicy = .auto
+}
+
+/// A decoded clip: the result metadata and its block in a sealed memfd.
+struct DecodedClip {
+    var result: DecodeResult
+    var block: OwnedFD
+    var blockBytes: Int
+}
+
+/// Which frames a request selects, before decoding.
+struct FrameSelectionPlan: Equatable {
+    /// Presentation indices in output order (timestamps may repeat a frame or be unsorted).
+    var outputs: [Int]
+    var sampleFps: Double
+    var framesInRange: Int
+}
+
+/// The decode engine behind `decode` and `serve`: open, build the frame table, select, size,
+/// decode, write the block. The audio path (issue 3) slots in beside `decodeVideo`: it shares the
+/// `Demuxer` and the time origin (`FrameTable.originTicks`), and adds a second tensor.
+enum ClipDecoder {
+    static func monotonicSeconds() -> Double {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+    }
+
+    static func decode(_ request: ClipRequest) throws(DecodeFailure) -> DecodedClip {
+        FFLog.install()
+        FFLog.reset()
+        let started = monotonicSeconds()
+        let options = request.options
+        let path = request.displayPath
+        try options.validate()
+        if options.audio {
+            throw DecodeFailure(
+                .unsupported, "\(path): audio decoding not implemented yet", path: path,
+                detail: "the worker decodes video only (issue 3 adds audio)")
+        }
+        let demuxer = try Demuxer(path: request.path, displayPath: path)
+        guard let videoIndex = demuxer.bestStream(AVMEDIA_TYPE_VIDEO) else {
+            throw DecodeFailure(
+                .unsupported, "\(path): no video stream (only \(describeStreams(demuxer)))", path: path,
+                detail: "the file has no video stream other than attached pictures")
+        }
+        let st = demuxer.stream(videoIndex)
+        let par = st.pointee.codecpar.pointee
+        if cffmpeg_stream_is_encrypted(st) != 0 {
+            throw encrypted(path)
+        }
+        if avcodec_find_decoder(par.codec_id) == nil {
+            throw DecodeFailure(
+                .unsupported, "\(path): no decoder for the video codec '\(StreamInfo.name(of: par.codec_id))'",
+                path: path, detail: FFLog.summary())
+        }
+        let sourceWidth = Int(par.width), sourceHeight = Int(par.height)
+        if sourceWidth * sourceHeight > options.maxSourcePixels {
+            throw DecodeFailure(
+                .tooLarge,
+                "\(path): video is \(sourceWidth)x\(sourceHeight) = \(sourceWidth * sourceHeight) pixels per frame, above the limit of \(options.maxSourcePixels)",
+                path: path, detail: "max_source_pixels=\(options.maxSourcePixels)")
+        }
+        guard sourceWidth > 0, sourceHeight > 0 else {
+            throw DecodeFailure(
+                .decodeError, "\(path): the video stream's frame size is unknown (FFmpeg could not parse its headers)",
+                path: path, detail: FFLog.summary() ?? "width/height are 0 after avformat_find_stream_info")
+        }
+
+        let scanMark = FFLog.mark()
+        let table = try FrameTable.scan(demuxer, streamIndex: videoIndex)
+        let scanErrors = FFLog.errors(since: scanMark)
+        if table.encrypted { throw encrypted(path) }
+        guard table.count > 0 else {
+            var detail = "no video packets could be read"
+            if let e = table.readError { detail += ": \(e)" }
+            if let logged = FFLog.summary() { detail += " | \(logged)" }
+            throw DecodeFailure(.decodeError, "\(path): the video stream has no frames", path: path, detail: detail)
+        }
+
+        let plan = try select(table: table, options: options, path: path)
+        let (rotation, rotationNote) = options.rotate ? StreamInfo.rotation(st) : (0, nil)
+        let (width, height) = try outputSize(
+            sourceWidth: sourceWidth, sourceHeight: sourceHeight, rotation: rotation, frames: plan.outputs.count,
+            options: options, path: path)
+        let (frameBytes, o1) = (3 * width).multipliedReportingOverflow(by: height)
+        let (totalBytes, o2) = frameBytes.multipliedReportingOverflow(by: plan.outputs.count)
+        if o1 || o2 || totalBytes > options.maxOutputBytes {
+            throw DecodeFailure(
+                .tooLarge,
+                "\(path): \(plan.outputs.count) frames of \(width)x\(height) RGB need \(o1 || o2 ? "more than 2^63" : String(totalBytes)) bytes, above the limit of \(options.maxOutputBytes)",
+                path: path, detail: "max_output_bytes=\(options.maxOutputBytes)")
+        }
+
+        let memfd: FileDescriptor
+        do { memfd = try SharedMemory.createSealable() } catch {
+            throw DecodeFailure(
+                error == .noMemory ? .outOfMemory : .decodeError, "\(path): cannot create the block memfd: \(error)",
+                path: path)
+        }
+        let block = OwnedFD(memfd)
+        let writer: BlockWriter
+        do {
+            writer = try BlockWriter(
+                fd: memfd, level: options.level,
+                reservedHeaderBytes: BlockWriter.estimatedHeaderBytes(frames: plan.outputs.count))
+        } catch { throw blockFailure(error, path) }
+
+        let converter = FrameConverter(width: width, height: height, rotation: rotation, layout: options.layout)
+        let sink = FrameSink(outputs: plan.outputs, writer: writer, path: path)
+        let reader = try VideoFrameReader(
+            demuxer: demuxer,
+            reopen: { () throws(DecodeFailure) in try Demuxer(path: request.path, displayPath: path) },
+            streamIndex: videoIndex, table: table, threads: options.threads, maxPixels: options.maxSourcePixels,
+            converter: converter, path: path)
+        let wanted = Array(Set(plan.outputs)).sorted()
+        let outcome = try reader.run(wanted: wanted, policy: request.access) { index, bytes, _ throws(DecodeFailure) in
+            try sink.deliver(index, bytes)
+        }
+        for index in outcome.missing { sink.markMissing(index) }
+        try sink.finish()
+        guard !sink.written.isEmpty else {
+            var detail = "no requested frame could be decoded"
+            if let logged = FFLog.summary() { detail += ": \(logged)" }
+            throw DecodeFailure(.decodeError, "\(path): the video could not be decoded", path: path, detail: detail)
+        }
+
+        // Honest reporting: what is partial, and what only deserves a note.
+        var partialReasons: [String] = []
+        if !outcome.missing.isEmpty {
+            let shown = outcome.missing.prefix(10).map(String.init).joined(separator: ", ")
+            partialReasons.append(
+                "\(outcome.missing.count) of \(wanted.count) requested frames did not decode (indices \(shown)\(outcome.missing.count > 10 ? ", ..." : ""))")
+        }
+        if let e = table.readError ?? outcome.readError {
+            partialReasons.append("the demuxer stopped after \(table.packets.count) video packets: \(e)")
+        }
+        if outcome.corruptFrames > 0 {
+            partialReasons.append("\(outcome.corruptFrames) returned frames were concealed by the decoder")
+        }
+        let errors = scanErrors + outcome.errors.filter { !scanErrors.contains($0) }
+        if !errors.isEmpty {
+            partialReasons.append("FFmpeg reported: " + errors.prefix(8).joined(separator: " | "))
+        }
+        var warnings: [String] = []
+        if let nb = table.containerFrames, nb != table.count {
+            var w = "the container says \(nb) frames; \(table.count) are presented"
+            if table.hiddenCount > 0 {
+                w += " (\(table.hiddenCount) packets are edit-list preroll, invisible frames or before the first keyframe)"
+            }
+            else if table.packets.count != nb { w += " (\(table.packets.count) packets in the file)" }
+            warnings.append(w)
+        }
+        if table.leadingUndecodable > 0 {
+            warnings.append(
+                "\(table.leadingUndecodable) packets before the first keyframe cannot be decoded and are not counted as frames")
+        }
+        if !table.timed {
+            warnings.append(
+                "the stream has no timestamps: frame times are index / \(JSONValue.number(table.avgFps).jsonString) fps")
+        }
+        if let rotationNote { warnings.append(rotationNote) }
+        warnings.append(contentsOf: outcome.notes)
+
+        let t = sink.written.count
+        let shape = options.layout == .tchw ? [t, 3, height, width] : [t, height, width, 3]
+        let video = VideoResult(
+            shape: shape, layout: options.layout, pts: sink.written.map { table.times[$0] }, indices: sink.written,
+            sampleFps: plan.sampleFps, width: width, height: height, rotationApplied: rotation,
+            framesInRange: plan.framesInRange, access: outcome.usedSeek ? "seek" : "sequential")
+        var result = DecodeResult(
+            path: path, video: video, source: StreamInfo.source(demuxer, video: videoIndex, table: table),
+            partial: !partialReasons.isEmpty, partialDetail: partialReasons.isEmpty ? nil : partialReasons.joined(separator: "; "),
+            warnings: warnings)
+        result.decodeSeconds = monotonicSeconds() - started
+        let size: Int
+        do {
+            size = try writer.finish(
+                tensors: [BlockTensor(name: "video", dtype: .uint8, shape: shape, layout: options.layout.rawValue, frameSizes: [])],
+                result: JSONCoding.encode(result))
+        } catch { throw blockFailure(error, path) }
+        do { try SharedMemory.seal(memfd) } catch {
+            throw DecodeFailure(.decodeError, "\(path): cannot seal the block: \(error)", path: path)
+        }
+        return DecodedClip(result: result, block: block, blockBytes: size)
+    }
+
+    // MARK: - Selection
+
+    /// The frames a request selects among the table's frames (docs/decoding.md).
+    static func select(table: FrameTable, options: DecodeOptions, path: String) throws(DecodeFailure) -> FrameSelectionPlan {
+        let range = table.range(start: options.start, end: options.end)
+        let total = range.count
+        func invalid(_ message: String, _ field: String) -> DecodeFailure {
+            DecodeFailure(.invalidRequest, "\(path): \(message)", path: path, detail: field)
+        }
+        if case .timestamps(let times) = options.selection {
+            var outputs: [Int] = []
+            for t in times {
+                if let s = options.start, t < s { throw invalid("timestamp \(t) s is before 'start' (\(s) s)", "timestamps") }
+                if let e = options.end, t >= e { throw invalid("timestamp \(t) s is not before 'end' (\(e) s)", "timestamps") }
+                guard let index = table.frameShown(at: t) else {
+                    throw invalid(
+                        "timestamp \(t) s is past the end of the video stream (\(JSONValue.number(table.endTime).jsonString) s)",
+                        "timestamps")
+                }
+                outputs.append(index)
+            }
+            let fps = total > 0 ? Double(outputs.count) / Double(total) * table.avgFps : table.avgFps
+            return FrameSelectionPlan(outputs: outputs, sampleFps: fps, framesInRange: total)
+        }
+        guard total > 0 else {
+            throw invalid(
+                "no frames in [\(options.start ?? 0), \(options.end.map { "\($0)" } ?? "end")) s (the video's frames span 0 to \(JSONValue.number(table.endTime).jsonString) s)",
+                options.start != nil ? "start" : "end")
+        }
+        let factor = options.frameFactor
+        let n: Int
+        switch options.selection {
+        case .rate(let fps):
+            n = Sampling.framesForRate(
+                total: total, avgFps: table.avgFps, fps: fps, minFrames: options.minFrames,
+                maxFrames: options.maxFrames, factor: factor)
+        case .count(let requested):
+            n = Sampling.framesForCount(requested, factor: factor)
+        case .timestamps:
+            n = 0
+        }
+        guard n >= max(factor, 1), n <= total else {
+            throw invalid(
+                "\(total) frame(s) in range give \(n) frames to sample; need between frame_factor (\(factor)) and \(total)",
+                "frames")
+        }
+        let indices = Sampling.linspaceIndices(first: range.lowerBound, last: range.upperBound - 1, count: n)
+        return FrameSelectionPlan(
+            outputs: indices, sampleFps: Double(n) / Double(total) * table.avgFps, framesInRange: total)
+    }
+
+    /// Output width and height of the upright frames.
+    static func outputSize(
+        sourceWidth: Int, sourceHeight: Int, rotation: Int, frames: Int, options: DecodeOptions, path: String
+    ) throws(DecodeFailure) -> (Int, Int) {
+        let swapped = rotation == 90 || rotation == 270
+        let uprightWidth = swapped ? sourceHeight : sourceWidth
+        let uprightHeight = swapped ? sourceWidth : sourceHeight
+        if let w = options.width, let h = options.height { return (w, h) }
+        if options.maxPixels != nil || options.minPixels != nil || options.totalPixels != nil {
+            let bounds = Sampling.videoPixelBounds(
+                frames: frames, minPixels: options.minPixels, maxPixels: options.maxPixels,
+                totalPixels: options.totalPixels, frameFactor: options.frameFactor)
+            guard let size = Sampling.smartResize(
+                height: uprightHeight, width: uprightWidth, factor: options.factor, minPixels: bounds.min,
+                maxPixels: bounds.max)
+            else {
+                throw DecodeFailure(
+                    .invalidRequest,
+                    "\(path): aspect ratio of \(uprightWidth)x\(uprightHeight) is above \(Int(Sampling.maxRatio)), which smart_resize refuses",
+                    path: path, detail: "max_pixels")
+            }
+            return (size.width, size.height)
+        }
+        return (uprightWidth, uprightHeight)
+    }
+
+    // MARK: - Helpers
+
+    private static func encrypted(_ path: String) -> DecodeFailure {
+        DecodeFailure(
+            .unsupported, "\(path): the video stream is encrypted (CENC/CBCS); it cannot be decoded without its key",
+            path: path, detail: "encryption side data on the stream or its packets")
+    }
+
+    private static func blockFailure(_ error: BlockError, _ path: String) -> DecodeFailure {
+        DecodeFailure(.decodeError, "\(path): cannot write the block: \(error.message)", path: path, detail: error.message)
+    }
+
+    private static func describeStreams(_ demuxer: Demuxer) -> String {
+        var kinds: [String] = []
+        for i in 0..<demuxer.streamCount {
+            let st = demuxer.stream(i)
+            let par = st.pointee.codecpar.pointee
+            let kind: String =
+                switch par.codec_type {
+                case AVMEDIA_TYPE_VIDEO: st.pointee.disposition & AV_DISPOSITION_ATTACHED_PIC != 0 ? "cover art" : "video"
+                case AVMEDIA_TYPE_AUDIO: "audio"
+                case AVMEDIA_TYPE_SUBTITLE: "subtitles"
+                default: "data"
+                }
+            kinds.append("\(kind) (\(StreamInfo.name(of: par.codec_id)))")
+        }
+        return kinds.isEmpty ? "no streams" : kinds.joined(separator: ", ")
+    }
+}
+
+/// Writes converted frames into the block in output order, holding early ones until their turn.
+final class FrameSink {
+    let outputs: [Int]
+    private let writer: BlockWriter
+    private let path: String
+    private var held: [Int: [UInt8]] = [:]
+    private var usesLeft: [Int: Int] = [:]
+    private var missing = Set<Int>()
+    private var next = 0
+    /// Presentation indices written, in order.
+    private(set) var written: [Int] = []
+
+    init(outputs: [Int], writer: BlockWriter, path: String) {
+        self.outputs = outputs
+        self.writer = writer
+        self.path = path
+        for index in outputs { usesLeft[index, default: 0] += 1 }
+    }
+
+    func deliver(_ index: Int, _ bytes: [UInt8]) throws(DecodeFailure) {
+        held[index] = bytes
+        try flush()
+    }
+
+    func markMissing(_ index: Int) { missing.insert(index) }
+
+    func finish() throws(DecodeFailure) {
+        try flush()
+        // Anything still unwritten has no frame: skip it (reported as missing by the reader).
+        while next < outputs.count {
+            if held[outputs[next]] != nil { try flush() } else { next += 1 }
+        }
+    }
+
+    private func flush() throws(DecodeFailure) {
+        while next < outputs.count {
+            let index = outputs[next]
+            if missing.contains(index) {
+                next += 1
+                continue
+            }
+            guard let bytes = held[index] else { return }
+            do {
+                try bytes.withUnsafeBytes { raw in try writer.append(tensor: 0, raw) }
+            } catch {
+                let message = (error as? BlockError)?.message ?? "\(error)"
+                throw DecodeFailure(.decodeError, "\(path): cannot write the block: \(message)", path: path)
+            }
+            written.append(index)
+            usesLeft[index]! -= 1
+            if usesLeft[index] == 0 { held[index] = nil }
+            next += 1
+        }
+    }
+}

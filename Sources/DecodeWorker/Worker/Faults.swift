@@ -1,0 +1,100 @@
+import Shared
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Test-only fault switches from `CLIPVISOR_TEST_FAULTS` (docs/worker-protocol.md): set by whoever
+/// starts the supervisor, never by a request.
+struct Faults: Sendable, Equatable {
+    var crashOn: [String] = []
+    var abortOn: [String] = []
+    var hangOn: [String] = []
+    var oomOn: [String] = []
+    var exitAtStart = false
+
+    static func fromEnvironment() -> Faults {
+        guard let raw = getenv(WorkerMessage.faultEnvironmentKey) else { return Faults() }
+        return parse(String(cString: raw))
+    }
+
+    /// A comma-separated list of `crash-on=TEXT`, `abort-on=TEXT`, `hang-on=TEXT`, `oom-on=TEXT`,
+    /// `exit-at-start`. Unknown entries are ignored.
+    static func parse(_ text: String) -> Faults {
+        var faults = Faults()
+        for item in text.split(separator: ",") {
+            let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
+            let key = parts[0].trimmingSpaces
+            let value = parts.count > 1 ? parts[1] : ""
+            switch key {
+            case "crash-on" where !value.isEmpty: faults.crashOn.append(value)
+            case "abort-on" where !value.isEmpty: faults.abortOn.append(value)
+            case "hang-on" where !value.isEmpty: faults.hangOn.append(value)
+            case "oom-on" where !value.isEmpty: faults.oomOn.append(value)
+            case "exit-at-start": faults.exitAtStart = true
+            default: break
+            }
+        }
+        return faults
+    }
+
+    var isEmpty: Bool { self == Faults() }
+
+    /// Acts on a job's path: crashes, aborts or hangs; returns an `out_of_memory` failure for oom-on.
+    func trigger(path: String) -> DecodeFailure? {
+        if crashOn.contains(where: { path.contains($0) }) {
+            signal(SIGSEGV, SIG_DFL)
+            raise(SIGSEGV)
+        }
+        if abortOn.contains(where: { path.contains($0) }) {
+            signal(SIGABRT, SIG_DFL)
+            abort()
+        }
+        if hangOn.contains(where: { path.contains($0) }) {
+            Self.spin()
+        }
+        if oomOn.contains(where: { path.contains($0) }) {
+            let total = Self.exhaustMemory()
+            return DecodeFailure(
+                .outOfMemory, "\(path): out of memory (test fault oom-on) after \(total >> 20) MiB", path: path,
+                detail: "allocation failed (CLIPVISOR_TEST_FAULTS)")
+        }
+        return nil
+    }
+
+    /// Busy forever, burning CPU like a codec stuck in a loop.
+    static func spin() -> Never {
+        var x: UInt64 = 0x9E37_79B9_7F4A_7C15
+        while true {
+            x = x &* 6_364_136_223_846_793_005 &+ 1
+            if x == 0 { print("") }  // never true; keeps the loop observable
+        }
+    }
+
+    /// Allocates and touches 64 MiB chunks until an allocation fails, then frees them. Without an
+    /// address-space limit it stops at 2 GiB, so a test can never take the machine down.
+    static func exhaustMemory() -> Int {
+        var limit = rlimit()
+        getrlimit(__rlimit_resource_t(RLIMIT_AS.rawValue), &limit)
+        let cap = limit.rlim_cur == rlim_t.max ? 2 << 30 : Int.max
+        let chunk = 64 << 20
+        var blocks: [UnsafeMutableRawPointer] = []
+        var total = 0
+        while total < cap, let p = malloc(chunk) {
+            memset(p, 0xA5, chunk)
+            blocks.append(p)
+            total += chunk
+        }
+        for p in blocks { free(p) }
+        return total
+    }
+}
+
+extension String {
+    fileprivate var trimmingSpaces: String {
+        var s = Substring(self)
+        while s.first == " " { s.removeFirst() }
+        while s.last == " " { s.removeLast() }
+        return String(s)
+    }
+}

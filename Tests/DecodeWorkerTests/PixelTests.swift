@@ -1,0 +1,155 @@
+import Foundation
+import Shared
+import Testing
+
+@testable import DecodeWorker
+
+/// Pixels against independent decodes. Bounds:
+/// - against `ffmpeg -pix_fmt rgb24` with the worker's own scaler flags: ≥ 50 dB (in practice
+///   bit-identical: same decoder, same swscale path);
+/// - against torchcodec's reference frames (natural video): ≥ 40 dB. torchcodec, like ffmpeg's
+///   default, upsamples chroma by nearest neighbour while the worker interpolates (bicubic, full
+///   chroma): on testsrc-like synthetic frames with saturated colour edges that alone costs up to
+///   ~15 dB, so those references are held to ≥ 28 dB.
+@Suite(.serialized, .timeLimit(.minutes(10)))
+struct PixelTests {
+    static func compare(
+        _ name: String, options: DecodeOptions, vfExtra: String = "", ffmpegArgs: [String] = [], bound: Double = 50
+    ) throws {
+        let path = Support.corpusFile(name)
+        var options = options
+        options.layout = .thwc
+        let (result, ours) = try Support.decode(path, options)
+        let video = try #require(result.video)
+        let select = video.indices.map { "eq(n\\,\($0))" }.joined(separator: "+")
+        var vf = "select='\(select)'"
+        vf += vfExtra.isEmpty ? ",scale=flags=\(Support.swsFlags)" : "," + vfExtra
+        let reference = try Support.ffmpegFrames(path, vf: vf, extra: ffmpegArgs)
+        try #require(reference.count == ours.count, "\(name): \(reference.count) reference bytes vs \(ours.count)")
+        let frameBytes = 3 * video.width * video.height
+        for t in 0..<video.shape[0] {
+            let range = t * frameBytes..<(t + 1) * frameBytes
+            let p = Support.psnr(ours[range], reference[range])
+            #expect(p >= bound, "\(name) frame \(video.indices[t]): \(p) dB")
+        }
+    }
+
+    static func frames(_ n: Int) -> DecodeOptions {
+        var o = DecodeOptions()
+        o.selection = .count(n)
+        o.frameFactor = 1
+        return o
+    }
+
+    @Test(arguments: [
+        "torchcodec__h265_10bits.mp4",  // 10-bit
+        "torchcodec__bt709_full_range.mp4",  // yuvj420p, BT.709 full range
+        "libavg__rgba-48x48.mov",  // argb (alpha dropped)
+        "libavg__vp6a-yuva-48x48.flv",  // yuva420p (alpha dropped)
+        "jcodec__out9_sm.webm",  // 178x100
+        "hf-datasets__test_video_66x50.mov",  // 66x50
+        "imageio-test_images__cockatoo.mp4",  // yuv444p
+        "jcodec__test.prores.mov",  // yuv422p10le
+        "nwb-video-widgets__stub_mjpeg.avi",  // MJPEG yuvj420p
+        "mp4parse-rust__video_colr_nclx_rgb.mp4",  // gbrp
+    ])
+    func nativeSizeMatchesFFmpeg(_ name: String) throws {
+        try #require(Support.hasCorpus)
+        try Self.compare(name, options: Self.frames(2))
+    }
+
+    @Test func resizedMatchesFFmpeg() throws {
+        try #require(Support.hasCorpus)
+        var o = Self.frames(3)
+        o.maxPixels = 448 * 448
+        // 1280x720 → smart_resize with max 200704 → 588x336.
+        try Self.compare(
+            "torchcodec__bt709_full_range.mp4", options: o, vfExtra: "scale=588:336:flags=\(Support.swsFlags)")
+        var exact = Self.frames(2)
+        exact.width = 100
+        exact.height = 77
+        try Self.compare("jcodec__out9_sm.webm", options: exact, vfExtra: "scale=100:77:flags=\(Support.swsFlags)")
+    }
+
+    /// TCHW holds the same pixels as THWC, planar.
+    @Test func layoutsAgree() throws {
+        try #require(Support.hasCorpus)
+        let path = Support.corpusFile("jcodec__out9_sm.webm")
+        var o = Self.frames(2)
+        let (planar, a) = try Support.decode(path, o)
+        o.layout = .thwc
+        let (packed, b) = try Support.decode(path, o)
+        #expect(planar.video!.shape == [2, 3, 100, 178])
+        #expect(packed.video!.shape == [2, 100, 178, 3])
+        let frame = 3 * 100 * 178
+        for t in 0..<2 {
+            #expect(Support.planarToPacked(a[t * frame..<(t + 1) * frame], width: 178, height: 100) == Array(b[t * frame..<(t + 1) * frame]))
+        }
+    }
+
+    struct Reference: Sendable {
+        var file: String, reference: String, time: Double, bound: Double
+    }
+
+    @Test(arguments: [
+        Reference(file: "torchcodec__nasa_13013.mp4", reference: "torchcodec__nasa_13013.mp4.stream3.frame000000.pt", time: 0, bound: 40),
+        Reference(file: "torchcodec__nasa_13013.mp4", reference: "torchcodec__nasa_13013.mp4.stream3.frame000001.pt", time: 0.04, bound: 40),
+        Reference(file: "torchcodec__nasa_13013.mp4", reference: "torchcodec__nasa_13013.mp4.stream3.frame000389.pt", time: 12.98, bound: 40),
+        Reference(file: "torchcodec__h265_video.mp4", reference: "torchcodec__h265_video.mp4.stream0.frame000005.pt", time: 0.5, bound: 28),
+        Reference(file: "torchcodec__av1_video.mkv", reference: "torchcodec__av1_video.mkv.stream0.frame000010.pt", time: 0.4, bound: 28),
+    ])
+    func matchesTorchcodec(_ r: Reference) throws {
+        try #require(Support.hasCorpus)
+        var o = DecodeOptions()
+        o.selection = .timestamps([r.time])
+        o.layout = .thwc
+        let (result, ours) = try Support.decode(Support.corpusFile(r.file), o)
+        let reference = try Self.torchPixels(Support.corpusFile("reference/" + r.reference))
+        try #require(reference.count == ours.count)
+        let p = Support.psnr(ours[...], reference[...])
+        #expect(p >= r.bound, "\(r.reference): \(p) dB, index \(result.video!.indices)")
+    }
+
+    /// The raw pixels of a torch.save zip: the stored member whose name ends in /data/0.
+    static func torchPixels(_ path: String) throws -> [UInt8] {
+        let r = try Support.run([
+            "python3", "-c",
+            "import sys,zipfile; z=zipfile.ZipFile(sys.argv[1]); n=[x for x in z.namelist() if x.endswith('/data/0')][0]; sys.stdout.write(z.read(n).hex())",
+            path,
+        ])
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(r.stdout.utf8.count / 2)
+        var high: UInt8?
+        for c in r.stdout.utf8 {
+            let v: UInt8 = c >= 97 ? c - 87 : c - 48
+            if let h = high { bytes.append(h << 4 | v); high = nil } else { high = v }
+        }
+        return bytes
+    }
+
+    /// decord's rotation set and a 180° phone clip come out upright (as ffmpeg's autorotate shows
+    /// them); --no-rotate keeps the stored orientation.
+    @Test(arguments: [
+        ("decord__video_90.mov", 90), ("decord__video_270.mov", 270), ("moviepy__fire2.mp4", 180),
+        ("mp4parse-rust__video_rotation_90.mp4", 90), ("decord__video_0.mov", 0),
+    ])
+    func rotation(_ name: String, _ degrees: Int) throws {
+        try #require(Support.hasCorpus)
+        let path = Support.corpusFile(name)
+        var o = Self.frames(1)
+        o.layout = .thwc
+        let (upright, _) = try Support.decode(path, o)
+        #expect(upright.video!.rotationApplied == degrees)
+        #expect(upright.source.rotation == degrees)
+        let stored = (upright.source.width!, upright.source.height!)
+        let swapped = degrees == 90 || degrees == 270
+        #expect(upright.video!.width == (swapped ? stored.1 : stored.0))
+        #expect(upright.video!.height == (swapped ? stored.0 : stored.1))
+        try Self.compare(name, options: o)  // ffmpeg autorotates by default
+        o.rotate = false
+        let (asStored, _) = try Support.decode(path, o)
+        #expect(asStored.video!.rotationApplied == 0)
+        #expect(asStored.video!.width == stored.0 && asStored.video!.height == stored.1)
+        try Self.compare(name, options: o, ffmpegArgs: ["-noautorotate"])
+    }
+}

@@ -1,0 +1,204 @@
+import Foundation
+import Shared
+import SystemPackage
+import Testing
+
+@testable import DecodeWorker
+
+/// `clipvisor-worker serve` over a real socketpair, as the supervisor drives it.
+@Suite(.serialized, .timeLimit(.minutes(5)))
+struct ServeTests {
+    /// A spawned worker with our end of its control socket.
+    final class Worker {
+        let pid: pid_t
+        let control: SystemPackage.FileDescriptor
+        private var reaped: Int32?
+
+        init(_ extra: [String] = [], faults: String? = nil) throws {
+            var fds: [Int32] = [0, 0]
+            guard socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else {
+                throw Errno(rawValue: errno)
+            }
+            var actions = posix_spawn_file_actions_t()
+            posix_spawn_file_actions_init(&actions)
+            defer { posix_spawn_file_actions_destroy(&actions) }
+            posix_spawn_file_actions_adddup2(&actions, fds[1], 3)
+            let args = [Support.worker, "serve", "--control-fd", "3", "--parent-pid", "\(getpid())"] + extra
+            var env = ProcessInfo.processInfo.environment
+            env[WorkerMessage.faultEnvironmentKey] = faults
+            let cArgs = args.map { strdup($0) } + [nil]
+            let cEnv = env.map { strdup("\($0.key)=\($0.value)") } + [nil]
+            defer { (cArgs + cEnv).forEach { free($0) } }
+            var child: pid_t = 0
+            let rc = posix_spawn(&child, Support.worker, &actions, nil, cArgs, cEnv)
+            close(fds[1])
+            guard rc == 0 else { close(fds[0]); throw Errno(rawValue: rc) }
+            pid = child
+            control = SystemPackage.FileDescriptor(rawValue: fds[0])
+        }
+
+        deinit {
+            if reaped == nil { kill(pid, SIGKILL); _ = wait() }
+            try? control.close()
+        }
+
+        /// Next message within `timeout` seconds (nil on timeout or end of stream), with its fd.
+        /// `started` messages are collected in `started` rather than returned.
+        func receive(timeout: Double = 60) throws -> (JSONValue, SystemPackage.FileDescriptor?)? {
+            while true {
+                guard try SocketIO.waitReadable(control, timeoutMs: Int32(timeout * 1000)) else { return nil }
+                let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: WorkerMessage.maxSize, alignment: 16)
+                defer { buffer.deallocate() }
+                let r = try SocketIO.receive(control, into: buffer)
+                if r.count == 0 { return nil }
+                let message = try JSONValue.parse(UnsafeRawBufferPointer(rebasing: buffer[0..<r.count]))
+                if message["op"] == "started" {
+                    started.append(message)
+                    continue
+                }
+                return (message, r.fd)
+            }
+        }
+
+        /// The `started` messages received so far (size and mtime of each job's file).
+        var started: [JSONValue] = []
+
+        func send(_ message: JSONValue, fd: SystemPackage.FileDescriptor? = nil) throws {
+            let bytes = message.serialized()
+            _ = try bytes.withUnsafeBytes { try SocketIO.send(control, $0, passing: fd) }
+        }
+
+        /// Waits for the exit; returns (exit code, signal).
+        func wait(timeout: Double = 30) -> (code: Int32?, signal: Int32?) {
+            let deadline = Date().addingTimeInterval(timeout)
+            var status: Int32 = 0
+            while Date() < deadline {
+                let r = waitpid(pid, &status, WNOHANG)
+                if r == pid {
+                    reaped = status
+                    let sig = status & 0x7F
+                    return sig == 0 ? ((status >> 8) & 0xFF, nil) : (nil, sig)
+                }
+                usleep(5_000)
+            }
+            return (nil, nil)
+        }
+    }
+
+    @Test func readyDecodeProbeAndRecycle() throws {
+        let clip = try EngineTests.fixture.get()
+        let w = try Worker(["--max-clips", "3", "--address-space-mb", "4096", "--cpu-seconds", "120", "--open-files", "256"])
+        let (ready, _) = try #require(try w.receive())
+        #expect(ready["op"] == "ready")
+        #expect(ready["pid"]?.intValue == Int(w.pid))
+        #expect(ready["protocol"] == 1)
+        #expect((ready["landlock"]?.intValue ?? -1) >= 0)
+
+        try w.send(["op": "probe", "job": 1, "path": .string(clip)])
+        let (probe, _) = try #require(try w.receive())
+        #expect(probe["op"] == "done" && probe["job"] == 1 && probe["ok"] == true && probe["exiting"] == false)
+        #expect(probe["probe"]?["streams"]?.arrayValue?.count == 2)
+
+        // The clip travels as an fd (a client in another mount namespace); the path is only a name.
+        let file = try SystemPackage.FileDescriptor.open(clip, .readOnly)
+        defer { try? file.close() }
+        try w.send(["op": "decode", "job": 2, "path": "client-name.mp4", "fd": true, "options": ["frames": 4, "layout": "THWC"]], fd: file)
+        let (done, blockFD) = try #require(try w.receive())
+        #expect(done["ok"] == true && done["job"] == 2 && done["exiting"] == false)
+        let block = try #require(blockFD)
+        defer { try? block.close() }
+        #expect(SharedMemory.isSealed(block))
+        #expect(try SharedMemory.size(of: block) == done["block_bytes"]?.intValue)
+        let mapped = try MappedFile(fd: block)
+        let (header, tensors) = try BlockReader.read(mapped.bytes)
+        #expect(tensors[0].count == 4 * 240 * 320 * 3)
+        #expect(header.result["path"] == "client-name.mp4")
+        #expect(done["result"] == header.result)
+        let size = try #require(try? FileManager.default.attributesOfItem(atPath: clip)[.size] as? Int)
+        #expect(w.started.map { $0["job"]?.intValue } == [1, 2])
+        #expect(w.started.allSatisfy { $0["size"]?.intValue == size && $0["mtime"]?.doubleValue != nil })
+
+        // Third job reaches --max-clips: the reply says exiting and the worker exits 0.
+        try w.send(["op": "probe", "job": 3, "path": .string(clip)])
+        let (last, _) = try #require(try w.receive())
+        #expect(last["exiting"] == true)
+        #expect(w.wait().code == 0)
+    }
+
+    @Test func failedJobRepliesThenExits() throws {
+        let w = try Worker()
+        _ = try #require(try w.receive())
+        try w.send(["op": "decode", "job": 9, "path": "/nonexistent/clip.mp4", "options": [:]])
+        let (reply, fd) = try #require(try w.receive())
+        #expect(fd == nil)
+        #expect(reply["ok"] == false && reply["exiting"] == true)
+        #expect(reply["error"]?["reason"] == "not_found")
+        #expect(reply["error"]?["path"] == "/nonexistent/clip.mp4")
+        #expect(w.started.first?["size"] == .null, "a missing file has no size")
+        #expect(w.wait().code == 0)
+    }
+
+    @Test func closedSocketAndMalformedMessages() throws {
+        let w = try Worker()
+        _ = try #require(try w.receive())
+        try w.control.close()
+        #expect(w.wait().code == 0)
+        let m = try Worker()
+        _ = try #require(try m.receive())
+        let junk: [UInt8] = Array("{not json".utf8)
+        _ = try junk.withUnsafeBytes { try SocketIO.send(m.control, $0) }
+        #expect(m.wait().code == 76)
+        let usage = try Support.run([Support.worker, "serve", "--parent-pid", "1", "--max-clips", "0"])
+        #expect(usage.status == 64)
+        // A worker whose supervisor is already gone (wrong parent pid) refuses to start.
+        let wrongParent = try Support.run([Support.worker, "serve", "--parent-pid", "1"])
+        #expect(wrongParent.status == 71)
+    }
+
+    @Test func faultSwitches() throws {
+        let clip = try EngineTests.fixture.get()
+        let faults = "crash-on=CRASH,abort-on=ABORT,hang-on=HANG,oom-on=OOM"
+        func job(_ marker: String, _ extra: [String] = []) throws -> Worker {
+            let w = try Worker(extra, faults: faults)
+            _ = try #require(try w.receive())
+            try w.send(["op": "decode", "job": 1, "path": .string(clip + "#\(marker)"), "options": [:]])
+            return w
+        }
+        let crash = try job("CRASH")
+        #expect(try crash.receive(timeout: 10) == nil)
+        #expect(crash.wait().signal == SIGSEGV)
+        let abortW = try job("ABORT")
+        #expect(try abortW.receive(timeout: 10) == nil)
+        #expect(abortW.wait().signal == SIGABRT)
+        let hang = try job("HANG")
+        #expect(try hang.receive(timeout: 1) == nil)
+        #expect(hang.wait(timeout: 0.2).code == nil)  // still spinning
+        kill(hang.pid, SIGKILL)
+        #expect(hang.wait().signal == SIGKILL)
+        let oom = try job("OOM", ["--address-space-mb", "1024"])
+        let (reply, _) = try #require(try oom.receive(timeout: 30))
+        #expect(reply["error"]?["reason"] == "out_of_memory")
+        #expect(reply["exiting"] == true)
+        #expect(oom.wait().code == 0)
+        let start = try Worker([], faults: "exit-at-start")
+        #expect(try start.receive(timeout: 10) == nil)
+        #expect(start.wait().code == 71)
+    }
+
+    /// Landlock, checked inside the worker binary: `sandbox-check` runs the very `Sandbox.apply`
+    /// that `serve` runs, then tries to create a file (must fail with EACCES) and to write a memfd
+    /// (must work: blocks are written after the sandbox is in force). A hidden subcommand rather
+    /// than a fault switch, so no request can ever reach a write path.
+    @Test func landlockForbidsWrites() throws {
+        let dir = try Support.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let r = try Support.run([Support.worker, "sandbox-check", "--write", dir + "/forbidden"])
+        #expect(r.status == 0)
+        let json = try JSONValue.parse(Array(r.stdout.utf8))
+        try #require((json["landlock"]?.intValue ?? 0) > 0, "kernel without Landlock")
+        #expect(json["file_created"] == false)
+        #expect(json["file_errno"]?.intValue == Int(EACCES))
+        #expect(json["memfd_write"] == true)
+        #expect(!FileManager.default.fileExists(atPath: dir + "/forbidden"))
+    }
+}

@@ -1,0 +1,3 @@
+import SystemPackage
+
+typealias SystemPackageFD = SystemPackage.FileDescriptor
