@@ -1,0 +1,206 @@
+"""Decoded results: :class:`Video`, :class:`Audio` and :class:`Clip` (both, aligned).
+
+Arrays are plain numpy arrays owned by the caller (the block's memfd is already closed).
+``to_torch`` imports torch lazily, so everything else works without torch installed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+
+from .errors import ProtocolError
+
+__all__ = ["Video", "Audio", "Clip", "to_torch"]
+
+
+def to_torch(array: np.ndarray, pin_memory: bool = False, device: Any = None) -> Any:
+    """A torch tensor sharing `array`'s memory; with ``pin_memory`` a copy in page-locked memory
+    (for fast asynchronous host-to-GPU copies); with ``device`` moved there (non-blocking when
+    pinned). Use ``pin_memory``/``device`` in the main process only: CUDA cannot be initialised
+    in forked DataLoader workers (there, use ``DataLoader(pin_memory=True)``)."""
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("to_torch() needs PyTorch: pip install torch (or 'clipvisor[torch]')") from exc
+    tensor = torch.from_numpy(array)
+    if pin_memory:
+        tensor = tensor.pin_memory()
+    if device is not None:
+        tensor = tensor.to(device, non_blocking=pin_memory)
+    return tensor
+
+
+def _common(result: Mapping[str, Any]) -> Dict[str, Any]:
+    source = result.get("source")
+    warnings = result.get("warnings")
+    detail = result.get("partial_detail")
+    return {
+        "path": str(result.get("path", "")),
+        "source": dict(source) if isinstance(source, dict) else {},
+        "partial": bool(result.get("partial", False)),
+        "partial_detail": detail if isinstance(detail, str) else None,
+        "warnings": list(warnings) if isinstance(warnings, list) else [],
+        "decode_seconds": float(result.get("decode_seconds") or 0.0),
+    }
+
+
+@dataclass
+class Video:
+    """Video frames, uint8 RGB: ``(T, 3, H, W)`` for layout TCHW, ``(T, H, W, 3)`` for THWC.
+
+    ``pts`` are the presentation times (seconds from the start of the media, first frame = 0)
+    of the frames actually returned, ``indices`` their indices among all frames of the stream,
+    ``sample_fps`` the rate they represent (Qwen's ``sample_fps``).
+    """
+
+    frames: np.ndarray
+    pts: np.ndarray
+    indices: np.ndarray
+    sample_fps: float
+    layout: str
+    width: int
+    height: int
+    path: str = ""
+    partial: bool = False
+    partial_detail: Optional[str] = None
+    source: Dict[str, Any] = field(default_factory=dict)
+    warnings: List[str] = field(default_factory=list)
+    rotation_applied: int = 0
+    frames_in_range: Optional[int] = None
+    access: Optional[str] = None
+    decode_seconds: float = 0.0
+    result: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return int(self.frames.shape[0])
+
+    def to_torch(self, pin_memory: bool = False, device: Any = None) -> Any:
+        """The frames as a torch uint8 tensor (see :func:`to_torch`)."""
+        return to_torch(self.frames, pin_memory, device)
+
+    @classmethod
+    def from_result(cls, result: Mapping[str, Any], frames: np.ndarray) -> "Video":
+        video = result.get("video")
+        if not isinstance(video, dict):
+            raise ProtocolError("a video result without its 'video' metadata")
+        shape = video.get("shape")
+        if shape is not None and list(shape) != list(frames.shape):
+            raise ProtocolError(f"video shape {shape} in the result differs from the block's {list(frames.shape)}")
+        pts = np.asarray(video.get("pts") or [], dtype=np.float64)
+        indices = np.asarray(video.get("indices") or [], dtype=np.int64)
+        if len(pts) != frames.shape[0]:
+            raise ProtocolError(f"{len(pts)} pts for {frames.shape[0]} frames")
+        layout = str(video.get("layout") or "TCHW")
+        h, w = (frames.shape[2], frames.shape[3]) if layout == "TCHW" else (frames.shape[1], frames.shape[2])
+        return cls(
+            frames=frames,
+            pts=pts,
+            indices=indices,
+            sample_fps=float(video.get("sample_fps") or 0.0),
+            layout=layout,
+            width=int(video.get("width") or w),
+            height=int(video.get("height") or h),
+            rotation_applied=int(video.get("rotation_applied") or 0),
+            frames_in_range=video.get("frames_in_range"),
+            access=video.get("access"),
+            result=dict(result),
+            **_common(result),
+        )
+
+
+@dataclass
+class Audio:
+    """Audio samples, float32 planar ``(channels, n)`` at ``sample_rate``; ``start`` is the time
+    of the first sample (seconds from the start of the media)."""
+
+    samples: np.ndarray
+    sample_rate: int
+    channels: int
+    start: float = 0.0
+    offset_from_first_frame: Optional[float] = None
+    path: str = ""
+    partial: bool = False
+    partial_detail: Optional[str] = None
+    source: Dict[str, Any] = field(default_factory=dict)
+    warnings: List[str] = field(default_factory=list)
+    decode_seconds: float = 0.0
+    result: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return int(self.samples.shape[1])
+
+    @property
+    def duration(self) -> float:
+        return self.samples.shape[1] / self.sample_rate if self.sample_rate else 0.0
+
+    def to_torch(self, pin_memory: bool = False, device: Any = None) -> Any:
+        """The samples as a torch float32 tensor (see :func:`to_torch`)."""
+        return to_torch(self.samples, pin_memory, device)
+
+    @classmethod
+    def from_result(cls, result: Mapping[str, Any], samples: np.ndarray) -> "Audio":
+        audio = result.get("audio")
+        if not isinstance(audio, dict):
+            raise ProtocolError("an audio result without its 'audio' metadata")
+        shape = audio.get("shape")
+        if shape is not None and list(shape) != list(samples.shape):
+            raise ProtocolError(f"audio shape {shape} in the result differs from the block's {list(samples.shape)}")
+        offset = audio.get("offset_from_first_frame")
+        return cls(
+            samples=samples,
+            sample_rate=int(audio.get("sample_rate") or 0),
+            channels=int(audio.get("channels") or samples.shape[0]),
+            start=float(audio.get("start") or 0.0),
+            offset_from_first_frame=float(offset) if isinstance(offset, (int, float)) else None,
+            result=dict(result),
+            **_common(result),
+        )
+
+
+@dataclass
+class Clip:
+    """Video and audio of one clip, decoded together (audio-in-video). ``audio`` is None when
+    the clip has no audio and ``audio_optional`` was asked; ``video`` is None when no video
+    was asked."""
+
+    video: Optional[Video]
+    audio: Optional[Audio]
+    path: str = ""
+    partial: bool = False
+    partial_detail: Optional[str] = None
+    source: Dict[str, Any] = field(default_factory=dict)
+    warnings: List[str] = field(default_factory=list)
+    result: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def to_torch(self, pin_memory: bool = False, device: Any = None) -> Tuple[Any, Any]:
+        """``(frames, samples)`` as torch tensors (None where absent)."""
+        return (
+            self.video.to_torch(pin_memory, device) if self.video is not None else None,
+            self.audio.to_torch(pin_memory, device) if self.audio is not None else None,
+        )
+
+
+def build_result(kind: str, result: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> Any:
+    """The result object of a decode of `kind` (``video``, ``audio`` or ``clip``)."""
+    video = audio = None
+    if "video" in tensors:
+        video = Video.from_result(result, tensors["video"])
+    elif isinstance(result.get("video"), dict):
+        raise ProtocolError("the result describes video but the block has no video tensor")
+    if "audio" in tensors:
+        audio = Audio.from_result(result, tensors["audio"])
+    elif isinstance(result.get("audio"), dict):
+        raise ProtocolError("the result describes audio but the block has no audio tensor")
+    if kind == "video":
+        if video is None:
+            raise ProtocolError("a video decode answered without a video tensor")
+        return video
+    if kind == "audio":
+        if audio is None:
+            raise ProtocolError("an audio decode answered without an audio tensor")
+        return audio
+    return Clip(video=video, audio=audio, result=dict(result), **{
+        k: v for k, v in _common(result).items() if k != "decode_seconds"})

@@ -1,0 +1,214 @@
+"""The pure-Python block reader against blocks from the test-only writer (docs/block-format.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import zstandard
+
+from blockwriter import ALL_SEALS, F_SEAL_GROW, F_SEAL_SHRINK, F_SEAL_WRITE, memfd_with, natural_frames, video_result, write_block
+from clipvisor import BlockFormatError, ClipvisorError
+from clipvisor import block as B
+
+
+def small_block(level: int = -1000) -> tuple:
+    rng = np.random.default_rng(7)
+    video = rng.integers(0, 256, (2, 3, 4, 6), dtype=np.uint8)
+    audio = rng.standard_normal((2, 5)).astype(np.float32)
+    blob = write_block([("video", video, "TCHW"), ("audio", audio, "CN")], video_result(video), level=level,
+                       audio_chunk=3)
+    return blob, video, audio
+
+
+@pytest.mark.parametrize("level", [-1000, -5, 3])
+def test_round_trip_video_and_audio(level: int) -> None:
+    frames = np.ascontiguousarray(natural_frames(3, 36, 64).transpose(0, 3, 1, 2))
+    audio = np.random.default_rng(1).standard_normal((2, 40000)).astype(np.float32)
+    blob = write_block([("video", frames, "TCHW"), ("audio", audio, "CN")], video_result(frames), level=level)
+    block = B.read_block(blob)
+    assert block.tensors["video"].dtype == np.uint8 and block.tensors["video"].shape == frames.shape
+    assert np.array_equal(block.tensors["video"], frames)
+    assert block.tensors["audio"].dtype == np.float32 and np.array_equal(block.tensors["audio"], audio)
+    assert block.result["video"]["pts"] == video_result(frames)["video"]["pts"]
+
+
+def test_round_trip_thwc_and_large_frames() -> None:
+    frames = natural_frames(2, 252, 448)  # > 128 KiB per frame: several zstd blocks each
+    blob = write_block([("video", frames, "THWC")], video_result(frames, "THWC"))
+    assert np.array_equal(B.read_block(blob).tensors["video"], frames)
+
+
+def test_zero_frames_and_empty_frames() -> None:
+    empty = np.zeros((0, 3, 4, 4), dtype=np.uint8)
+    block = B.read_block(write_block([("video", empty, "TCHW")]))
+    assert block.tensors["video"].shape == (0, 3, 4, 4)
+    # Frames of zero bytes (width 0) still carry checksums that must verify.
+    zero_width = np.zeros((3, 3, 4, 0), dtype=np.uint8)
+    blob = write_block([("video", zero_width, "TCHW")])
+    assert B.read_block(blob).tensors["video"].shape == (3, 3, 4, 0)
+
+
+def test_every_flipped_byte_is_rejected() -> None:
+    blob, _, _ = small_block()
+    assert len(blob) > 200
+    for i in range(len(blob)):
+        for mask in (0x01, 0x10, 0x80, 0xFF):
+            bad = bytearray(blob)
+            bad[i] ^= mask
+            with pytest.raises(BlockFormatError):
+                B.read_block(bytes(bad))
+
+
+def test_every_flipped_byte_is_rejected_compressed_frames() -> None:
+    rng = np.random.default_rng(3)
+    video = np.repeat(rng.integers(0, 4, (2, 3, 8, 1), dtype=np.uint8), 16, axis=3)  # compressible
+    blob = write_block([("video", video, "TCHW")], level=3)
+    # Really compressed (zstd compressed blocks, not stored ones).
+    assert all(f.compressed_size < f.decompressed_size / 2 for f in B.validate_block(blob).frames[0])
+    for i in range(len(blob)):
+        for mask in (0x01, 0x10, 0x80, 0xFF):
+            bad = bytearray(blob)
+            bad[i] ^= mask
+            with pytest.raises(BlockFormatError):
+                B.read_block(bytes(bad))
+
+
+def test_every_truncation_is_rejected() -> None:
+    blob, _, _ = small_block()
+    for n in range(len(blob)):
+        with pytest.raises(BlockFormatError):
+            B.read_block(blob[:n])
+    # and trailing garbage too
+    with pytest.raises(BlockFormatError):
+        B.read_block(blob + b"\0")
+
+
+def test_fallback_strategy_is_equally_strict(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert B.decompression_strategy() == "readinto"
+    monkeypatch.setattr(B, "_strategy", "decompress")
+    blob, video, audio = small_block()
+    block = B.read_block(blob)
+    assert np.array_equal(block.tensors["video"], video) and np.array_equal(block.tensors["audio"], audio)
+    layout = B.validate_block(blob)
+    for f in layout.frames[0]:
+        # a content byte of each stored frame (after header and the 3-byte block header)
+        bad = bytearray(blob)
+        bad[f.offset + f.compressed_size - 6] ^= 0x01
+        with pytest.raises(BlockFormatError):
+            B.read_block(bytes(bad))
+
+
+def test_errors_are_clipvisor_errors_not_index_errors() -> None:
+    for junk in (b"", b"\0" * 33, b"\x50\x2a\x4d\x18" + b"\xff" * 60, os.urandom(1000)):
+        with pytest.raises(BlockFormatError) as info:
+            B.read_block(junk)
+        assert isinstance(info.value, ClipvisorError)
+
+
+def rebuild(header: dict, blob: bytes) -> bytes:
+    """`blob` with its header JSON replaced (CRC and seek table entry 0 fixed up)."""
+    payload = struct.unpack_from("<I", blob, 4)[0]
+    old_end = 8 + payload
+    js = json.dumps(header).encode()
+    head = struct.pack("<II", 0x184D2A50, 8 + len(js)) + b"CVB1" + struct.pack("<I", zlib.crc32(js)) + js
+    rest = bytearray(blob[old_end:])
+    n = struct.unpack_from("<I", rest, len(rest) - 9)[0]
+    table = len(rest) - (12 * n + 9) - 8
+    struct.pack_into("<I", rest, table + 8, len(head))
+    return head + bytes(rest)
+
+
+def header_of(blob: bytes) -> dict:
+    payload = struct.unpack_from("<I", blob, 4)[0]
+    return json.loads(blob[16:8 + payload])
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda h: h.update(version=2), "version"),
+    (lambda h: h.update(version=True), "version"),
+    (lambda h: h.update(format="other"), "format"),
+    (lambda h: h["tensors"].append(dict(h["tensors"][0])), "twice"),
+    (lambda h: h["tensors"][0].update(dtype="float64"), "dtype"),
+    (lambda h: h["tensors"][0].update(shape=[2, 3, -4, 6]), "shape"),
+    (lambda h: h["tensors"][0].update(shape=[2, 3, 4, 7]), "add up"),
+    (lambda h: h.pop("result"), "lacks"),
+    (lambda h: h.update(frame_headers_crc32=h["frame_headers_crc32"] ^ 1), "frame_headers_crc32"),
+])
+def test_header_checks(change, message: str) -> None:
+    blob, _, _ = small_block()
+    header = header_of(blob)
+    change(header)
+    with pytest.raises(BlockFormatError, match=message):
+        B.read_block(rebuild(header, blob))
+
+
+def test_unknown_header_keys_are_ignored() -> None:
+    blob, video, _ = small_block()
+    header = header_of(blob)
+    header["future_key"] = {"x": 1}
+    assert np.array_equal(B.read_block(rebuild(header, blob)).tensors["video"], video)
+
+
+def test_frames_without_checksum_or_content_size_are_rejected() -> None:
+    video = np.random.default_rng(0).integers(0, 256, (1, 3, 4, 4), dtype=np.uint8)
+    good = write_block([("video", video, "TCHW")])
+    layout = B.validate_block(good)
+    frame = layout.frames[0][0]
+    for kwargs, message in (({"write_checksum": False}, "checksum"), ({"write_content_size": False}, "content size")):
+        c = zstandard.ZstdCompressor(level=-1000, **{"write_checksum": True, "write_content_size": True, **kwargs})
+        raw = c.compress(video[0].tobytes())
+        blob = bytearray(good[:frame.offset]) + raw + bytearray(good[frame.offset + frame.compressed_size:])
+        with pytest.raises(BlockFormatError):
+            B.read_block(bytes(blob))
+
+
+def test_seals_required_for_memfds() -> None:
+    blob, video, _ = small_block()
+    fd = memfd_with(blob)
+    assert np.array_equal(B.read_block_fd(fd).tensors["video"], video)
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed by the reader
+    for seals in (0, F_SEAL_SHRINK | F_SEAL_GROW, F_SEAL_WRITE):
+        fd = memfd_with(blob, seals)
+        with pytest.raises(BlockFormatError, match="sealed"):
+            B.read_block_fd(fd)
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed on error too
+    fd = memfd_with(blob, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE)  # no F_SEAL_SEAL: still safe
+    B.read_block_fd(fd)
+
+
+def test_regular_files_need_require_seals_false(tmp_path) -> None:
+    blob, video, _ = small_block()
+    path = tmp_path / "clip.cvb"
+    path.write_bytes(blob)
+    fd = os.open(path, os.O_RDONLY)
+    with pytest.raises(BlockFormatError, match="memfd"):
+        B.read_block_fd(fd)
+    assert np.array_equal(B.read_block_file(path).tensors["video"], video)
+
+
+def test_tampered_memfd_rejected_and_closed() -> None:
+    blob, _, _ = small_block()
+    bad = bytearray(blob)
+    bad[-30] ^= 0x80
+    fd = memfd_with(bytes(bad), ALL_SEALS)
+    with pytest.raises(BlockFormatError):
+        B.read_block_fd(fd)
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_decompress_into_caller_array() -> None:
+    blob, video, _ = small_block()
+    layout = B.validate_block(blob)
+    out = np.empty(video.shape, np.uint8)
+    assert B.decompress_tensor(blob, layout, 0, out) is out
+    assert np.array_equal(out, video)
+    with pytest.raises(ValueError):
+        B.decompress_tensor(blob, layout, 0, np.empty((1,), np.uint8))

@@ -1,0 +1,522 @@
+"""The Client against a fake supervisor (tests/fakeserver.py): no Swift needed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+import clipvisor
+from clipvisor import spawn
+from conftest import HERE, open_fds, settled_fds
+from fakeserver import FakeServer, make_audio, make_frames
+
+
+def test_video_result(client: clipvisor.Client, fake_server: FakeServer) -> None:
+    v = client.video("/fake/video-4-8-12", fps=1.0, max_pixels=1000)
+    assert isinstance(v, clipvisor.Video)
+    assert v.frames.dtype == np.uint8 and v.frames.shape == (4, 3, 8, 12)
+    assert np.array_equal(v.frames, make_frames(4, 8, 12))
+    assert v.pts.tolist() == [0.0, 0.5, 1.0, 1.5] and v.indices.tolist() == [0, 15, 30, 45]
+    assert (v.sample_fps, v.width, v.height, v.layout, v.partial) == (2.0, 12, 8, "TCHW", False)
+    assert v.frames.flags.writeable and v.frames.flags.c_contiguous
+    req = fake_server.requests[-1]
+    assert req["op"] == "decode" and req["fps"] == 1.0 and req["max_pixels"] == 1000
+    assert req["path"] == "/fake/video-4-8-12" and req["deadline_ms"] == 30000
+    assert "frames" not in req and "no_rotate" not in req
+
+
+def test_request_fields(client: clipvisor.Client, fake_server: FakeServer) -> None:
+    client.video("/fake/video-2-4-4", frames=8, rotate=False, layout="THWC", deadline=1.5, tag="t1",
+                 start=1.0, end=2.5, options={"level": 3})
+    req = fake_server.requests[-1]
+    assert req["frames"] == 8 and "fps" not in req and req["no_rotate"] is True and req["layout"] == "THWC"
+    assert req["deadline_ms"] == 1500 and req["tag"] == "t1" and req["start"] == 1.0 and req["end"] == 2.5
+    assert req["level"] == 3
+    client.video("/fake/video-2-4-4", timestamps=(0.5, 1.0))
+    req = fake_server.requests[-1]
+    assert req["timestamps"] == [0.5, 1.0] and "fps" not in req
+
+
+def test_relative_paths_are_made_absolute(client: clipvisor.Client, fake_server: FakeServer) -> None:
+    with pytest.raises(clipvisor.ClipSkipped):
+        client.video("error-timeout")
+    assert fake_server.requests[-1]["path"] == os.path.join(os.getcwd(), "error-timeout")
+
+
+def test_thwc_audio_clip(client: clipvisor.Client, fake_server: FakeServer) -> None:
+    v = client.video("/fake/video-3-5-7-thwc", layout="THWC")
+    assert v.frames.shape == (3, 5, 7, 3) and (v.width, v.height) == (7, 5)
+    a = client.audio("/fake/audio-2-20000", sample_rate=16000, channels=2)
+    assert isinstance(a, clipvisor.Audio) and a.samples.dtype == np.float32 and a.samples.shape == (2, 20000)
+    assert np.array_equal(a.samples, make_audio(2, 20000)) and a.sample_rate == 16000 and a.duration == 1.25
+    req = fake_server.requests[-1]
+    assert req["no_video"] is True and req["audio"] is True and req["channels"] == 2 and "fps" not in req
+    c = client.clip("/fake/clip-2-4-4-1-16000", video={"fps": 1.0}, audio={"sample_rate": 16000}, audio_optional=True)
+    assert isinstance(c, clipvisor.Clip) and c.video.frames.shape == (2, 3, 4, 4) and c.audio.samples.shape == (1, 16000)
+    req = fake_server.requests[-1]
+    assert req["audio"] is True and req["fps"] == 1.0 and req["audio_optional"] is True and "no_video" not in req
+
+
+@pytest.mark.parametrize("reason, cls", [
+    ("timeout", clipvisor.ClipTimeout), ("crashed", clipvisor.ClipCrashed),
+    ("out_of_memory", clipvisor.ClipOutOfMemory), ("decode_error", clipvisor.ClipCorrupt),
+    ("unsupported", clipvisor.ClipUnsupported), ("too_large", clipvisor.ClipTooLarge),
+    ("not_found", clipvisor.ClipNotFound), ("permission", clipvisor.ClipPermission),
+    ("quarantined", clipvisor.ClipQuarantined), ("cancelled", clipvisor.ClipCancelled),
+    ("invalid_request", clipvisor.InvalidRequest),
+])
+def test_skips_raise_their_subclass(client: clipvisor.Client, reason: str, cls) -> None:
+    path = f"/fake/error-{reason}"
+    with pytest.raises(cls) as info:
+        client.video(path)
+    assert info.value.reason == reason and info.value.path == path and path in info.value.message
+    assert info.value.detail == "fake detail" and info.value.elapsed_ms == 5
+    # the connection is still fine
+    assert client.video("/fake/video-1-2-2").frames.shape == (1, 3, 2, 2)
+
+
+def test_overloaded_is_retried_then_infrastructure(client: clipvisor.Client, fake_server: FakeServer) -> None:
+    assert client.video("/fake/overloaded-3/video-1-2-2").frames.shape == (1, 3, 2, 2)
+    assert sum(1 for r in fake_server.requests if r.get("path") == "/fake/overloaded-3/video-1-2-2") == 4
+    t0 = time.monotonic()
+    with pytest.raises(clipvisor.Overloaded) as info:
+        client.video("/fake/overloaded-1000/video-1-2-2", deadline=0.4)
+    assert 0.2 < time.monotonic() - t0 < 1.5
+    assert isinstance(info.value, clipvisor.ClipvisorError) and not isinstance(info.value, clipvisor.ClipSkipped)
+
+
+def test_broken_blocks_are_rejected(client: clipvisor.Client) -> None:
+    client.status()
+    before = open_fds()
+    for kind, match in (("unsealed", "sealed"), ("partialseal", "sealed"), ("tampered", "invalid block")):
+        with pytest.raises(clipvisor.BlockFormatError, match=match):
+            client.video(f"/fake/{kind}/video-2-4-4")
+    with pytest.raises(clipvisor.ProtocolError):
+        client.video("/fake/nofd/video-2-4-4")
+    assert settled_fds(before) <= before
+    assert client.video("/fake/video-1-2-2").frames.shape == (1, 3, 2, 2)
+
+
+def test_multiplexing_many_threads_one_connection(client: clipvisor.Client, fake_server: FakeServer) -> None:
+    results = {}
+    errors = []
+
+    def work(i: int) -> None:
+        try:
+            delay = (7 - i % 8) * 0.03  # later requests answer first
+            v = client.video(f"/fake/delay-{delay:.2f}/video-{1 + i % 3}-4-{4 + i}")
+            results[i] = v
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not errors, errors
+    for i, v in results.items():
+        assert np.array_equal(v.frames, make_frames(1 + i % 3, 4, 4 + i))
+    assert fake_server.connections == 1
+    ids = [r["id"] for r in fake_server.requests]
+    assert len(ids) == len(set(ids)) == 16
+
+
+def test_wedged_supervisor_times_out_and_next_call_reconnects(fake_server: FakeServer) -> None:
+    c = clipvisor.Client(fake_server.path, spawn=False, margin=0.3, connect_timeout=2.0)
+    t0 = time.monotonic()
+    with pytest.raises(clipvisor.SupervisorTimeout):
+        c.video("/fake/hang", deadline=0.2)
+    assert 0.4 <= time.monotonic() - t0 < 1.5
+    assert c.video("/fake/video-1-2-2").frames.shape == (1, 3, 2, 2)
+    assert fake_server.connections == 2
+    c.close()
+
+
+def test_dead_supervisor_fails_everything_in_flight_promptly(client: clipvisor.Client, fake_server: FakeServer) -> None:
+    client.video("/fake/video-1-2-2")
+    outcome = {}
+
+    def hang() -> None:
+        try:
+            client.video("/fake/hang", deadline=20)
+        except Exception as exc:
+            outcome["hang"] = (exc, time.monotonic())
+
+    t = threading.Thread(target=hang)
+    t.start()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    with pytest.raises(clipvisor.SupervisorUnavailable):
+        client.video("/fake/die", deadline=20)
+    t.join(5)
+    assert time.monotonic() - t0 < 1.0
+    exc, when = outcome["hang"]
+    assert isinstance(exc, clipvisor.SupervisorUnavailable) and when - t0 < 1.0
+    # the next call reconnects
+    assert client.video("/fake/video-1-2-2").frames.shape == (1, 3, 2, 2)
+    assert fake_server.connections == 2
+
+
+def test_supervisor_gone_for_good(short_dir: str) -> None:
+    server = FakeServer(os.path.join(short_dir, "g.sock"))
+    c = clipvisor.Client(server.path, spawn=False, connect_timeout=1.0)
+    c.video("/fake/video-1-2-2")
+    server.stop()
+    t0 = time.monotonic()
+    with pytest.raises(clipvisor.SupervisorUnavailable):
+        c.video("/fake/video-1-2-2")
+    with pytest.raises(clipvisor.SupervisorUnavailable, match="no clipvisor supervisor answers"):
+        c.video("/fake/video-1-2-2")
+    assert time.monotonic() - t0 < 1.0
+    # and comes back
+    server = FakeServer(server.path)
+    assert c.video("/fake/video-1-2-2").frames.shape == (1, 3, 2, 2)
+    server.stop()
+
+
+def test_protocol_mismatch(short_dir: str) -> None:
+    server = FakeServer(os.path.join(short_dir, "p.sock"), protocol=2)
+    with pytest.raises(clipvisor.ProtocolError, match="protocol 2"):
+        clipvisor.Client(server.path, spawn=False).status()
+    server.stop()
+
+
+def test_no_fd_leaks(client: clipvisor.Client) -> None:
+    client.video("/fake/video-1-2-2")
+    before = open_fds()
+    for i in range(20):
+        client.video(f"/fake/video-2-4-{4 + i}")
+        with pytest.raises(clipvisor.ClipSkipped):
+            client.video("/fake/error-crashed")
+        with pytest.raises(clipvisor.BlockFormatError):
+            client.video("/fake/tampered/video-1-4-4")
+    assert settled_fds(before) <= before
+
+
+def test_cancel_on_interrupt_and_late_answers_dropped(fake_server: FakeServer) -> None:
+    c = clipvisor.Client(fake_server.path, spawn=False, margin=0.2)
+    c.status()
+    before = open_fds()
+    with pytest.raises(clipvisor.SupervisorTimeout):
+        c.video("/fake/delay-0.6/video-1-2-2", deadline=0.1)
+    time.sleep(0.6)  # the late answer (with its memfd) arrives on a closed connection
+    assert c.video("/fake/video-1-2-2").frames.shape == (1, 3, 2, 2)
+    assert settled_fds(before) <= before  # the old connection's fds are gone, the new one's replace them
+    c.close()
+
+
+def test_pass_fd(client: clipvisor.Client, fake_server: FakeServer, tmp_path) -> None:
+    media = tmp_path / "video-2-4-4"
+    media.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"x" * 100)
+    v = client.video(media, pass_fd=True)
+    assert v.frames.shape == (2, 3, 4, 4)
+    req = fake_server.requests[-1]
+    assert req["fd"] is True and req["path"] == str(media)
+    got = fake_server.received_fds[-1]
+    assert got["size"] == 112 and got["head"].startswith(b"\x00\x00\x00\x18ftyp")
+    with pytest.raises(clipvisor.ClipNotFound):
+        client.video(tmp_path / "missing.mp4", pass_fd=True)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    # opening a FIFO must not block the client (the supervisor's deadline handles it)
+    with pytest.raises(clipvisor.ClipSkipped):
+        client.video(str(fifo) + "/../error-timeout", pass_fd=False)
+
+
+def test_sample_all_or_nothing(client: clipvisor.Client, fake_server: FakeServer) -> None:
+    out = client.sample(["/fake/video-2-4-4", {"path": "/fake/video-3-4-6", "frames": 3},
+                         {"path": "/fake/audio-1-8000", "video": False, "audio": True}], fps=1.0, tag="conv-1")
+    assert [type(r) for r in out] == [clipvisor.Video, clipvisor.Video, clipvisor.Audio]
+    assert out[1].frames.shape == (3, 3, 4, 6) and out[2].samples.shape == (1, 8000)
+    req = fake_server.requests[-1]
+    assert req["op"] == "sample" and req["all_or_nothing"] is True and req["tag"] == "conv-1"
+    assert req["clips"][0]["fps"] == 1.0 and req["clips"][1]["frames"] == 3 and "fps" not in req["clips"][1]
+    with pytest.raises(clipvisor.ClipCorrupt) as info:
+        client.sample(["/fake/delay-0.3/video-1-2-2", "/fake/error-decode_error", "/fake/hang"])
+    assert info.value.clip == 1 and info.value.path == "/fake/error-decode_error"
+    assert client.sample([]) == []
+
+
+def test_sample_refused_as_a_whole(client: clipvisor.Client, fake_server: FakeServer) -> None:
+    with pytest.raises(clipvisor.InvalidRequest) as info:
+        client.sample(["/fake/video-1-2-2", "/fake/sample-invalid"])
+    assert info.value.clip == 1 and info.value.detail == "clips[1].width"
+    out = client.sample(["/fake/video-1-2-2", "/fake/sample-overloaded-2/video-1-2-4"])
+    assert [v.frames.shape for v in out] == [(1, 3, 2, 2), (1, 3, 2, 4)]
+    with pytest.raises(clipvisor.Overloaded):
+        client.sample(["/fake/sample-overloaded-1000/video-1-2-4"], deadline=0.3)
+
+
+def test_default_margin_follows_the_queue_bound(fake_server: FakeServer) -> None:
+    with clipvisor.Client(fake_server.path, spawn=False) as c:
+        c.status()
+        assert c._session.margin == pytest.approx(11.5)
+    with clipvisor.Client(fake_server.path, spawn=False, margin=3) as c:
+        c.status()
+        assert c._session.margin == 3
+
+
+def test_sample_not_all_or_nothing(client: clipvisor.Client) -> None:
+    out = client.sample(["/fake/video-1-2-2", "/fake/error-not_found", "/fake/overloaded-2/video-1-2-4"],
+                        all_or_nothing=False)
+    assert isinstance(out[0], clipvisor.Video) and isinstance(out[2], clipvisor.Video)
+    assert isinstance(out[1], clipvisor.ClipNotFound) and out[1].clip == 1
+
+
+def test_sample_with_fds(client: clipvisor.Client, fake_server: FakeServer, tmp_path) -> None:
+    paths = []
+    for name in ("video-1-2-2", "video-2-2-4", "error-timeout"):
+        p = tmp_path / name
+        p.write_bytes(b"data")
+        paths.append(str(p))
+    out = client.sample(paths[:2], pass_fd=True)
+    assert [v.frames.shape for v in out] == [(1, 3, 2, 2), (2, 3, 2, 4)]
+    with pytest.raises(clipvisor.ClipTimeout) as info:
+        client.sample(paths, pass_fd=True)
+    assert info.value.clip == 2
+    out = client.sample(paths, pass_fd=True, all_or_nothing=False)
+    assert isinstance(out[2], clipvisor.ClipTimeout)
+
+
+def test_probe_status_skips(client: clipvisor.Client, fake_server: FakeServer) -> None:
+    assert client.probe("/fake/x.mp4")["container"] == "fake"
+    with pytest.raises(clipvisor.ClipNotFound):
+        client.probe("/fake/error-not_found")
+    assert client.status()["pid"] == os.getpid()
+    got = client.skips(reason="timeout", since=60, limit=5)
+    assert got["counts"] == {"timeout": 1} and got["skips"][0]["reason"] == "timeout"
+    req = fake_server.requests[-1]
+    assert req == dict(req, op="skips", reason="timeout", since_s=60, limit=5)
+    assert client.server["server"] == "fake 0.1"
+
+
+def test_default_tag_from_job_ids(monkeypatch: pytest.MonkeyPatch, fake_server: FakeServer) -> None:
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    with clipvisor.Client(fake_server.path, spawn=False) as c:
+        c.video("/fake/video-1-2-2")
+    assert fake_server.requests[-1]["tag"] == "slurm-4242"
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
+    assert clipvisor.default_tag() == "torchelastic-abc"
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    assert clipvisor.default_tag() is None
+
+
+def test_context_manager_closes(fake_server: FakeServer) -> None:
+    with clipvisor.Client(fake_server.path, spawn=False) as c:
+        c.status()
+        assert c._session is not None
+    assert c._session is None
+
+
+def _in_child(fn) -> int:
+    """Runs fn() in a forked child; its exit status (0 = ok)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            code = 0 if fn() else 3
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+            code = 2
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_fork_never_reuses_the_connection(client: clipvisor.Client, fake_server: FakeServer) -> None:
+    client.video("/fake/video-1-2-2")
+    parent_session = client._session
+
+    def child() -> bool:
+        v = client.video("/fake/video-2-2-2")
+        return v.frames.shape == (2, 3, 2, 2) and client._session is not parent_session
+
+    assert _in_child(child) == 0
+    assert fake_server.connections == 2
+    pids = {p.hello["pid"] for p in fake_server.peers}
+    assert os.getpid() in pids and len(pids) == 2
+    # the parent's connection is untouched by the child's exit
+    assert client._session is parent_session
+    assert client.video("/fake/video-1-2-4").frames.shape == (1, 3, 2, 4)
+    assert fake_server.connections == 2
+
+
+def test_fork_while_another_thread_is_waiting(client: clipvisor.Client, fake_server: FakeServer) -> None:
+    t = threading.Thread(target=lambda: client.video("/fake/delay-0.5/video-1-2-2"))
+    t.start()
+    time.sleep(0.1)  # that thread is now the reader, holding the session's state
+    assert _in_child(lambda: client.video("/fake/video-1-2-2").frames.shape == (1, 3, 2, 2)) == 0
+    t.join(5)
+
+
+# -- spawn=True, with the fake server as a stand-in binary ---------------------------------------
+
+
+@pytest.fixture
+def fake_binary(short_dir: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    path = os.path.join(short_dir, "clipvisor")
+    with open(path, "w") as f:
+        f.write(f"#!/bin/sh\nexec {sys.executable} {os.path.join(HERE, 'fakeserver.py')} \"$@\"\n")
+    os.chmod(path, 0o755)
+    monkeypatch.setenv("CLIPVISOR_BIN", path)
+    return path
+
+
+def _servers(slot_socket: str) -> list:
+    """pids of running processes serving `slot_socket`."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+        except OSError:
+            continue
+        if b"serve" in argv and slot_socket.encode() in argv and not any(b"-c" == a for a in argv):
+            out.append(int(pid))
+    return out
+
+
+def test_spawn_private_supervisor(isolated_env: str, fake_binary: str) -> None:
+    c = clipvisor.Client(margin=2.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert c.video("/fake/video-1-2-2").frames.shape == (1, 3, 2, 2)
+    assert any(issubclass(w.category, clipvisor.ClipvisorWarning) for w in caught)
+    private = spawn._private
+    assert os.environ["CLIPVISOR_SOCKET"] == private.socket_path
+    assert len(_servers(private.socket_path)) == 1
+    # kill the supervisor: the call fails promptly, the next one respawns it
+    os.kill(_servers(private.socket_path)[0], signal.SIGKILL)
+    with pytest.raises(clipvisor.SupervisorUnavailable):
+        c.video("/fake/hang", deadline=10)
+    deadline = time.monotonic() + 5
+    while _servers(private.socket_path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert c.video("/fake/video-1-2-2").frames.shape == (1, 3, 2, 2)
+    assert len(_servers(private.socket_path)) == 1
+    c.close()
+    private.stop()
+    assert _servers(private.socket_path) == []
+    assert not os.path.exists(private.dir)
+
+
+def test_spawn_two_forked_children_start_exactly_one(isolated_env: str, fake_binary: str) -> None:
+    c = clipvisor.Client(margin=2.0)  # the parent never connects
+    r, w = os.pipe()
+    barrier_r, barrier_w = os.pipe()
+
+    def child() -> bool:
+        os.read(barrier_r, 1)  # start together
+        status = c.status()
+        os.write(w, f"{status['pid']}\n".encode())
+        return True
+
+    pids = []
+    for _ in range(2):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                code = 0 if child() else 3
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    os.write(barrier_w, b"xx")
+    codes = [os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids]
+    os.close(w)
+    served_by = os.read(r, 100).decode().split()
+    assert codes == [0, 0]
+    assert len(served_by) == 2 and served_by[0] == served_by[1]
+    private = spawn._private
+    assert len(_servers(private.socket_path)) == 1
+    # the children are gone (os._exit, no atexit); the supervisor lives on for the parent
+    assert c.status()["pid"] == int(served_by[0])
+    private.stop()
+    assert _servers(private.socket_path) == []
+
+
+ROOT_SCRIPT = r"""
+import sys, time
+sys.path[:0] = [{pkg!r}]
+import clipvisor
+c = clipvisor.Client()
+print(c.status()["pid"], clipvisor.client._spawn._private.socket_path, flush=True)
+time.sleep(60)
+"""
+
+
+def test_private_supervisor_stops_when_its_program_is_killed(isolated_env: str, fake_binary: str) -> None:
+    script = ROOT_SCRIPT.format(pkg=os.path.dirname(HERE))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ))
+    try:
+        line = proc.stdout.readline().decode().split()
+        assert len(line) == 2, line
+        server_pid, sock = int(line[0]), line[1]
+        assert _servers(sock) == [server_pid]
+        proc.kill()  # SIGKILL: no atexit; the lifeline must do it
+        proc.wait()
+        deadline = time.monotonic() + 8
+        while (_servers(sock) or os.path.exists(os.path.dirname(sock))) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _servers(sock) == []
+        assert not os.path.exists(os.path.dirname(sock))  # the watchdog cleaned up
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_private_supervisor_stops_at_normal_exit(isolated_env: str, fake_binary: str) -> None:
+    script = ROOT_SCRIPT.format(pkg=os.path.dirname(HERE)).replace("time.sleep(60)", "")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, env=dict(os.environ), timeout=30)
+    server_pid, sock = out.stdout.decode().split()
+    assert _servers(sock) == []
+    assert not os.path.exists(os.path.dirname(sock))
+
+
+def test_no_binary_no_supervisor(isolated_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLIPVISOR_BIN", "")
+    monkeypatch.setenv("PATH", isolated_env)
+    with pytest.raises(clipvisor.SupervisorUnavailable, match="no clipvisor binary"):
+        clipvisor.Client().status()
+    with pytest.raises(clipvisor.SupervisorUnavailable, match="no clipvisor supervisor answers"):
+        clipvisor.Client(spawn=False).status()
+
+
+def test_discovery_order(isolated_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime = os.environ["XDG_RUNTIME_DIR"]
+    os.makedirs(os.path.join(runtime, "clipvisor"))
+    user = FakeServer(os.path.join(runtime, "clipvisor", "clipvisor.sock"))
+    system = FakeServer(os.path.join(isolated_env, "sys.sock"))
+    env = FakeServer(os.path.join(isolated_env, "env.sock"))
+    try:
+        assert clipvisor.Client(spawn=False).server and user.connections == 1
+        monkeypatch.setattr(spawn, "SYSTEM_SOCKET", system.path)
+        clipvisor.Client(spawn=False).status()
+        assert system.connections == 1 and user.connections == 1
+        monkeypatch.setenv("CLIPVISOR_SOCKET", env.path)
+        clipvisor.Client(spawn=False).status()
+        assert env.connections == 1 and system.connections == 1
+    finally:
+        for s in (user, system, env):
+            s.stop()

@@ -1,0 +1,503 @@
+"""Against the real supervisor (`clipvisor serve`) and real clips from ../shared/corpus/real.
+
+The binary is `$CLIPVISOR_BIN`, else `<repo>/.build/debug/clipvisor` (run `swift build`).
+These tests are skipped only when that binary does not exist; a binary that exists but does
+not serve the protocol fails them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Dict, Iterator, List, Optional
+
+import numpy as np
+import pytest
+
+import clipvisor
+from clipvisor import block as B
+from clipvisor import client as client_module
+from clipvisor import spawn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
+CORPUS = os.environ.get("CLIPVISOR_CORPUS") or os.path.abspath(os.path.join(REPO, "..", "shared", "corpus", "real"))
+if not os.path.isdir(CORPUS):
+    CORPUS = "/work/shared/corpus/real"
+BINARY = os.environ.get("CLIPVISOR_BIN") or os.path.join(REPO, ".build", "debug", "clipvisor")
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not os.path.exists(BINARY), reason=f"no clipvisor binary at {BINARY} "
+                       "(build it with `swift build`, or set $CLIPVISOR_BIN)"),
+]
+
+
+def manifest() -> Dict[str, Dict[str, str]]:
+    path = os.path.join(CORPUS, "MANIFEST.tsv")
+    rows: Dict[str, Dict[str, str]] = {}
+    with open(path) as f:
+        header = f.readline().rstrip("\n").split("\t")
+        for line in f:
+            cells = line.rstrip("\n").split("\t")
+            rows[cells[0]] = dict(zip(header, cells))
+    return rows
+
+
+def media(name: str) -> str:
+    path = os.path.join(CORPUS, name)
+    if not os.path.exists(path):
+        pytest.skip(f"corpus file {name} missing at {CORPUS}")
+    return path
+
+
+class Supervisor:
+    """`clipvisor serve --socket DIR/s.sock`, its state and runtime dirs inside DIR."""
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self.path = os.path.join(workdir, "s.sock")
+        self.log_path = os.path.join(workdir, "supervisor.log")
+        self.proc: Optional[subprocess.Popen] = None
+
+    def env(self) -> Dict[str, str]:
+        env = dict(os.environ)
+        for name in ("state", "run", "cache", "home"):
+            os.makedirs(os.path.join(self.workdir, name), exist_ok=True)
+        env.update(XDG_STATE_HOME=os.path.join(self.workdir, "state"), XDG_RUNTIME_DIR=os.path.join(self.workdir, "run"),
+                   XDG_CACHE_HOME=os.path.join(self.workdir, "cache"), HOME=os.path.join(self.workdir, "home"))
+        env.pop("CLIPVISOR_SOCKET", None)
+        env.pop("NOTIFY_SOCKET", None)
+        return env
+
+    def start(self, timeout: float = 30.0) -> None:
+        extra = os.environ.get("CLIPVISOR_SERVE_ARGS", "").split()
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([BINARY, "serve", "--socket", self.path] + extra, stdin=subprocess.DEVNULL,
+                                     stdout=log, stderr=log, env=self.env(), start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            sock = spawn.try_connect(self.path, 0.5)
+            if sock is not None:
+                sock.close()
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        code = self.proc.poll()
+        self.stop()
+        pytest.fail(f"`{BINARY} serve --socket {self.path}` did not start listening "
+                    f"(exit code {code}); its output:\n{self.log_tail()}")
+
+    def log_tail(self) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read()[-4000:].decode("utf-8", "replace")
+        except OSError:
+            return "(no log)"
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)  # the supervisor and its workers' groups are separate
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture(scope="module")
+def supervisor() -> Iterator[Supervisor]:
+    import tempfile
+
+    workdir = tempfile.mkdtemp(prefix="cvi-", dir="/tmp")
+    s = Supervisor(workdir)
+    s.start()
+    yield s
+    s.stop()
+    import shutil
+
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def own_supervisor(short_dir: str) -> Iterator[Supervisor]:
+    s = Supervisor(short_dir)
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def cv(supervisor: Supervisor) -> Iterator[clipvisor.Client]:
+    c = clipvisor.Client(supervisor.path, spawn=False, margin=15.0, tag="pytest")
+    yield c
+    c.close()
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def floor_by(n: float, f: int) -> int:
+    return int(math.floor(n / f)) * f
+
+
+def ceil_by(n: float, f: int) -> int:
+    return int(math.ceil(n / f)) * f
+
+
+def qwen_nframes(total: int, video_fps: float, fps: float, min_frames: int = 4, max_frames: int = 768,
+                 factor: int = 2) -> int:
+    """qwen-vl-utils 0.0.11 smart_nframes (the fps branch)."""
+    lo = ceil_by(min_frames, factor)
+    hi = floor_by(min(max_frames, total), factor)
+    n = total / video_fps * fps
+    n = min(min(max(n, lo), hi), total)
+    return floor_by(n, factor)
+
+
+def check_video(v: clipvisor.Video, max_pixels: Optional[int] = None, factor: int = 28) -> None:
+    t = v.frames.shape[0]
+    assert v.frames.dtype == np.uint8
+    if v.layout == "TCHW":
+        assert v.frames.shape[1] == 3 and v.frames.shape[2:] == (v.height, v.width)
+    else:
+        assert v.frames.shape[3] == 3 and v.frames.shape[1:3] == (v.height, v.width)
+    assert len(v.pts) == len(v.indices) == t > 0
+    assert np.all(np.diff(v.indices) > 0), v.indices
+    assert np.all(np.diff(v.pts) >= 0), v.pts
+    assert v.pts[0] >= 0 and v.indices[0] >= 0
+    if v.frames_in_range:
+        assert v.indices[-1] < v.frames_in_range + max(0, v.indices[0])
+    assert v.sample_fps > 0
+    if max_pixels is not None:
+        assert v.width % factor == 0 and v.height % factor == 0
+        assert v.width * v.height <= max_pixels
+    assert v.frames.std() > 1.0  # real pictures, not a constant
+
+
+# -- decoding real clips ---------------------------------------------------------------------
+
+VIDEOS = [
+    "imageio-test_images__realshort.mp4",
+    "jcodec__big_buck_bunny_160x90_ltr.mp4",
+    "decord__flipping_a_pancake.mkv",
+    "go-mediainfo__sample.avi",
+    "jcodec__cat_avc_clip.mp4",
+]
+
+
+@pytest.mark.parametrize("name", VIDEOS)
+def test_video_shapes_pts_indices(cv: clipvisor.Client, name: str) -> None:
+    row = manifest()[name]
+    v = cv.video(media(name), fps=2.0, max_pixels=448 * 448)
+    check_video(v, max_pixels=448 * 448)
+    assert v.frames.shape[0] % 2 == 0
+    fps = float(v.source.get("fps") or 0)
+    assert fps > 0
+    total = v.frames_in_range or int(row["decoded_frames"])
+    assert v.frames.shape[0] == qwen_nframes(total, fps, 2.0)
+    assert v.sample_fps == pytest.approx(v.frames.shape[0] / total * fps, rel=1e-3)
+    # indices spread evenly over the range (torch.linspace(0, total - 1, n).round())
+    expected = np.round(np.linspace(0, total - 1, v.frames.shape[0]))
+    assert np.max(np.abs(v.indices - expected)) <= 1, (v.indices, expected)
+    # pts of a constant-rate stream: index / fps, within a frame
+    if name in ("imageio-test_images__realshort.mp4", "jcodec__big_buck_bunny_160x90_ltr.mp4"):
+        assert np.max(np.abs(v.pts - v.indices / fps)) <= 1.0 / fps + 1e-6
+    duration = float(v.source.get("duration") or 0)
+    assert v.pts[-1] <= duration + 2.0 / fps  # a container duration may end before the last frame
+
+
+def test_known_clip_exactly(cv: clipvisor.Client) -> None:
+    """realshort.mp4: 36 frames at 45000/1499 fps, 320x240."""
+    v = cv.video(media("imageio-test_images__realshort.mp4"), fps=2.0)
+    assert v.frames.shape == (4, 3, 240, 320)
+    assert v.indices.tolist() == [0, 12, 23, 35]
+    assert v.sample_fps == pytest.approx(4 / 36 * 45000 / 1499, rel=1e-3)
+    assert v.source["width"] == 320 and v.source["height"] == 240
+
+
+def test_layout_size_count_timestamps(cv: clipvisor.Client) -> None:
+    path = media("decord__flipping_a_pancake.mkv")
+    v = cv.video(path, frames=8, width=64, height=48, layout="THWC")
+    assert v.frames.shape == (8, 48, 64, 3) and v.layout == "THWC"
+    check_video(v)
+    t = cv.video(path, timestamps=[0.0, 2.0, 5.0], width=64, height=48)
+    assert t.frames.shape == (3, 3, 48, 64)
+    assert np.allclose(t.pts, [0.0, 2.0, 5.0], atol=1 / 30 + 1e-6), t.pts
+    r = cv.video(path, start=2.0, end=4.0, fps=2.0, width=64, height=48)
+    assert np.all(r.pts >= 2.0 - 1e-6) and np.all(r.pts < 4.0)
+    assert r.frames.shape[0] == qwen_nframes(r.frames_in_range or 60, 30.0, 2.0)
+
+
+def test_rotation(cv: clipvisor.Client) -> None:
+    upright = cv.video(media("decord__video_0.mov"), frames=2)
+    rotated = cv.video(media("decord__video_90.mov"), frames=2)
+    kept = cv.video(media("decord__video_90.mov"), frames=2, rotate=False)
+    assert upright.frames.shape[2:] == (320, 568)
+    assert rotated.frames.shape[2:] == (568, 320) and rotated.rotation_applied in (90, 270)
+    assert kept.frames.shape[2:] == (320, 568) and kept.rotation_applied == 0
+
+
+@pytest.mark.parametrize("name, seconds, rate", [
+    ("hf-datasets__test_audio_44100.wav", 4.588, 44100),
+    ("librosa__snare-accelerate.ogg", 30.0, 22050),
+    ("audiowaveform__test_file_stereo.flac", 7.095, 16000),
+])
+def test_audio(cv: clipvisor.Client, name: str, seconds: float, rate: int) -> None:
+    a = cv.audio(media(name), sample_rate=16000, channels=1)
+    assert a.samples.dtype == np.float32 and a.samples.shape[0] == 1 and a.channels == 1
+    assert a.sample_rate == 16000
+    assert abs(a.samples.shape[1] - seconds * 16000) <= 0.01 * seconds * 16000 + 1600
+    assert np.isfinite(a.samples).all() and np.abs(a.samples).max() <= 1.5 and a.samples.std() > 1e-4
+    stereo = cv.audio(media(name), sample_rate=8000, channels=2)
+    assert stereo.samples.shape[0] == 2 and abs(stereo.samples.shape[1] - a.samples.shape[1] / 2) <= 400
+
+
+def test_clip_video_and_audio_aligned(cv: clipvisor.Client) -> None:
+    c = cv.clip(media("decord__flipping_a_pancake.mkv"), video={"fps": 1.0, "max_pixels": 200704})
+    assert c.video is not None and c.audio is not None
+    check_video(c.video, max_pixels=200704)
+    assert abs(c.audio.samples.shape[1] / 16000 - 10.381) < 0.2
+    assert c.audio.offset_from_first_frame is None or abs(c.audio.offset_from_first_frame) < 0.1
+    silent = cv.clip(media("jcodec__big_buck_bunny_160x90_ltr.mp4"), audio_optional=True)
+    assert silent.audio is None and silent.video is not None
+    with pytest.raises(clipvisor.ClipUnsupported):
+        cv.clip(media("jcodec__big_buck_bunny_160x90_ltr.mp4"))
+
+
+def test_probe_status(cv: clipvisor.Client) -> None:
+    p = cv.probe(media("imageio-test_images__realshort.mp4"))
+    assert "mp4" in str(p.get("container")) and abs(float(p["duration"]) - 1.199) < 0.05
+    s = cv.status()
+    assert isinstance(s.get("pid"), int)
+
+
+# -- skips --------------------------------------------------------------------------------------
+
+
+def test_fifo_times_out_within_deadline(cv: clipvisor.Client, short_dir: str) -> None:
+    fifo = os.path.join(short_dir, f"hang-{os.getpid()}.mp4")
+    os.mkfifo(fifo)
+    t0 = time.monotonic()
+    with pytest.raises(clipvisor.ClipTimeout) as info:
+        cv.video(fifo, deadline=1.5)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 1.5 + 1.0, elapsed
+    assert info.value.path == fifo and fifo in info.value.message
+    # durable in the skip log before the answer, with our tag
+    got = cv.skips(reason="timeout", path_glob=fifo)
+    assert any(r.get("path") == fifo and r.get("tag") == "pytest" for r in got["skips"]), got
+    # a healthy clip right after
+    assert cv.video(media("jcodec__big_buck_bunny_160x90_ltr.mp4"), frames=2).frames.shape[0] == 2
+
+
+def test_missing_and_corrupt(cv: clipvisor.Client, short_dir: str) -> None:
+    with pytest.raises(clipvisor.ClipNotFound) as info:
+        cv.video(os.path.join(short_dir, "missing.mp4"))
+    assert "missing.mp4" in info.value.message
+    junk = os.path.join(short_dir, "junk.mp4")
+    with open(junk, "wb") as f:
+        f.write(np.random.default_rng(0).integers(0, 256, 200_000, dtype=np.uint8).tobytes())
+    with pytest.raises(clipvisor.ClipCorrupt):
+        cv.video(junk)
+    with pytest.raises((clipvisor.ClipCorrupt, clipvisor.ClipUnsupported)):
+        cv.video(media("jcodec__fr.vp8"))
+    with pytest.raises((clipvisor.ClipCorrupt, clipvisor.ClipUnsupported)):
+        cv.video(media("moviepy__result.webm"))
+    with pytest.raises(clipvisor.InvalidRequest):
+        cv.video(media("jcodec__big_buck_bunny_160x90_ltr.mp4"), width=64)  # width without height
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_permission(cv: clipvisor.Client, short_dir: str) -> None:
+    locked = os.path.join(short_dir, "locked.mp4")
+    with open(locked, "wb") as f:
+        f.write(b"x")
+    os.chmod(locked, 0)
+    with pytest.raises(clipvisor.ClipPermission):
+        cv.video(locked)
+
+
+def test_sample(cv: clipvisor.Client, short_dir: str) -> None:
+    a, b = media("jcodec__big_buck_bunny_160x90_ltr.mp4"), media("imageio-test_images__realshort.mp4")
+    out = cv.sample([a, {"path": b, "frames": 4}, {"path": media("jcodec__drip.wav"), "video": False, "audio": True}],
+                    fps=1.0, max_pixels=100352)
+    assert [type(r) for r in out] == [clipvisor.Video, clipvisor.Video, clipvisor.Audio]
+    assert out[1].frames.shape[0] == 4
+    missing = os.path.join(short_dir, "nope.mp4")
+    with pytest.raises(clipvisor.ClipNotFound) as info:
+        cv.sample([a, missing, b])
+    assert info.value.clip == 1
+    out = cv.sample([a, missing, b], all_or_nothing=False)
+    assert isinstance(out[0], clipvisor.Video) and isinstance(out[1], clipvisor.ClipNotFound)
+    assert isinstance(out[2], clipvisor.Video)
+
+
+def test_pass_fd(cv: clipvisor.Client) -> None:
+    v = cv.video(media("imageio-test_images__realshort.mp4"), fps=2.0, pass_fd=True)
+    assert v.frames.shape == (4, 3, 240, 320)
+
+
+def test_no_fd_leak_and_threads(cv: clipvisor.Client, short_dir: str) -> None:
+    path = media("jcodec__big_buck_bunny_160x90_ltr.mp4")
+    cv.video(path, frames=2)
+    before = len(os.listdir("/proc/self/fd"))
+    errors: List[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(3):
+                assert cv.video(path, frames=2 + 2 * (i % 3)).frames.shape[0] == 2 + 2 * (i % 3)
+                with pytest.raises(clipvisor.ClipNotFound):
+                    cv.video(os.path.join(short_dir, f"missing-{i}.mp4"))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert len(os.listdir("/proc/self/fd")) <= before
+
+
+# -- the block itself ---------------------------------------------------------------------------
+
+
+def test_real_block_sealed_and_tamper_rejected(cv: clipvisor.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    captured: List[bytes] = []
+    seals: List[int] = []
+    original = client_module.read_block_fd
+
+    def spy(fd: int, **kwargs):
+        seals.append(fcntl.fcntl(fd, B.F_GET_SEALS))
+        size = os.fstat(fd).st_size
+        captured.append(os.pread(fd, size, 0))
+        return original(fd, **kwargs)
+
+    monkeypatch.setattr(client_module, "read_block_fd", spy)
+    v = cv.video(media("imageio-test_images__realshort.mp4"), fps=2.0)
+    blob = captured[0]
+    assert seals[0] & B.REQUIRED_SEALS == B.REQUIRED_SEALS
+    block = B.read_block(blob)
+    assert np.array_equal(block.tensors["video"], v.frames)
+    layout = B.validate_block(blob)
+    header_end = layout.frames[0][0].offset
+    positions = set(range(0, header_end, max(1, header_end // 400)))
+    positions |= set(range(len(blob) - (12 * (len(layout.frames[0]) + 1) + 17), len(blob)))
+    for f in layout.frames[0]:
+        positions |= {f.offset + k for k in range(0, 16)}
+        positions |= {f.offset + f.compressed_size - k for k in range(1, 9)}
+        positions.add(f.offset + f.compressed_size // 2)
+    for i in sorted(positions):
+        for mask in (0x01, 0x80):
+            bad = bytearray(blob)
+            bad[i] ^= mask
+            with pytest.raises(clipvisor.BlockFormatError):
+                B.read_block(bytes(bad))
+    for n in range(0, len(blob), max(1, len(blob) // 300)):
+        with pytest.raises(clipvisor.BlockFormatError):
+            B.read_block(blob[:n])
+
+
+# -- failure of the supervisor itself --------------------------------------------------------------
+
+
+def test_supervisor_killed_mid_run(own_supervisor: Supervisor, short_dir: str) -> None:
+    c = clipvisor.Client(own_supervisor.path, spawn=False, margin=15.0)
+    assert c.video(media("jcodec__big_buck_bunny_160x90_ltr.mp4"), frames=2).frames.shape[0] == 2
+    fifo = os.path.join(short_dir, "stuck.mp4")
+    os.mkfifo(fifo)
+    outcome: Dict[str, object] = {}
+
+    def stuck() -> None:
+        try:
+            c.video(fifo, deadline=60)
+        except BaseException as exc:
+            outcome["exc"] = exc
+            outcome["at"] = time.monotonic()
+
+    t = threading.Thread(target=stuck)
+    t.start()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    own_supervisor.kill()
+    t.join(10)
+    assert isinstance(outcome.get("exc"), clipvisor.SupervisorUnavailable), outcome
+    assert outcome["at"] - t0 < 2.0
+    with pytest.raises(clipvisor.SupervisorUnavailable):
+        c.video(media("jcodec__big_buck_bunny_160x90_ltr.mp4"), frames=2)
+    own_supervisor.start()
+    assert c.video(media("jcodec__big_buck_bunny_160x90_ltr.mp4"), frames=2).frames.shape[0] == 2
+    c.close()
+
+
+def _serving(sock: str) -> List[int]:
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"serve" in argv and sock.encode() in argv and b"-c" not in argv:
+            out.append(int(pid))
+    return out
+
+
+def test_spawn_two_forked_children_one_supervisor(isolated_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLIPVISOR_BIN", BINARY)
+    c = clipvisor.Client(margin=15.0, connect_timeout=30.0)
+    r, w = os.pipe()
+    gate_r, gate_w = os.pipe()
+    path = media("jcodec__big_buck_bunny_160x90_ltr.mp4")
+    children = []
+    for _ in range(2):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                os.read(gate_r, 1)
+                status = c.status()
+                os.write(w, f"{c.server['pid']} {status.get('pid')}\n".encode())
+                code = 0
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        children.append(pid)
+    os.write(gate_w, b"go")
+    codes = [os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in children]
+    os.close(w)
+    lines = os.read(r, 200).decode().split("\n")
+    assert codes == [0, 0], lines
+    pids = {line.split()[0] for line in lines if line}
+    assert len(pids) == 1, lines
+    private = spawn._private
+    assert len(_serving(private.socket_path)) == 1
+    assert str(c.server["pid"]) in pids  # the parent uses the same one
+    assert c.video(path, frames=2).frames.shape[0] == 2
+    c.close()
+    private.stop()
+    assert _serving(private.socket_path) == []
