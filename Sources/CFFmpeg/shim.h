@@ -91,4 +91,60 @@ static inline const char *cffmpeg_log_context_name(void *avcl) {
     if (!cls || !cls->item_name) return NULL;
     return cls->item_name(avcl);
 }
+
+/// Most channels the audio helpers below accept (FFmpeg's own decoders stay far below it).
+#define CFFMPEG_MAX_AUDIO_CHANNELS 64
+
+/// The channel layout to resample a decoded frame from: the frame's own, or, when the decoder
+/// left it unspecified (AV_CHANNEL_ORDER_UNSPEC: WAV without a channel mask, some AIFF), the
+/// default layout for its channel count, as the ffmpeg CLI guesses it. Returns 0 or an AVERROR.
+static inline int cffmpeg_frame_channel_layout(const AVFrame *frame, AVChannelLayout *out) {
+    if (frame->ch_layout.order == AV_CHANNEL_ORDER_UNSPEC || !av_channel_layout_check(&frame->ch_layout)) {
+        if (frame->ch_layout.nb_channels <= 0) return AVERROR(EINVAL);
+        av_channel_layout_default(out, frame->ch_layout.nb_channels);
+        return 0;
+    }
+    return av_channel_layout_copy(out, &frame->ch_layout);
+}
+
+/// swr_convert of `count` samples of a decoded frame, starting at sample `first` (to drop the
+/// head of a frame that overlaps audio already placed). The input plane pointers must be offset
+/// differently for planar and packed formats, and `AVFrame.extended_data` has one pointer per
+/// channel for planar audio with more than 8 channels: simplest done here.
+static inline int cffmpeg_swr_convert_frame(struct SwrContext *swr, uint8_t **out, int out_count,
+                                            const AVFrame *frame, int first, int count) {
+    int channels = frame->ch_layout.nb_channels;
+    if (channels <= 0 || channels > CFFMPEG_MAX_AUDIO_CHANNELS) return AVERROR(EINVAL);
+    if (first < 0 || count < 0 || first + count > frame->nb_samples) return AVERROR(EINVAL);
+    enum AVSampleFormat format = (enum AVSampleFormat)frame->format;
+    int planar = av_sample_fmt_is_planar(format);
+    int bytes = av_get_bytes_per_sample(format);
+    if (bytes <= 0) return AVERROR(EINVAL);
+    const uint8_t *in[CFFMPEG_MAX_AUDIO_CHANNELS];
+    int planes = planar ? channels : 1;
+    size_t step = planar ? (size_t)bytes : (size_t)bytes * (size_t)channels;
+    for (int i = 0; i < planes; i++) in[i] = frame->extended_data[i] + (size_t)first * step;
+    return swr_convert(swr, out, out_count, in, count);
+}
+
+/// swr_convert of `count` samples of silence in the input format (zero, or 0x80 for unsigned
+/// 8-bit): fills a timestamp gap through the resampler so its filter and phase stay continuous.
+static inline int cffmpeg_swr_convert_silence(struct SwrContext *swr, uint8_t **out, int out_count,
+                                              int count, int format, int channels) {
+    if (channels <= 0 || channels > CFFMPEG_MAX_AUDIO_CHANNELS || count <= 0) return AVERROR(EINVAL);
+    uint8_t **in = NULL;
+    int rc = av_samples_alloc_array_and_samples(&in, NULL, channels, count, (enum AVSampleFormat)format, 0);
+    if (rc < 0) return rc;
+    av_samples_set_silence(in, 0, count, channels, (enum AVSampleFormat)format);
+    rc = swr_convert(swr, out, out_count, (const uint8_t **)in, count);
+    av_freep(&in[0]);
+    av_freep(&in);
+    return rc;
+}
+
+/// swr_convert with no input: the end-of-stream flush that returns the samples the filter holds.
+static inline int cffmpeg_swr_flush(struct SwrContext *swr, uint8_t **out, int out_count) {
+    return swr_convert(swr, out, out_count, NULL, 0);
+}
+
 #endif

@@ -49,23 +49,29 @@ public struct DecodeFailure: Error, Sendable, Equatable, Codable, CustomStringCo
     public var message: String
     public var path: String?
     public var detail: String?
+    /// For `overloaded`: when a retry has a chance, milliseconds.
+    public var retryAfterMs: Int?
 
-    public init(_ reason: SkipReason, _ message: String, path: String? = nil, detail: String? = nil) {
+    public init(
+        _ reason: SkipReason, _ message: String, path: String? = nil, detail: String? = nil, retryAfterMs: Int? = nil
+    ) {
         self.reason = reason
         self.message = message
         self.path = path
         self.detail = detail
+        self.retryAfterMs = retryAfterMs
     }
 
     public var description: String { "\(reason): \(message)" }
 
-    /// The protocol's error object: `{"reason":..,"message":..,"path":..,"detail":..}`.
+    /// The protocol's error object: `{"reason":..,"message":..,"path":..,"detail":..,"retry_after_ms":..}`.
     public var json: JSONValue {
         var fields: [String: JSONValue] = [
             "reason": .string(reason.rawValue), "message": .string(message),
         ]
         if let path { fields["path"] = .string(path) }
         if let detail { fields["detail"] = .string(detail) }
+        if let retryAfterMs { fields["retry_after_ms"] = .number(Double(retryAfterMs)) }
         return .object(fields)
     }
 
@@ -76,6 +82,7 @@ public struct DecodeFailure: Error, Sendable, Equatable, Codable, CustomStringCo
             let message = json["message"]?.stringValue
         else { return nil }
         self.init(
-            reason, message, path: json["path"]?.stringValue, detail: json["detail"]?.stringValue)
+            reason, message, path: json["path"]?.stringValue, detail: json["detail"]?.stringValue,
+            retryAfterMs: json["retry_after_ms"]?.intValue)
     }
 }

@@ -162,7 +162,7 @@ final class SupervisorTests {
         usleep(200_000)
         let (answer, _) = try client.decode(goodClip, timeoutMs: 5000)
         #expect(answer.errorReason == "overloaded")
-        #expect(answer["retry_after_ms"] != nil || answer["error"] != nil)
+        #expect(answer["error"]?["retry_after_ms"]?.intValue != nil, "\(answer.jsonString)")
     }
 
     @Test func allOrNothingSampleFailsWholeAndNamesTheClip() throws {
@@ -326,6 +326,7 @@ final class SupervisorTests {
         let (answer, _) = try client.decode(goodClip, timeoutMs: 5000)
         #expect(answer.errorReason == "overloaded")
         #expect(answer["error"]?["message"]?.stringValue?.contains("no decode worker can start") == true)
+        #expect(answer["error"]?["detail"]?.stringValue == "no_workers", "clients must be told not to wait")
         kill(dying.processIdentifier, SIGKILL)
         dying.waitUntilExit()
     }

@@ -148,7 +148,13 @@ extension Supervisor {
             switch op {
             case "decode": try handleClip(fields, id: id, kind: .decode, from: connection)
             case "probe": try handleClip(fields, id: id, kind: .probe, from: connection)
-            case "sample": try handleSample(fields, id: id, from: connection)
+            case "sample":
+                do throws(DecodeFailure) {
+                    try handleSample(fields, id: id, from: connection)
+                } catch {
+                    // Refused as a whole: one final answer, so clients need no special case.
+                    connection.enqueue(["id": idValue, "ok": false, "done": true, "error": error.json])
+                }
             case "cancel": try handleCancel(fields, id: id, from: connection)
             case "status":
                 try rejectUnknownKeys(fields, allowed: ["op", "id"])
@@ -185,6 +191,7 @@ extension Supervisor {
             "max_message_bytes": .number(Double(MessageFraming.maxMessageBytes)),
             "deadline_ms_default": .number(Double(configuration.deadlineDefaultMs)),
             "deadline_ms_max": .number(Double(configuration.deadlineMaxMs)),
+            "queue_wait_ms": .number(Double(configuration.queueWaitMs)),
         ])
     }
 
@@ -248,11 +255,11 @@ extension Supervisor {
             throw DecodeFailure(.cancelled, "the supervisor is shutting down")
         }
         guard queuedCount + count <= configuration.queueLimit else {
-            throw DecodeFailure(.overloaded, "\(queuedCount) clips are queued (limit \(configuration.queueLimit)); retry later")
+            throw DecodeFailure(
+                .overloaded, "\(queuedCount) clips are queued (limit \(configuration.queueLimit)); retry later",
+                retryAfterMs: 500)
         }
-        if consecutiveStartFailures >= 3, !workers.values.contains(where: { if case .idle = $0.state { return true }; if case .busy = $0.state { return true }; return false }) {
-            throw DecodeFailure(.overloaded, "no decode worker can start: \(lastSpawnError ?? "unknown error")")
-        }
+        if let failure = noWorkersFailure() { throw failure }
     }
 
     private func handleClip(_ fields: [String: JSONValue], id: Int, kind: ClipKind, from connection: Connection) throws(DecodeFailure) {
@@ -354,7 +361,7 @@ extension Supervisor {
 
     /// Answers a clip exactly once. A clip-level skip is written to the skip log (durably)
     /// before the client can see the answer.
-    func answer(_ job: ClipJob, _ outcome: Outcome, retryAfterMs: Int? = nil, alreadyDequeued: Bool = false) {
+    func answer(_ job: ClipJob, _ outcome: Outcome, alreadyDequeued: Bool = false) {
         guard !job.isAnswered else {
             if case .decoded(_, let block, _) = outcome { try? block.close() }
             return
@@ -391,7 +398,6 @@ extension Supervisor {
             counters.skipped[failure.reason, default: 0] += 1
             message["ok"] = false
             message["error"] = failure.json
-            if let retryAfterMs { message["retry_after_ms"] = .number(Double(retryAfterMs)) }
             recordSkip(job, failure, elapsedMs: workerElapsed)
         }
 

@@ -44,12 +44,32 @@ extension Supervisor {
         logger.error(
             "decode worker failed to start (\(consecutiveStartFailures) in a row): \(reason); next try in \(delay) ms",
             metadata: ["worker.executable": "\(configuration.workerExecutable)"])
-        if consecutiveStartFailures >= 3, !workers.values.contains(where: { if case .idle = $0.state { true } else if case .busy = $0.state { true } else { false } }) {
+        if let failure = noWorkersFailure() {
             // Nothing can decode: answer waiting clips now instead of at the queue bound.
             while let job = oldestQueuedJob() {
-                answer(job, .failed(DecodeFailure(.overloaded, "\(job.path): no decode worker can start: \(reason)", path: job.path)), retryAfterMs: delay)
+                var named = failure
+                named.path = job.path
+                named.message = "\(job.path): \(failure.message)"
+                answer(job, .failed(named))
             }
         }
+    }
+
+    /// `overloaded` with `detail: "no_workers"` when start failures persist and no worker is
+    /// ready: clients should not wait for this to pass (docs/protocol.md).
+    func noWorkersFailure() -> DecodeFailure? {
+        guard consecutiveStartFailures >= 3 else { return nil }
+        let ready = workers.values.contains {
+            switch $0.state {
+            case .idle, .busy: true
+            default: false
+            }
+        }
+        guard !ready else { return nil }
+        let wait = max(0, nextSpawnAllowed.milliseconds(since: Instant.now()))
+        return DecodeFailure(
+            .overloaded, "no decode worker can start: \(lastSpawnError ?? "unknown error")", detail: "no_workers",
+            retryAfterMs: max(wait, 100))
     }
 
     func readControl(of worker: WorkerProcess) {

@@ -211,7 +211,7 @@ final class Supervisor {
             answer(job, .failed(DecodeFailure(
                 .overloaded,
                 "\(job.path): waited \(configuration.queueWaitMs) ms for a free worker; retry later",
-                path: job.path)), retryAfterMs: 1000)
+                path: job.path, retryAfterMs: 1000)))
         }
         if let paused = listenerPausedUntil, paused <= now, let listener {
             listenerPausedUntil = nil

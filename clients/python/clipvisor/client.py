@@ -370,7 +370,7 @@ class Client:
     def _server_margin(self, s: _Session, deadline: float) -> float:
         if self.margin is not None:
             return float(self.margin)
-        limit = s.hello.get("queue_wait_ms_max")  # not in protocol 1's hello; ask status
+        limit = s.hello.get("queue_wait_ms")  # servers before 0.1.0 only report it in status
         if not isinstance(limit, (int, float)):
             s.conn.send({"op": "status", "id": 0}, deadline)
             got = s.conn.recv(deadline)
@@ -506,6 +506,21 @@ class Client:
             deadline = min(deadline, max_ms / 1000.0)
         return float(deadline)
 
+    def _retry_pause(self, error: Mapping[str, Any], attempt: int, start: float, dl: float,
+                     name: Optional[str]) -> float:
+        """How long to wait before retrying an ``overloaded`` answer; raises ``Overloaded`` when the
+        deadline would pass first, or at once when no worker can start (``detail: no_workers``:
+        waiting does not help, and the operator must look at the supervisor)."""
+        retry_after = error.get("retry_after_ms")
+        prefix = f"{name}: " if name else ""
+        if error.get("detail") == "no_workers":
+            raise Overloaded(f"{prefix}{error.get('message', 'no decode worker can start')}", name, retry_after)
+        pause = self._backoff(attempt, retry_after)
+        if time.monotonic() + pause - start >= dl:
+            raise Overloaded(f"{prefix}the supervisor stayed overloaded for the whole {dl:g} s deadline"
+                             f" ({error.get('message', 'overloaded')})", name, retry_after)
+        return pause
+
     @staticmethod
     def _backoff(attempt: int, retry_after_ms: Any) -> float:
         base = min(_OVERLOADED_MAX_BACKOFF, _OVERLOADED_FIRST_BACKOFF * (2 ** attempt))
@@ -566,12 +581,7 @@ class Client:
             _close_fd(block_fd)
             error = _error_of(reply)
             if error.get("reason") == "overloaded":
-                pause = self._backoff(attempt, error.get("retry_after_ms"))
-                if time.monotonic() + pause - start >= dl:
-                    raise Overloaded(
-                        f"{name}: the supervisor stayed overloaded for the whole {dl:g} s deadline"
-                        f" ({error.get('message', 'overloaded')})", name, error.get("retry_after_ms"))
-                time.sleep(pause)
+                time.sleep(self._retry_pause(error, attempt, start, dl, name))
                 attempt += 1
                 continue
             raise skip_from_error(error, path=name, elapsed_ms=reply.get("elapsed_ms"))
@@ -818,11 +828,7 @@ class Client:
                 if missing:
                     raise ProtocolError(f"the sample ended without answers for clips {missing}")
                 return list(results)  # type: ignore[arg-type]
-            pause = self._backoff(attempt, last_error.get("retry_after_ms"))
-            if time.monotonic() + pause - start >= dl:
-                raise Overloaded(f"the supervisor stayed overloaded for the whole {dl:g} s deadline "
-                                 f"({last_error.get('message', 'overloaded')})", None, last_error.get("retry_after_ms"))
-            time.sleep(pause)
+            time.sleep(self._retry_pause(last_error, attempt, start, dl, None))
             attempt += 1
             todo = sorted(overloaded)
             if all_or_nothing:
@@ -929,10 +935,7 @@ class Client:
                 return dict(probe) if isinstance(probe, dict) else {}
             error = _error_of(reply)
             if error.get("reason") == "overloaded":
-                pause = self._backoff(attempt, error.get("retry_after_ms"))
-                if time.monotonic() + pause - start >= dl:
-                    raise Overloaded(f"{name}: the supervisor stayed overloaded", name, error.get("retry_after_ms"))
-                time.sleep(pause)
+                time.sleep(self._retry_pause(error, attempt, start, dl, name))
                 attempt += 1
                 continue
             raise skip_from_error(error, path=name, elapsed_ms=reply.get("elapsed_ms"))
