@@ -4,12 +4,13 @@
 # the status and the skip log. Everything lives in a scratch directory removed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+CLIPVISOR_SKIP_TORCH=${CLIPVISOR_SKIP_TORCH:-1} scripts/setup.sh   # the demo needs no torch
 command -v swift >/dev/null || export PATH="/opt/swift/usr/bin:$PATH"
 
 echo "== building (release)"
-swift build -c release --product clipvisor >/dev/null
-swift build -c release --product clipvisor-worker >/dev/null
+for product in clipvisor clipvisor-worker; do
+    swift build -c release --product "$product" >/tmp/clipvisor-build.log 2>&1 || { cat /tmp/clipvisor-build.log; exit 1; }
+done
 bin="$PWD/.build/release"
 
 demo=$(mktemp -d /tmp/clipvisor-demo.XXXXXX)

@@ -7,8 +7,11 @@ scripts/setup.sh
 command -v swift >/dev/null || export PATH="/opt/swift/usr/bin:$PATH"
 
 echo "== swift build"
-swift build --build-tests 2>&1 | grep -Ev '^(\[[0-9]+/[0-9]+\]|Building|Compiling|Write|Emitting|Linking)' || true
-swift build --build-tests >/dev/null   # fails the script if the build failed
+if ! swift build --build-tests >/tmp/clipvisor-build.log 2>&1; then
+    cat /tmp/clipvisor-build.log
+    exit 1
+fi
+grep -E "warning:" /tmp/clipvisor-build.log | grep -v "/.build/checkouts/" | sort -u || true
 
 echo "== swift test"
 # Serial: the supervisor tests measure deadlines and spawn many processes on small machines.

@@ -106,6 +106,19 @@ final class SkipLogTests {
         #expect(try restarted.client().decode(crashing).0.errorReason == "crashed", "a changed file must be tried again")
     }
 
+    @Test func quarantineIsRebuiltFromRotatedAndCompressedLogs() throws {
+        let environment = [WorkerMessage.faultEnvironmentKey: "crash-on=CRASHME"]
+        let supervisor = try SupervisorProcess(arguments: ["--workers", "1"], environment: environment)
+        let crashing = try copy("r-CRASHME.mp4")
+        #expect(try supervisor.client().decode(crashing).0.errorReason == "crashed")
+        supervisor.stop()
+        // What logrotate leaves behind: the old log renamed and compressed, no live file.
+        try FileManager.default.moveItem(atPath: supervisor.skipLogPath, toPath: supervisor.skipLogPath + ".1")
+        #expect(try Fixtures.run("/usr/bin/gzip", [supervisor.skipLogPath + ".1"]) == 0)
+        let restarted = try SupervisorProcess(arguments: ["--workers", "1"], environment: environment, directory: supervisor.directory)
+        #expect(try restarted.client().decode(crashing).0.errorReason == "quarantined")
+    }
+
     @Test func quarantineExpiresAndForgetLiftsIt() throws {
         let environment = [WorkerMessage.faultEnvironmentKey: "crash-on=CRASHME"]
         let supervisor = try SupervisorProcess(
