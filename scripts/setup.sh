@@ -43,6 +43,8 @@ pip_install() {
 python3 -c "import numpy, zstandard, pytest" 2>/dev/null || pip_install numpy zstandard pytest
 pip_install --no-deps -e clients/python
 if [ "${CLIPVISOR_SKIP_TORCH:-0}" != 1 ]; then
-    # The DataLoader tests need torch (large; pip caches it).
-    python3 -c "import torch" 2>/dev/null || pip_install torch
+    # The DataLoader tests need torch (large; pip caches it); the compatibility tests compare
+    # against qwen-vl-utils (with decord and torchvision) and librosa themselves.
+    python3 -c "import torch, torchvision" 2>/dev/null || pip_install torch torchvision
+    python3 -c "import qwen_vl_utils, decord, librosa" 2>/dev/null || pip_install "qwen-vl-utils==0.0.11" decord librosa
 fi
