@@ -81,13 +81,31 @@ public struct AudioResult: Sendable, Equatable, Codable {
     public var start: Double
     /// `start` minus the first returned video frame's pts, when video was decoded too.
     public var offsetFromFirstFrame: Double?
+    /// Time of the stream's first decoded sample (encoder delay already trimmed), same origin.
+    /// Samples before it in the tensor are silence.
+    public var streamStart: Double?
+    /// End of the decoded stream (last sample's time plus one sample period), same origin.
+    public var streamEnd: Double?
+    /// Seconds of silence in the tensor where the stream had no audio: before its first sample,
+    /// in timestamp gaps, after its end (docs/decoding.md, "Audio").
+    public var paddedSeconds: Double?
+    /// Seconds of decoded audio left out because their timestamps overlapped audio already placed.
+    public var droppedSeconds: Double?
 
-    public init(shape: [Int], sampleRate: Int, channels: Int, start: Double, offsetFromFirstFrame: Double? = nil) {
+    public init(
+        shape: [Int], sampleRate: Int, channels: Int, start: Double, offsetFromFirstFrame: Double? = nil,
+        streamStart: Double? = nil, streamEnd: Double? = nil, paddedSeconds: Double? = nil,
+        droppedSeconds: Double? = nil
+    ) {
         self.shape = shape
         self.sampleRate = sampleRate
         self.channels = channels
         self.start = start
         self.offsetFromFirstFrame = offsetFromFirstFrame
+        self.streamStart = streamStart
+        self.streamEnd = streamEnd
+        self.paddedSeconds = paddedSeconds
+        self.droppedSeconds = droppedSeconds
     }
 }
 
@@ -112,6 +130,11 @@ public struct SourceInfo: Sendable, Equatable, Codable {
     public var audioCodec: String?
     public var audioSampleRate: Int?
     public var audioChannels: Int?
+    /// Channel layout of the audio stream as FFmpeg names it ("stereo", "5.1(side)").
+    public var audioChannelLayout: String?
+    /// Duration of the audio stream as the container states it, seconds (decoding may disagree:
+    /// see the result's warnings).
+    public var audioDuration: Double?
 
     public init() {}
 }

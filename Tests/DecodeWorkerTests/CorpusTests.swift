@@ -40,7 +40,7 @@ struct CorpusTests {
             let path = Support.corpusFile(name)
             let decoded = Int(row["decoded_frames"] ?? "") ?? 0
             // Probe works on every clean file.
-            let probe = try Prober.probe(path: path, displayPath: path)
+            let probe = try Support.probe(path)
             #expect(probe["video_stream"] != .null, "\(name): probe finds the video stream")
             do {
                 let (result, bytes) = try Support.decode(path, Self.options(frames: decoded))

@@ -87,6 +87,25 @@ import Testing
         }
     }
 
+    /// Long clips, where float32 rounding decides: torch's CPU kernel computes `first + step·i`
+    /// (and `last − step·(count−1−i)`) as one fused multiply-add. The reference here does the
+    /// same arithmetic exactly in Double (exact for these magnitudes) and rounds once to Float.
+    /// 768 of 11 547 frames is a case where two roundings pick 9152 and torch picks 9153.
+    @Test func linspaceMatchesTorchsFusedArithmeticOnLongClips() {
+        #expect(Sampling.linspaceIndices(first: 0, last: 11_546, count: 768).contains(9153))
+        for (last, count) in [(11_546, 768), (25_000, 768), (107_999, 768), (260_000, 512), (54_321, 100)] {
+            let start = Float(0), end = Float(last)
+            let step = (end - start) / Float(count - 1)
+            let expected = (0..<count).map { i -> Int in
+                let exact = i < count / 2
+                    ? Double(start) + Double(step) * Double(i)
+                    : Double(end) - Double(step) * Double(count - 1 - i)
+                return Int(Float(exact).rounded(.toNearestOrEven))
+            }
+            #expect(Sampling.linspaceIndices(first: 0, last: last, count: count) == expected, "linspace(0, \(last), \(count))")
+        }
+    }
+
     struct ResizeCase: Sendable, CustomTestStringConvertible {
         var height: Int, width: Int, frames: Int, maxPixels: Int?, totalPixels: Int?, expected: (Int, Int)
         var testDescription: String { "\(width)x\(height) n=\(frames) max \(maxPixels.map(String.init) ?? "-")" }

@@ -99,11 +99,29 @@ enum Support {
         var description: String { message }
     }
 
+    /// FFmpeg's log capture (`FFLog`) is process-global and reset per clip, which is right for the
+    /// single-threaded worker; test suites run in parallel, so every in-process engine call (decode,
+    /// probe) takes this lock, or one clip's FFmpeg errors would land in another's result.
+    static let engineLock = NSLock()
+
+    static func withEngine<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
+        engineLock.lock()
+        defer { engineLock.unlock() }
+        return try body()
+    }
+
+    /// `Prober.probe` under the engine lock.
+    static func probe(_ path: String) throws(DecodeFailure) -> JSONValue {
+        try withEngine { () throws(DecodeFailure) in try Prober.probe(path: path, displayPath: path) }
+    }
+
     /// Decodes in process and returns the result and the raw tensor bytes.
     static func decode(_ path: String, _ options: DecodeOptions = DecodeOptions(), access: AccessPolicy = .auto)
         throws(DecodeFailure) -> (DecodeResult, [UInt8])
     {
-        let clip = try ClipDecoder.decode(ClipRequest(path: path, displayPath: path, options: options, access: access))
+        let clip = try withEngine { () throws(DecodeFailure) in
+            try ClipDecoder.decode(ClipRequest(path: path, displayPath: path, options: options, access: access))
+        }
         do {
             return (clip.result, try readBlock(clip.block.fd!))
         } catch {

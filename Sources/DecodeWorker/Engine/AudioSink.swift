@@ -88,9 +88,32 @@ final class AudioSink {
     /// Drops samples past grid index `index` (encoder padding the container trims).
     func truncate(to index: Int) {
         let keep = max(0, index - first)
-        guard keep < count else { return }
-        for c in 0..<channels { planes[c].removeLast(count - keep) }
+        let excess = count - keep
+        guard excess > 0 else { return }
+        for c in 0..<channels { planes[c].removeLast(excess) }
     }
+
+    /// Sets samples that are not finite or beyond ±`AudioSink.sampleLimit` to 0 and returns how
+    /// many there were: a decoder that produces such values (MPEG-4 ALS float in FFmpeg 5.1 gives
+    /// ±1e38 and NaN) is producing garbage, which must not pass for audio.
+    func sanitize() -> Int {
+        var bad = 0
+        for c in 0..<channels {
+            planes[c].withUnsafeMutableBufferPointer { samples in
+                for i in samples.indices {
+                    let x = samples[i]
+                    if !(abs(x) <= Self.sampleLimit) {
+                        samples[i] = 0
+                        bad += 1
+                    }
+                }
+            }
+        }
+        return bad
+    }
+
+    /// Float audio is nominally within ±1; a value beyond this (60 dB over full scale) is damage.
+    static let sampleLimit: Float = 1000
 
     /// Ends an open range where the samples end.
     func close() { if last == nil { last = end } }

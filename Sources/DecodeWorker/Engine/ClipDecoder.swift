@@ -47,8 +47,8 @@ struct FrameSelectionPlan: Equatable {
 }
 
 /// The decode engine behind `decode` and `serve`: open, build the frame table, select, size,
-/// decode, write the block. The audio path (issue 3) slots in beside `decodeVideo`: it shares the
-/// `Demuxer` and the time origin (`FrameTable.originTicks`), and adds a second tensor.
+/// decode, write the block. Audio (`AudioTrackReader`) comes after the video, on the same time
+/// origin (the first video frame, `FrameTable.originTicks`), as a second tensor.
 enum ClipDecoder {
     static func monotonicSeconds() -> Double {
         var ts = timespec()
@@ -63,17 +63,150 @@ enum ClipDecoder {
         let options = request.options
         let path = request.displayPath
         try options.validate()
-        if options.audio {
-            throw DecodeFailure(
-                .unsupported, "\(path): audio decoding not implemented yet", path: path,
-                detail: "the worker decodes video only (issue 3 adds audio)")
-        }
         let demuxer = try Demuxer(path: request.path, displayPath: path)
-        guard let videoIndex = demuxer.bestStream(AVMEDIA_TYPE_VIDEO) else {
-            throw DecodeFailure(
-                .unsupported, "\(path): no video stream (only \(describeStreams(demuxer)))", path: path,
-                detail: "the file has no video stream other than attached pictures")
+        let videoIndex = demuxer.bestStream(AVMEDIA_TYPE_VIDEO)
+        var warnings: [String] = []
+
+        // The audio stream is chosen before anything is decoded, so a missing one fails at once.
+        var audioIndex: Int? = nil
+        if options.audio {
+            do {
+                audioIndex = try chooseAudioStream(demuxer, path: path)
+            } catch where options.audioOptional && options.video {
+                warnings.append("no audio tensor (audio_optional): \(error.message)")
+            }
         }
+
+        var video: PreparedVideo? = nil
+        if options.video {
+            guard let videoIndex else {
+                throw DecodeFailure(
+                    .unsupported, "\(path): no video stream (only \(describeStreams(demuxer)))", path: path,
+                    detail: options.audio
+                        ? "the file has no video stream other than attached pictures; add no_video to decode its audio"
+                        : "the file has no video stream other than attached pictures")
+            }
+            video = try prepareVideo(demuxer, videoIndex: videoIndex, options: options, path: path)
+        }
+
+        // The audio's time origin and range (docs/decoding.md, "Audio").
+        var audioPlan: AudioTrackReader.Plan? = nil
+        if let audioIndex {
+            var origin = AudioTrackReader.Origin.firstSample
+            if let video {
+                origin = .containerSeconds(video.originSeconds)
+            } else if let videoIndex {
+                // Audio only from a file with video: the origin is still the first video frame, so
+                // that times agree with a request that also takes the video. A packet pass, no decoding.
+                let table = try FrameTable.scan(demuxer, streamIndex: videoIndex, originOnly: true)
+                if table.count > 0, table.timed {
+                    origin = .containerSeconds(Double(table.originTicks) * av_q2d(table.timeBase))
+                } else {
+                    warnings.append("the video stream has no timed frames: the audio's time origin is its own first sample")
+                }
+            }
+            var end = options.end
+            if let video { end = min(end ?? .infinity, video.table.endTime) }
+            audioPlan = AudioTrackReader.Plan(
+                origin: origin, start: options.start ?? (video != nil ? 0 : nil), end: end, padToEnd: video != nil,
+                rate: options.sampleRate, channels: options.channels, threads: options.threads,
+                byteBudget: options.maxOutputBytes - (video?.totalBytes ?? 0), allowSkip: request.access != .sequential)
+            if let estimate = estimatedAudioBytes(demuxer, audioIndex, audioPlan!), estimate > audioPlan!.byteBudget {
+                let videoPart = video.map { " plus \($0.totalBytes) bytes of video" } ?? ""
+                throw DecodeFailure(
+                    .tooLarge,
+                    "\(path): about \(estimate) bytes of audio (\(options.channels) channels at \(options.sampleRate) Hz, float32)\(videoPart) exceed the limit of \(options.maxOutputBytes)",
+                    path: path, detail: "max_output_bytes=\(options.maxOutputBytes)")
+            }
+        }
+
+        let memfd: FileDescriptor
+        do { memfd = try SharedMemory.createSealable() } catch {
+            throw DecodeFailure(
+                error == .noMemory ? .outOfMemory : .decodeError, "\(path): cannot create the block memfd: \(error)",
+                path: path)
+        }
+        let block = OwnedFD(memfd)
+        let writer: BlockWriter
+        do {
+            let audioFrames = audioPlan.map { plan in
+                plan.channels * Int(((plan.end ?? 3600) - (plan.start ?? 0)).rounded(.up)).clamped(to: 1...100_000)
+            } ?? 0
+            writer = try BlockWriter(
+                fd: memfd, level: options.level,
+                reservedHeaderBytes: BlockWriter.estimatedHeaderBytes(frames: (video?.plan.outputs.count ?? 0) + audioFrames))
+        } catch { throw blockFailure(error, path) }
+
+        var tensors: [BlockTensor] = []
+        var partialReasons: [String] = []
+        var videoResult: VideoResult? = nil
+        if let video {
+            let decoded = try decodeVideo(video, demuxer: demuxer, request: request, writer: writer)
+            videoResult = decoded.result
+            partialReasons += decoded.partialReasons
+            warnings += decoded.warnings
+            tensors.append(
+                BlockTensor(name: "video", dtype: .uint8, shape: decoded.result.shape, layout: options.layout.rawValue, frameSizes: []))
+        }
+
+        var audioResult: AudioResult? = nil
+        if let audioIndex, let audioPlan {
+            do {
+                // The first demuxer has been read through by the video (or its origin scan).
+                let audioDemuxer = videoIndex != nil ? try Demuxer(path: request.path, displayPath: path) : demuxer
+                let decoded = try decodeAudio(
+                    audioDemuxer, streamIndex: audioIndex, plan: audioPlan, firstFramePts: videoResult?.pts.first,
+                    path: path)
+                try writeAudio(decoded.sink, tensor: tensors.count, writer: writer, path: path)
+                audioResult = decoded.result
+                partialReasons += decoded.partialReasons
+                warnings += decoded.warnings
+                tensors.append(
+                    BlockTensor(name: "audio", dtype: .float32, shape: decoded.result.shape, layout: "CN", frameSizes: []))
+            } catch where options.audioOptional && options.video && error.reason != .tooLarge
+                && error.reason != .outOfMemory
+            {
+                warnings.append("no audio tensor (audio_optional): \(error.message)")
+            }
+        }
+
+        let source = StreamInfo.source(demuxer, video: videoIndex, table: video?.table, audio: audioIndex)
+        var result = DecodeResult(
+            path: path, video: videoResult, audio: audioResult, source: source,
+            partial: !partialReasons.isEmpty, partialDetail: partialReasons.isEmpty ? nil : partialReasons.joined(separator: "; "),
+            warnings: warnings)
+        result.decodeSeconds = monotonicSeconds() - started
+        let size: Int
+        do {
+            size = try writer.finish(tensors: tensors, result: JSONCoding.encode(result))
+        } catch { throw blockFailure(error, path) }
+        do { try SharedMemory.seal(memfd) } catch {
+            throw DecodeFailure(.decodeError, "\(path): cannot seal the block: \(error)", path: path)
+        }
+        return DecodedClip(result: result, block: block, blockBytes: size)
+    }
+
+    // MARK: - Video
+
+    /// A video stream checked, scanned, selected and sized: everything known before decoding.
+    struct PreparedVideo {
+        var streamIndex: Int
+        var table: FrameTable
+        var scanErrors: [String]
+        var plan: FrameSelectionPlan
+        var rotation: Int
+        var rotationNote: String?
+        var width: Int
+        var height: Int
+        var totalBytes: Int
+
+        /// The time origin (the first presented frame) on the container clock, seconds.
+        var originSeconds: Double { Double(table.originTicks) * av_q2d(table.timeBase) }
+    }
+
+    static func prepareVideo(
+        _ demuxer: Demuxer, videoIndex: Int, options: DecodeOptions, path: String
+    ) throws(DecodeFailure) -> PreparedVideo {
         let st = demuxer.stream(videoIndex)
         let par = st.pointee.codecpar.pointee
         if cffmpeg_stream_is_encrypted(st) != 0 {
@@ -121,27 +254,26 @@ enum ClipDecoder {
                 "\(path): \(plan.outputs.count) frames of \(width)x\(height) RGB need \(o1 || o2 ? "more than 2^63" : String(totalBytes)) bytes, above the limit of \(options.maxOutputBytes)",
                 path: path, detail: "max_output_bytes=\(options.maxOutputBytes)")
         }
+        return PreparedVideo(
+            streamIndex: videoIndex, table: table, scanErrors: scanErrors, plan: plan, rotation: rotation,
+            rotationNote: rotationNote, width: width, height: height, totalBytes: totalBytes)
+    }
 
-        let memfd: FileDescriptor
-        do { memfd = try SharedMemory.createSealable() } catch {
-            throw DecodeFailure(
-                error == .noMemory ? .outOfMemory : .decodeError, "\(path): cannot create the block memfd: \(error)",
-                path: path)
-        }
-        let block = OwnedFD(memfd)
-        let writer: BlockWriter
-        do {
-            writer = try BlockWriter(
-                fd: memfd, level: options.level,
-                reservedHeaderBytes: BlockWriter.estimatedHeaderBytes(frames: plan.outputs.count))
-        } catch { throw blockFailure(error, path) }
-
-        let converter = FrameConverter(width: width, height: height, rotation: rotation, layout: options.layout)
+    /// Decodes the selected frames into the block (tensor 0) and reports on them.
+    static func decodeVideo(
+        _ video: PreparedVideo, demuxer: Demuxer, request: ClipRequest, writer: BlockWriter
+    ) throws(DecodeFailure) -> (result: VideoResult, partialReasons: [String], warnings: [String]) {
+        let options = request.options
+        let path = request.displayPath
+        let table = video.table
+        let plan = video.plan
+        let converter = FrameConverter(
+            width: video.width, height: video.height, rotation: video.rotation, layout: options.layout)
         let sink = FrameSink(outputs: plan.outputs, writer: writer, path: path)
         let reader = try VideoFrameReader(
             demuxer: demuxer,
             reopen: { () throws(DecodeFailure) in try Demuxer(path: request.path, displayPath: path) },
-            streamIndex: videoIndex, table: table, threads: options.threads, maxPixels: options.maxSourcePixels,
+            streamIndex: video.streamIndex, table: table, threads: options.threads, maxPixels: options.maxSourcePixels,
             converter: converter, path: path)
         let wanted = Array(Set(plan.outputs)).sorted()
         let outcome = try reader.run(wanted: wanted, policy: request.access) { index, bytes, _ throws(DecodeFailure) in
@@ -168,7 +300,7 @@ enum ClipDecoder {
         if outcome.corruptFrames > 0 {
             partialReasons.append("\(outcome.corruptFrames) returned frames were concealed by the decoder")
         }
-        let errors = scanErrors + outcome.errors.filter { !scanErrors.contains($0) }
+        let errors = video.scanErrors + outcome.errors.filter { !video.scanErrors.contains($0) }
         if !errors.isEmpty {
             partialReasons.append("FFmpeg reported: " + errors.prefix(8).joined(separator: " | "))
         }
@@ -189,30 +321,16 @@ enum ClipDecoder {
             warnings.append(
                 "the stream has no timestamps: frame times are index / \(JSONValue.number(table.avgFps).jsonString) fps")
         }
-        if let rotationNote { warnings.append(rotationNote) }
+        if let note = video.rotationNote { warnings.append(note) }
         warnings.append(contentsOf: outcome.notes)
 
         let t = sink.written.count
-        let shape = options.layout == .tchw ? [t, 3, height, width] : [t, height, width, 3]
-        let video = VideoResult(
+        let shape = options.layout == .tchw ? [t, 3, video.height, video.width] : [t, video.height, video.width, 3]
+        let result = VideoResult(
             shape: shape, layout: options.layout, pts: sink.written.map { table.times[$0] }, indices: sink.written,
-            sampleFps: plan.sampleFps, width: width, height: height, rotationApplied: rotation,
+            sampleFps: plan.sampleFps, width: video.width, height: video.height, rotationApplied: video.rotation,
             framesInRange: plan.framesInRange, access: outcome.usedSeek ? "seek" : "sequential")
-        var result = DecodeResult(
-            path: path, video: video, source: StreamInfo.source(demuxer, video: videoIndex, table: table),
-            partial: !partialReasons.isEmpty, partialDetail: partialReasons.isEmpty ? nil : partialReasons.joined(separator: "; "),
-            warnings: warnings)
-        result.decodeSeconds = monotonicSeconds() - started
-        let size: Int
-        do {
-            size = try writer.finish(
-                tensors: [BlockTensor(name: "video", dtype: .uint8, shape: shape, layout: options.layout.rawValue, frameSizes: [])],
-                result: JSONCoding.encode(result))
-        } catch { throw blockFailure(error, path) }
-        do { try SharedMemory.seal(memfd) } catch {
-            throw DecodeFailure(.decodeError, "\(path): cannot seal the block: \(error)", path: path)
-        }
-        return DecodedClip(result: result, block: block, blockBytes: size)
+        return (result, partialReasons, warnings)
     }
 
     // MARK: - Selection
@@ -304,7 +422,7 @@ enum ClipDecoder {
         DecodeFailure(.decodeError, "\(path): cannot write the block: \(error.message)", path: path, detail: error.message)
     }
 
-    private static func describeStreams(_ demuxer: Demuxer) -> String {
+    static func describeStreams(_ demuxer: Demuxer) -> String {
         var kinds: [String] = []
         for i in 0..<demuxer.streamCount {
             let st = demuxer.stream(i)

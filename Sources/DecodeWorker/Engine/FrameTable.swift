@@ -64,7 +64,12 @@ struct FrameTable {
     var count: Int { presented.count }
 
     /// Reads every packet of `streamIndex` from the demuxer's current position to the end.
-    static func scan(_ demuxer: Demuxer, streamIndex: Int) throws(DecodeFailure) -> FrameTable {
+    ///
+    /// With `originOnly` it stops as soon as the time origin (`originTicks`) is certain: once a
+    /// packet's dts reaches the smallest pts of the presented packets so far, since no later packet
+    /// can be presented before it is decoded (pts ≥ dts). The audio path uses this when the video
+    /// itself is not wanted; the table is then incomplete and good for nothing else.
+    static func scan(_ demuxer: Demuxer, streamIndex: Int, originOnly: Bool = false) throws(DecodeFailure) -> FrameTable {
         let st = demuxer.stream(streamIndex)
         var table = FrameTable()
         table.timeBase = st.pointee.time_base
@@ -73,6 +78,8 @@ struct FrameTable {
         let isVP8 = st.pointee.codecpar.pointee.codec_id == AV_CODEC_ID_VP8
         demuxer.discardAll(except: [streamIndex])
         let packet = try Packet()
+        var seenKey = false
+        var earliest: Int64?
         loop: while true {
             switch demuxer.read(into: packet) {
             case .endOfFile: break loop
@@ -88,6 +95,13 @@ struct FrameTable {
                     PacketInfo(
                         pts: packet.pts, dts: packet.dts, position: packet.position, duration: packet.duration,
                         isKey: packet.isKey, hidden: packet.isDiscard || invisible))
+                if originOnly {
+                    if seenKey || packet.isKey, !packet.isDiscard, !invisible, let pts = packet.pts {
+                        earliest = min(earliest ?? pts, pts)
+                    }
+                    seenKey = seenKey || packet.isKey
+                    if let earliest, let dts = packet.dts, dts >= earliest { break loop }
+                }
             }
         }
         table.finish(stream: st)

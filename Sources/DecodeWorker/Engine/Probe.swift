@@ -3,6 +3,11 @@ import Shared
 
 /// `clipvisor-worker probe`: what a file holds, without decoding frames.
 ///
+/// Audio streams report codec, profile (HE-AAC v2...), sample rate, channels, layout name, sample
+/// format, frame size, start time and duration as the container states them; `audio_stream` is
+/// the one `--audio` decodes. A container's duration can lie (a truncated MP3 whose Xing header
+/// promises minutes): only decoding measures it, and `decode --audio` warns when they disagree.
+///
 /// Frame counts come from the container when its count is reliable (MP4/AVI with an index
 /// that matches `nb_frames` and holds no edit-list preroll), else from a pass over the packets
 /// (no decoding): `frame_count_source` says which, and `container_frame_count` keeps the
@@ -64,6 +69,11 @@ enum Prober {
                 if let f = av_get_sample_fmt_name(AVSampleFormat(rawValue: par.format)) {
                     fields["sample_format"] = .string(String(cString: f))
                 }
+                if par.frame_size > 0 { fields["frame_size"] = .number(Double(par.frame_size)) }
+                if let profile = avcodec_profile_name(par.codec_id, par.profile) {
+                    fields["profile"] = .string(String(cString: profile))
+                }
+                if cffmpeg_stream_is_encrypted(st) != 0 { fields["encrypted"] = true }
             case AVMEDIA_TYPE_SUBTITLE: fields["type"] = "subtitle"
             case AVMEDIA_TYPE_DATA: fields["type"] = "data"
             case AVMEDIA_TYPE_ATTACHMENT: fields["type"] = "attachment"

@@ -47,7 +47,9 @@ enum Sampling {
     }
 
     /// `torch.linspace(first, last, count).round()` (float32, CPU): the first half counts up from
-    /// `first`, the second half down from `last`, then each value rounds half to even.
+    /// `first`, the second half down from `last`, each as one fused multiply-add (torch's vector
+    /// kernels are built with FMA: one rounding, not two — on clips of ~10 000 frames and more the
+    /// difference moves an index by one), then each value rounds half to even.
     static func linspaceIndices(first: Int, last: Int, count: Int) -> [Int] {
         guard count > 0 else { return [] }
         if count == 1 { return [first] }
@@ -55,7 +57,8 @@ enum Sampling {
         let step = (end - start) / Float(count - 1)
         let halfway = count / 2
         return (0..<count).map { i in
-            let value: Float = i < halfway ? start + step * Float(i) : end - step * Float(count - i - 1)
+            let value: Float =
+                i < halfway ? start.addingProduct(step, Float(i)) : end.addingProduct(-step, Float(count - i - 1))
             return Int(value.rounded(.toNearestOrEven))
         }
     }

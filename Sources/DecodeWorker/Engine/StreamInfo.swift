@@ -57,7 +57,7 @@ enum StreamInfo {
     }
 
     /// The source description of a result: container, size, video and audio stream basics.
-    static func source(_ demuxer: Demuxer, video: Int?, table: FrameTable?) -> SourceInfo {
+    static func source(_ demuxer: Demuxer, video: Int?, table: FrameTable?, audio: Int? = nil) -> SourceInfo {
         var info = SourceInfo()
         info.container = demuxer.formatName
         info.duration = demuxer.duration
@@ -83,11 +83,16 @@ enum StreamInfo {
                 info.frameCountSource = "container"
             }
         }
-        if let audio = demuxer.bestStream(AVMEDIA_TYPE_AUDIO) {
-            let par = demuxer.stream(audio).pointee.codecpar.pointee
-            info.audioCodec = name(of: par.codec_id)
-            info.audioSampleRate = Int(par.sample_rate)
-            info.audioChannels = Int(par.ch_layout.nb_channels)
+        if let audio = audio ?? demuxer.bestStream(AVMEDIA_TYPE_AUDIO) {
+            let st = demuxer.stream(audio)
+            let par = st.pointee.codecpar
+            info.audioCodec = name(of: par!.pointee.codec_id)
+            info.audioSampleRate = Int(par!.pointee.sample_rate)
+            info.audioChannels = Int(par!.pointee.ch_layout.nb_channels)
+            info.audioChannelLayout = withUnsafePointer(to: &par!.pointee.ch_layout) { channelLayoutName($0) }
+            if st.pointee.duration > 0, let d = seconds(st.pointee.duration, st.pointee.time_base) {
+                info.audioDuration = d
+            }
         }
         return info
     }

@@ -58,13 +58,17 @@ struct ProbeCommand: ParsableCommand {
 struct DecodeCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "decode",
-        abstract: "Decode the frames of one clip into a block; print the result metadata as JSON.",
+        abstract: "Decode the frames (and audio) of one clip into a block; print the result metadata as JSON.",
         discussion: """
             Frame selection: --fps (default 2.0, Qwen2.5-VL's rule with --min-frames/--max-frames/
             --frame-factor), or --frames N, or --timestamps t,t,..., over [--start, --end). Times are
             seconds from the first video frame (0). Resize: --width with --height, or a Qwen pixel
             budget (--max-pixels, --min-pixels, --total-pixels, --factor); no resize otherwise.
             Frames are RGB24 uint8, upright (display matrix applied) unless --no-rotate.
+            Audio: --audio adds the best audio stream as float32 planar (channels, samples) at
+            --sample-rate (16000) and --channels (1), over the same range and time origin; with video
+            it covers exactly the video range. --no-video decodes the audio alone; --audio-optional
+            accepts a video without audio. See docs/decoding.md, "Audio".
             """)
 
     @Argument(help: "The media file.")

@@ -42,7 +42,7 @@ struct DecodeCommand: ParsableCommand {
     func run() throws {
         let options: DecodeOptions
         do {
-            options = try decode.options()
+            options = try decode.decodeOptions()
         } catch {
             throw ValidationError(error.message)
         }

@@ -445,9 +445,6 @@ def test_frame_indices_synthetic(cv: clipvisor.Client, synthetic: Dict[str, str]
 
 
 @needs_binary
-@pytest.mark.xfail(strict=False, reason="the worker's linspace (Sources/DecodeWorker/Engine/Sampling.swift) rounds "
-                   "step·i and the sum separately; torch's CPU kernels round once (FMA): on long clips an index can "
-                   "differ by one (here 9152 where torch gives 9153)")
 def test_frame_indices_long_clip(cv: clipvisor.Client, synthetic: Dict[str, str]) -> None:
     """768 frames out of 11 547: torch.linspace's rounding matters at this size."""
     long_clip = os.path.join(os.path.dirname(synthetic["index"]), "long.mp4")
