@@ -528,12 +528,18 @@ class Client:
             base = max(base, retry_after_ms / 1000.0)
         return base * random.uniform(0.8, 1.2)
 
-    def _simple(self, op: Dict[str, Any]) -> Dict[str, Any]:
-        """A request answered at once by one message without a block (status, skips)."""
-        s = self._session_for_call()
-        rid = self._send(s, op)
+    def _exchange(self, s: _Session, message: Dict[str, Any], fd: Optional[int],
+                  until: float) -> Tuple[Dict[str, Any], Optional[int]]:
+        """Sends one request and waits until `until` for its answer (and the fd that came with it).
+        `fd`, if any, is closed once sent: the kernel holds its own reference while in flight.
+        A request whose answer does not come in time is abandoned (the connection is dropped, so
+        the supervisor cancels it)."""
         try:
-            _, message, fd = self._next(s, [rid], time.monotonic() + self.connect_timeout + s.margin)
+            rid = self._send(s, message, fd)
+        finally:
+            _close_fd(fd)
+        try:
+            _, reply, got = self._next(s, [rid], until)
         except SupervisorTimeout:
             self._abandon(s, [rid], kill=True)
             raise
@@ -541,6 +547,12 @@ class Client:
             self._abandon(s, [rid])
             raise
         self._finish(s, rid)
+        return reply, got
+
+    def _simple(self, op: Dict[str, Any]) -> Dict[str, Any]:
+        """A request answered at once by one message without a block (status, skips)."""
+        s = self._session_for_call()
+        message, fd = self._exchange(s, op, None, time.monotonic() + self.connect_timeout + s.margin)
         _close_fd(fd)
         return message
 
@@ -548,37 +560,33 @@ class Client:
 
     def _decode(self, kind: str, path: PathLike, options: Dict[str, Any], deadline: Optional[float],
                 tag: Optional[str], pass_fd: bool) -> Result:
-        name = _abs(path)
         fields = _protocol_fields(options)
         tag = tag if tag is not None else self.tag
         if tag is not None:
             fields["tag"] = tag
+        reply, block_fd, name = self._clip_request("decode", path, fields, deadline, pass_fd)
+        return self._result(kind, reply, block_fd, name)
+
+    def _clip_request(self, op: str, path: PathLike, fields: Dict[str, Any], deadline: Optional[float],
+                      pass_fd: bool) -> Tuple[Dict[str, Any], Optional[int], str]:
+        """One clip request (``decode`` or ``probe``): retried with back-off while the supervisor
+        answers ``overloaded`` and the deadline allows. Returns the ok answer with the fd that came
+        with it and the clip's name; raises the clip's :class:`ClipSkipped` otherwise."""
+        name = _abs(path)
         start = time.monotonic()
         attempt = 0
         while True:
             s = self._session_for_call()
             dl = self._deadline_s(deadline, s)
-            message: Dict[str, Any] = {"op": "decode", "path": name, **fields, "deadline_ms": _ms(dl)}
+            message: Dict[str, Any] = {"op": op, "path": name, **fields, "deadline_ms": _ms(dl)}
             fd = None
             if pass_fd:
                 fd = _open_for_passing(name)
                 message["fd"] = True
-            try:
-                rid = self._send(s, message, fd)
-            finally:
-                _close_fd(fd)  # the kernel holds its own reference while it is in flight
-            try:
-                _, reply, block_fd = self._next(s, [rid], time.monotonic() + dl + s.margin)
-            except SupervisorTimeout:
-                self._abandon(s, [rid], kill=True)
-                raise
-            except BaseException:
-                self._abandon(s, [rid])
-                raise
-            self._finish(s, rid)
+            reply, got = self._exchange(s, message, fd, time.monotonic() + dl + s.margin)
             if reply.get("ok") is True:
-                return self._result(kind, reply, block_fd, name)
-            _close_fd(block_fd)
+                return reply, got, name
+            _close_fd(got)
             error = _error_of(reply)
             if error.get("reason") == "overloaded":
                 time.sleep(self._retry_pause(error, attempt, start, dl, name))
@@ -905,40 +913,10 @@ class Client:
     def probe(self, path: PathLike, *, deadline: Optional[float] = None, pass_fd: bool = False) -> Dict[str, Any]:
         """What the file holds (container, duration, streams...), probed by a worker under the
         deadline. Raises :class:`ClipSkipped` like a decode."""
-        name = _abs(path)
-        start = time.monotonic()
-        attempt = 0
-        while True:
-            s = self._session_for_call()
-            dl = self._deadline_s(deadline, s)
-            message: Dict[str, Any] = {"op": "probe", "path": name, "deadline_ms": _ms(dl)}
-            fd = None
-            if pass_fd:
-                fd = _open_for_passing(name)
-                message["fd"] = True
-            try:
-                rid = self._send(s, message, fd)
-            finally:
-                _close_fd(fd)
-            try:
-                _, reply, extra = self._next(s, [rid], time.monotonic() + dl + s.margin)
-            except SupervisorTimeout:
-                self._abandon(s, [rid], kill=True)
-                raise
-            except BaseException:
-                self._abandon(s, [rid])
-                raise
-            self._finish(s, rid)
-            _close_fd(extra)
-            if reply.get("ok") is True:
-                probe = reply.get("probe")
-                return dict(probe) if isinstance(probe, dict) else {}
-            error = _error_of(reply)
-            if error.get("reason") == "overloaded":
-                time.sleep(self._retry_pause(error, attempt, start, dl, name))
-                attempt += 1
-                continue
-            raise skip_from_error(error, path=name, elapsed_ms=reply.get("elapsed_ms"))
+        reply, fd, _ = self._clip_request("probe", path, {}, deadline, pass_fd)
+        _close_fd(fd)
+        probe = reply.get("probe")
+        return dict(probe) if isinstance(probe, dict) else {}
 
     def status(self) -> Dict[str, Any]:
         """The supervisor's status: pid, uptime, version, workers, queue, counters."""

@@ -83,12 +83,7 @@ class Video:
 
     @classmethod
     def from_result(cls, result: Mapping[str, Any], frames: np.ndarray) -> "Video":
-        video = result.get("video")
-        if not isinstance(video, dict):
-            raise ProtocolError("a video result without its 'video' metadata")
-        shape = video.get("shape")
-        if shape is not None and list(shape) != list(frames.shape):
-            raise ProtocolError(f"video shape {shape} in the result differs from the block's {list(frames.shape)}")
+        video = _tensor_metadata(result, "video", frames)
         pts = np.asarray(video.get("pts") or [], dtype=np.float64)
         indices = np.asarray(video.get("indices") or [], dtype=np.int64)
         if len(pts) != frames.shape[0]:
@@ -109,6 +104,17 @@ class Video:
             result=dict(result),
             **_common(result),
         )
+
+
+def _tensor_metadata(result: Mapping[str, Any], key: str, array: np.ndarray) -> Dict[str, Any]:
+    """The result's metadata of one tensor, checked against the tensor the block carried."""
+    meta = result.get(key)
+    if not isinstance(meta, dict):
+        raise ProtocolError(f"a result without its '{key}' metadata")
+    shape = meta.get("shape")
+    if shape is not None and list(shape) != list(array.shape):
+        raise ProtocolError(f"{key} shape {shape} in the result differs from the block's {list(array.shape)}")
+    return meta
 
 
 @dataclass
@@ -142,12 +148,7 @@ class Audio:
 
     @classmethod
     def from_result(cls, result: Mapping[str, Any], samples: np.ndarray) -> "Audio":
-        audio = result.get("audio")
-        if not isinstance(audio, dict):
-            raise ProtocolError("an audio result without its 'audio' metadata")
-        shape = audio.get("shape")
-        if shape is not None and list(shape) != list(samples.shape):
-            raise ProtocolError(f"audio shape {shape} in the result differs from the block's {list(samples.shape)}")
+        audio = _tensor_metadata(result, "audio", samples)
         offset = audio.get("offset_from_first_frame")
         return cls(
             samples=samples,
