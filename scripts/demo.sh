@@ -36,9 +36,9 @@ mkfifo "$demo/hanging.fifo"                        # opening it blocks forever: 
 
 echo "== starting the supervisor"
 export CLIPVISOR_SOCKET="$demo/clipvisor.sock"
-"$bin/clipvisor" serve --skip-log "$demo/skips.jsonl" --deadline 3 &
+"$bin/clipvisor" serve --skip-log "$demo/skips.jsonl" --deadline 3 2>"$demo/supervisor.log" &
 supervisor_pid=$!
-for _ in $(seq 100); do "$bin/clipvisor" status >/dev/null 2>&1 && break; sleep 0.1; done
+for _ in $(seq 100); do "$bin/clipvisor" status 2>/dev/null | grep -q "2 live\|[1-9] live" && break; sleep 0.1; done
 "$bin/clipvisor" status
 
 echo
@@ -57,7 +57,7 @@ demo = sys.argv[1]
 with clipvisor.Client(spawn=False) as client:
     start = time.perf_counter()
     video = client.video(f"{demo}/street.mp4", fps=2.0, max_pixels=448 * 448)
-    print(f"street.mp4: frames {video.frames.shape} {video.frames.dtype}, pts {[round(t, 3) for t in video.pts]}, "
+    print(f"street.mp4: frames {video.frames.shape} {video.frames.dtype}, pts {[round(float(t), 3) for t in video.pts]}, "
           f"sample_fps {video.sample_fps:.3f}, {1000 * (time.perf_counter() - start):.0f} ms")
     try:
         client.video(f"{demo}/hanging.fifo", deadline=2.0)
@@ -71,3 +71,6 @@ echo "== status"
 echo
 echo "== skip log ($demo/skips.jsonl)"
 "$bin/clipvisor" skips --skip-log "$demo/skips.jsonl"
+echo
+echo "== the supervisor's own log (stderr)"
+cat "$demo/supervisor.log"

@@ -175,6 +175,14 @@ int cv_epoll_wait(int epfd, uint64_t *tokens, uint32_t *events, int max, int tim
     return n;
 }
 
+int cv_unix_stream_socket(int nonblocking) {
+    return socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | (nonblocking ? SOCK_NONBLOCK : 0), 0);
+}
+
+int cv_unix_seqpacket_pair(int *fds) { return socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, fds); }
+
+int cv_sock_stream(void) { return SOCK_STREAM; }
+
 int cv_accept_nonblocking(int listener) {
     return accept4(listener, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
 }

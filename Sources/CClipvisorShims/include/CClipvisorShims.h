@@ -80,6 +80,17 @@ int cv_epoll_ctl(int epfd, int op, int fd, int writable, uint64_t token);
 /// is packed on x86_64 and its data union does not import cleanly.
 int cv_epoll_wait(int epfd, uint64_t *tokens, uint32_t *events, int max, int timeout_ms);
 
+/// socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC [| SOCK_NONBLOCK]). The SOCK_* constants belong
+/// to whichever Clang module first includes <sys/socket.h> (here libsystemd's header), so Swift
+/// files cannot rely on seeing them; these wrappers keep socket set-up in one place.
+int cv_unix_stream_socket(int nonblocking);
+
+/// socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC): the worker control channel.
+int cv_unix_seqpacket_pair(int *fds);
+
+/// SOCK_STREAM's value, for sd_is_socket_unix.
+int cv_sock_stream(void);
+
 /// accept4(2) with SOCK_CLOEXEC | SOCK_NONBLOCK (accept4 is hidden by _GNU_SOURCE).
 int cv_accept_nonblocking(int listener);
 

@@ -50,7 +50,8 @@ final class WorkerServer {
             "op": "ready", "pid": .number(Double(getpid())), "protocol": .number(Double(Self.protocolVersion)),
             "version": .string(WorkerCommand.version), "landlock": .number(Double(landlock)),
         ]
-        guard send(ready, fd: nil) else { return WorkerMessage.ExitCode.protocolError.rawValue }
+        // A supervisor that closed the channel before we were ready is shutting down: leave quietly.
+        guard send(ready, fd: nil, quietOnClosedPeer: true) else { return WorkerMessage.ExitCode.recycled.rawValue }
 
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: WorkerMessage.maxSize + 1, alignment: 16)
         defer { buffer.deallocate() }
@@ -140,13 +141,14 @@ final class WorkerServer {
         }
     }
 
-    private func send(_ value: JSONValue, fd: FileDescriptor?) -> Bool {
+    private func send(_ value: JSONValue, fd: FileDescriptor?, quietOnClosedPeer: Bool = false) -> Bool {
         let bytes = value.serialized()
         do {
             let sent = try bytes.withUnsafeBytes { raw in try SocketIO.send(control, raw, passing: fd) }
             return sent == bytes.count
         } catch {
-            logLine("control socket: sending \(bytes.count) bytes: \(error)")
+            let closed = (error as? Errno).map { $0 == .brokenPipe || $0 == .connectionReset } ?? false
+            if !(quietOnClosedPeer && closed) { logLine("control socket: sending \(bytes.count) bytes: \(error)") }
             return false
         }
     }

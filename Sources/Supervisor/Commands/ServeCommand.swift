@@ -1,3 +1,4 @@
+import CClipvisorShims
 import ArgumentParser
 import CSystemd
 import Logging
@@ -246,7 +247,7 @@ enum SocketClaim {
             unsetenv("LISTEN_FDNAMES")
             // One ListenStream= is all we serve; anything else passed is closed, not inherited by workers.
             for extra in (listenFDsStart + 1)..<(listenFDsStart + count) { close(extra) }
-            guard sd_is_socket_unix(listenFDsStart, Int32(SOCK_STREAM.rawValue), 1, nil, 0) > 0 else {
+            guard sd_is_socket_unix(listenFDsStart, cv_sock_stream(), 1, nil, 0) > 0 else {
                 throw Refusal(description: "LISTEN_FDS passed fd \(listenFDsStart), but it is not a listening Unix stream socket")
             }
             let inherited = FileDescriptor(rawValue: listenFDsStart)

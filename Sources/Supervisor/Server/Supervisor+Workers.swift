@@ -201,7 +201,10 @@ extension Supervisor {
         workers.removeValue(forKey: worker.id)
         switch worker.state {
         case .starting:
-            recordStartFailure("worker \(worker.pid) \(exit) before it was ready\(startHint(exit))")
+            // During shutdown the supervisor closed its channel itself; that is no failed start.
+            if case .running = phase {
+                recordStartFailure("worker \(worker.pid) \(exit) before it was ready\(startHint(exit))")
+            }
         case .idle, .retiring:
             if exit != .exited(0) {
                 logger.warning("idle worker \(worker.pid) \(exit)", metadata: ["worker.pid": "\(worker.pid)"])

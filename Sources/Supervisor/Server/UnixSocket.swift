@@ -1,3 +1,4 @@
+import CClipvisorShims
 import SystemPackage
 
 #if canImport(Glibc)
@@ -28,9 +29,7 @@ enum UnixSocket {
 
     /// A new socket; `nonBlocking` for the event loop, blocking for CLI clients.
     static func makeStreamSocket(nonBlocking: Bool) throws(Errno) -> FileDescriptor {
-        var type = Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue)
-        if nonBlocking { type |= Int32(SOCK_NONBLOCK.rawValue) }
-        let fd = socket(AF_UNIX, type, 0)
+        let fd = cv_unix_stream_socket(nonBlocking ? 1 : 0)
         guard fd >= 0 else { throw Errno(rawValue: errno) }
         return FileDescriptor(rawValue: fd)
     }
