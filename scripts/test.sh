@@ -21,6 +21,16 @@ echo "== python tests"
 export CLIPVISOR_BIN="$PWD/.build/debug/clipvisor"
 python3 -m pytest -q clients/python/tests
 
+echo "== release build (what the demo and the service run; no warnings from our code)"
+if ! swift build -c release >/tmp/clipvisor-release.log 2>&1; then
+    cat /tmp/clipvisor-release.log
+    exit 1
+fi
+if grep -E "^$PWD/(Sources|Tests)/.*warning:" /tmp/clipvisor-release.log; then
+    echo "warnings in our own code (above)" >&2
+    exit 1
+fi
+
 if [ -x scripts/check-systemd.sh ]; then
     echo "== systemd units"
     scripts/check-systemd.sh
