@@ -25,6 +25,10 @@ let package = Package(
         .systemLibrary(name: "CSystemd", path: "Sources/CSystemd", pkgConfig: "libsystemd"),
         // Linux syscalls and macros that Swift's Glibc module does not expose.
         .target(name: "CClipvisorShims", path: "Sources/CClipvisorShims"),
+        // Vectorised byte shuffles between packed and planar RGB (the worker's output layouts).
+        .target(
+            name: "CPixelKernels", path: "Sources/CPixelKernels",
+            cSettings: [.unsafeFlags(["-O3"])]),
 
         .target(
             name: "Shared",
@@ -38,7 +42,7 @@ let package = Package(
         .executableTarget(
             name: "DecodeWorker",
             dependencies: [
-                "Shared", "CFFmpeg", "CClipvisorShims",
+                "Shared", "CFFmpeg", "CClipvisorShims", "CPixelKernels",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ],

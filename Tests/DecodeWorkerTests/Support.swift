@@ -145,8 +145,11 @@ enum Support {
         return Array(try Data(contentsOf: URL(fileURLWithPath: out)))
     }
 
-    /// The scaler flags the worker uses, for ffmpeg references that must match it bit for bit.
+    /// The scaler flags the worker uses when it resizes, for ffmpeg references that must match
+    /// it bit for bit (FrameConverter.resizeFlags).
     static let swsFlags = "bicubic+accurate_rnd+full_chroma_int+full_chroma_inp"
+    /// The flags of its native-size path (FrameConverter.nativeFlags).
+    static let swsNativeFlags = "bicubic+full_chroma_inp"
 
     /// PSNR in dB between two equal-size byte arrays (∞ when identical).
     static func psnr(_ a: ArraySlice<UInt8>, _ b: ArraySlice<UInt8>) -> Double {

@@ -308,10 +308,15 @@ final class VideoFrameReader {
             }
             guard let index else { return head >= pending.count }
             if wanted.contains(index), !filled.contains(index) {
-                var bytes = [UInt8](repeating: 0, count: converter.frameBytes)
-                let failure: DecodeFailure? = bytes.withUnsafeMutableBytes { raw in
-                    do throws(DecodeFailure) { try converter.convert(frame, into: raw, path: path) } catch { return error }
-                    return nil
+                // Not zero-filled first: the converter writes every byte.
+                var failure: DecodeFailure?
+                let bytes = [UInt8](unsafeUninitializedCapacity: converter.frameBytes) { buffer, count in
+                    do throws(DecodeFailure) {
+                        try converter.convert(frame, into: UnsafeMutableRawBufferPointer(buffer), path: path)
+                    } catch {
+                        failure = error
+                    }
+                    count = converter.frameBytes
                 }
                 if let failure { throw failure }
                 filled.insert(index)

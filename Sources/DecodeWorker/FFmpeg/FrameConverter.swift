@@ -1,14 +1,21 @@
 import CFFmpeg
+import CPixelKernels
 import Shared
 
 /// Converts decoded frames to RGB24 at the output size and orientation.
 ///
-/// swscale does colour conversion and resizing in one pass: bicubic (swscale widens the filter
-/// when downscaling, which antialiases), accurate rounding, full chroma interpolation, and the
-/// frame's own matrix (BT.601/709/2020...) and range (limited/full) via `sws_setColorspaceDetails`.
-/// TCHW output is scaled as GBRP so each plane lands in its R/G/B slot; THWC as packed RGB24.
+/// swscale does colour conversion and resizing in one pass, with the frame's own matrix
+/// (BT.601/709/2020...) and range (limited/full) via `sws_setColorspaceDetails`. Two paths,
+/// chosen by cost (bench/benchmarks: colour conversion, not decoding, dominated small clips):
+/// - **resized**: bicubic (swscale widens the filter when downscaling, which antialiases) with
+///   accurate rounding and full chroma interpolation, into planar GBRP — swscale's planar
+///   writer costs the same with or without those flags, and far less than its packed RGB24 one;
+/// - **native size**: plain bicubic into packed RGB24, which swscale does with its SIMD
+///   YUV→RGB converters (chroma upsampled the way FFmpeg, PyAV, decord and torchcodec do by
+///   default); accurate rounding alone would make this ~10× slower.
 /// swscale writes into an aligned scratch buffer (its SIMD paths may write past a row's end);
-/// rows are then copied, or rotated, into the contiguous output frame.
+/// `place` then copies, (de)interleaves and rotates into the contiguous output frame, in the
+/// requested layout.
 final class FrameConverter {
     let outputWidth: Int
     let outputHeight: Int
@@ -20,12 +27,16 @@ final class FrameConverter {
     let scaledHeight: Int
     private var sws: OpaquePointer?
     private var swsKey: [Int32] = []
+    /// Whether the last context converts at native size into packed RGB24 (else planar GBRP).
+    private var packedScratch = false
     private let scratchStride: Int
     private var scratch: UnsafeMutableRawPointer
     private let scratchBytes: Int
-    private let planes: Int
 
-    static let flags = SWS_BICUBIC | SWS_ACCURATE_RND | SWS_FULL_CHR_H_INT | SWS_FULL_CHR_H_INP
+    /// Flags of the resizing path (into GBRP).
+    static let resizeFlags = SWS_BICUBIC | SWS_ACCURATE_RND | SWS_FULL_CHR_H_INT | SWS_FULL_CHR_H_INP
+    /// Flags of the native-size path (into RGB24, SIMD).
+    static let nativeFlags = SWS_BICUBIC | SWS_FULL_CHR_H_INP
 
     var frameBytes: Int { 3 * outputWidth * outputHeight }
 
@@ -37,11 +48,10 @@ final class FrameConverter {
         let swapped = rotation == 90 || rotation == 270
         scaledWidth = swapped ? height : width
         scaledHeight = swapped ? width : height
-        planes = layout == .tchw ? 3 : 1
-        let rowBytes = layout == .tchw ? scaledWidth : 3 * scaledWidth
-        scratchStride = (rowBytes + 63) & ~63
+        // Room for either three planes or one packed image.
+        scratchStride = (3 * scaledWidth + 63) & ~63
         scratchBytes = scratchStride * scaledHeight + 64
-        scratch = UnsafeMutableRawPointer.allocate(byteCount: scratchBytes * planes, alignment: 64)
+        scratch = UnsafeMutableRawPointer.allocate(byteCount: scratchBytes * 3, alignment: 64)
     }
 
     deinit {
@@ -57,10 +67,11 @@ final class FrameConverter {
         let key: [Int32] = [f.pointee.width, f.pointee.height, f.pointee.format,
                             Int32(f.pointee.colorspace.rawValue), fullRange ? 1 : 0]
         if key != swsKey || sws == nil {
-            let dstFormat = layout == .tchw ? AV_PIX_FMT_GBRP : AV_PIX_FMT_RGB24
+            packedScratch = Int(f.pointee.width) == scaledWidth && Int(f.pointee.height) == scaledHeight
             sws = sws_getCachedContext(
                 sws, f.pointee.width, f.pointee.height, format, Int32(scaledWidth), Int32(scaledHeight),
-                dstFormat, Self.flags, nil, nil, nil)
+                packedScratch ? AV_PIX_FMT_RGB24 : AV_PIX_FMT_GBRP, packedScratch ? Self.nativeFlags : Self.resizeFlags,
+                nil, nil, nil)
             guard let sws else {
                 let name = av_get_pix_fmt_name(format).map { String(cString: $0) } ?? "format \(f.pointee.format)"
                 throw DecodeFailure(
@@ -77,15 +88,15 @@ final class FrameConverter {
         var dst: [UnsafeMutablePointer<UInt8>?] = [nil, nil, nil, nil]
         var strides: [Int32] = [0, 0, 0, 0]
         let base = scratch.assumingMemoryBound(to: UInt8.self)
-        if layout == .tchw {
+        if packedScratch {
+            dst[0] = base
+            strides[0] = Int32(scratchStride)
+        } else {
             // GBRP's planes are G, B, R; scratch planes are kept in R, G, B order.
             dst[0] = base + scratchBytes      // G
             dst[1] = base + 2 * scratchBytes  // B
             dst[2] = base                     // R
             strides = [Int32(scratchStride), Int32(scratchStride), Int32(scratchStride), 0]
-        } else {
-            dst[0] = base
-            strides[0] = Int32(scratchStride)
         }
         let rows = dst.withUnsafeBufferPointer { d in
             strides.withUnsafeBufferPointer { s in
@@ -95,54 +106,57 @@ final class FrameConverter {
         guard rows > 0 else {
             throw DecodeFailure(.decodeError, "\(path): colour conversion failed", path: path, detail: "sws_scale returned \(rows)")
         }
-        let out = output.baseAddress!.assumingMemoryBound(to: UInt8.self)
-        if layout == .tchw {
-            let planeBytes = outputWidth * outputHeight
-            for p in 0..<3 {
-                place(from: base + p * scratchBytes, pixelBytes: 1, into: out + p * planeBytes)
-            }
-        } else {
-            place(from: base, pixelBytes: 3, into: out)
-        }
+        place(into: output.baseAddress!.assumingMemoryBound(to: UInt8.self))
     }
 
-    /// Copies or rotates one scratch image (scaledWidth × scaledHeight, `pixelBytes` per pixel)
-    /// into a contiguous output image (outputWidth × outputHeight).
-    private func place(from src: UnsafeMutablePointer<UInt8>, pixelBytes: Int, into dst: UnsafeMutablePointer<UInt8>) {
-        let sw = scaledWidth, sh = scaledHeight, ow = outputWidth, oh = outputHeight
-        let stride = scratchStride
-        switch rotation {
-        case 90:
-            // out[y][x] = in[sh-1-x][y]
+    /// Moves the scratch image (packed or planar, scaledWidth × scaledHeight) into the output
+    /// frame (TCHW planes or THWC pixels, outputWidth × outputHeight), rotating on the way.
+    private func place(into out: UnsafeMutablePointer<UInt8>) {
+        let src = scratch.assumingMemoryBound(to: UInt8.self)
+        let planeBytes = outputWidth * outputHeight
+        let ow = outputWidth, oh = outputHeight, stride = scratchStride
+        let planarOut = layout == .tchw
+        // Where output channel c of an output pixel goes, relative to the pixel's index i.
+        let outChannelStep = planarOut ? planeBytes : 1
+        let outPixelStep = planarOut ? 1 : 3
+        // Where channel c of scratch pixel (x, y) is.
+        let inChannelStep = packedScratch ? 1 : scratchBytes
+        let inPixelStep = packedScratch ? 3 : 1
+
+        if rotation == 0 {
             for y in 0..<oh {
-                let row = dst + y * ow * pixelBytes
-                for x in 0..<ow {
-                    let s = src + (sh - 1 - x) * stride + y * pixelBytes
-                    for c in 0..<pixelBytes { row[x * pixelBytes + c] = s[c] }
+                let row = src + y * stride
+                let i0 = y * ow
+                if packedScratch == !planarOut {
+                    // Same arrangement: whole rows (or plane rows) at once.
+                    if planarOut {
+                        for c in 0..<3 { (out + c * planeBytes + i0).update(from: row + c * scratchBytes, count: ow) }
+                    } else {
+                        (out + 3 * i0).update(from: row, count: 3 * ow)
+                    }
+                } else if planarOut {
+                    cv_rgb24_to_planes(row, out + i0, out + planeBytes + i0, out + 2 * planeBytes + i0, ow)
+                } else {
+                    cv_planes_to_rgb24(row, row + scratchBytes, row + 2 * scratchBytes, out + 3 * i0, ow)
                 }
             }
-        case 180:
-            for y in 0..<oh {
-                let row = dst + y * ow * pixelBytes
-                let srcRow = src + (sh - 1 - y) * stride
-                for x in 0..<ow {
-                    let s = srcRow + (sw - 1 - x) * pixelBytes
-                    for c in 0..<pixelBytes { row[x * pixelBytes + c] = s[c] }
+            return
+        }
+        let sw = scaledWidth, sh = scaledHeight
+        for y in 0..<oh {
+            for x in 0..<ow {
+                // The scratch pixel that lands at output (x, y) after a clockwise rotation.
+                let (sx, sy): (Int, Int)
+                switch rotation {
+                case 90: (sx, sy) = (y, sh - 1 - x)
+                case 180: (sx, sy) = (sw - 1 - x, sh - 1 - y)
+                default: (sx, sy) = (sw - 1 - y, x)  // 270
                 }
-            }
-        case 270:
-            // out[y][x] = in[x][sw-1-y]
-            for y in 0..<oh {
-                let row = dst + y * ow * pixelBytes
-                for x in 0..<ow {
-                    let s = src + x * stride + (sw - 1 - y) * pixelBytes
-                    for c in 0..<pixelBytes { row[x * pixelBytes + c] = s[c] }
-                }
-            }
-        default:
-            let rowBytes = ow * pixelBytes
-            for y in 0..<oh {
-                (dst + y * rowBytes).update(from: src + y * stride, count: rowBytes)
+                let s = src + sy * stride + sx * inPixelStep
+                let d = out + (y * ow + x) * outPixelStep
+                d[0] = s[0]
+                d[outChannelStep] = s[inChannelStep]
+                d[2 * outChannelStep] = s[2 * inChannelStep]
             }
         }
     }
