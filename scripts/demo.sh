@@ -38,7 +38,7 @@ echo "== starting the supervisor"
 export CLIPVISOR_SOCKET="$demo/clipvisor.sock"
 "$bin/clipvisor" serve --skip-log "$demo/skips.jsonl" --deadline 3 2>"$demo/supervisor.log" &
 supervisor_pid=$!
-for _ in $(seq 100); do "$bin/clipvisor" status 2>/dev/null | grep -q "2 live\|[1-9] live" && break; sleep 0.1; done
+for _ in $(seq 100); do "$bin/clipvisor" status 2>/dev/null | grep -q " idle " && break; sleep 0.1; done
 "$bin/clipvisor" status
 
 echo

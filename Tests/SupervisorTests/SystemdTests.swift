@@ -24,7 +24,7 @@ final class SystemdTests {
         let directory = TemporaryDirectory("notify")
         let notify = try DatagramReceiver(path: directory.file("notify.sock"))
         let service = try ServiceProcess(
-            directory: directory, arguments: ["--workers", "2"],
+            directory: directory, arguments: ["--workers", "2", "--spare-workers", "0"],
             environment: ["NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "2000000"])
         defer { service.kill() }
 

@@ -51,7 +51,7 @@ enum StatusReport {
             "clipvisor \(status["version"]?.stringValue ?? "?") pid \(number(status["pid"])), \(status["phase"]?.stringValue ?? "?"), up \(number(status["uptime_s"])) s, socket \(status["socket"]?.stringValue ?? "?")")
         let workers = status["workers"]
         lines.append(
-            "workers: \(number(workers?["live"])) live of \(number(workers?["target"])), recycled after \(number(workers?["clips_per_worker"])) clips")
+            "workers: \(number(workers?["live"])) live (\(number(workers?["target"])) decoding at most, \(number(workers?["spare"])) spare), recycled after \(number(workers?["clips_per_worker"])) clips")
         if let error = workers?["last_start_error"]?.stringValue {
             lines.append("  last start failure: \(error) (\(number(workers?["consecutive_start_failures"])) in a row)")
         }

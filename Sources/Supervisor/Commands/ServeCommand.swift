@@ -57,6 +57,12 @@ struct ServeCommand: ParsableCommand {
     @Option(help: "Decode workers (default: CPUs available to this process, from the affinity mask and cgroup quota).")
     var workers: Int?
 
+    @Option(help: """
+        Idle workers kept ready beyond --workers, so a clip never waits for a replacement after a \
+        kill or a recycle; at most --workers decode at once (default: 1).
+        """)
+    var spareWorkers: Int?
+
     @Option(help: "A worker is replaced after this many clips, bounding leaks in codecs (default: 100).")
     var clipsPerWorker: Int?
 
@@ -128,6 +134,7 @@ struct ServeCommand: ParsableCommand {
         put("roots", roots.isEmpty ? nil : .strings(roots))
         put("worker", worker.map { .string($0) })
         put("workers", workers.map { .integer($0) })
+        put("spare_workers", spareWorkers.map { .integer($0) })
         put("clips_per_worker", clipsPerWorker.map { .integer($0) })
         put("deadline", deadline.map { .number($0) })
         put("max_deadline", maxDeadline.map { .number($0) })

@@ -88,6 +88,7 @@ struct ServeSettings {
         case ("roots", .strings(let paths)): configuration.roots = paths
         case ("worker", .string(let path)): configuration.workerExecutable = path
         case ("workers", .integer(let count)): configuration.workers = count
+        case ("spare_workers", .integer(let count)): configuration.spareWorkers = count
         case ("clips_per_worker", .integer(let count)): configuration.clipsPerWorker = count
         case ("deadline", .number(let seconds)): configuration.deadlineDefaultMs = Self.milliseconds(seconds)
         case ("max_deadline", .number(let seconds)): configuration.deadlineMaxMs = Self.milliseconds(seconds)

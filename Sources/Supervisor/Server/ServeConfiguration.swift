@@ -14,6 +14,10 @@ struct ServeConfiguration: Sendable {
     var workerExecutable: String = ServeConfiguration.siblingWorker()
     /// Pool size; CPUs available to the process (affinity mask and cgroup quota) by default.
     var workers: Int = CPUBudget.available()
+    /// Idle workers kept started beyond `workers`: after a kill (deadline, cancel) or a recycle
+    /// the next clip goes to one of them at once instead of waiting 30–700 ms for a spawn. At
+    /// most `workers` decode at the same time.
+    var spareWorkers = 1
     /// A worker exits and is replaced after this many clips (bounds leaks in codecs).
     var clipsPerWorker = 100
     var deadlineDefaultMs = 30_000

@@ -93,7 +93,8 @@ extension Supervisor {
             "pid": .number(Double(getpid())), "version": .string(ClipvisorVersion.string), "phase": .string(phaseName),
             "uptime_s": .number(Double(now.milliseconds(since: startedAt)) / 1000), "socket": .string(configuration.socketPath),
             "workers": [
-                "target": .number(Double(configuration.workers)), "live": .number(Double(workers.values.filter(\.isLive).count)),
+                "target": .number(Double(configuration.workers)), "spare": .number(Double(configuration.spareWorkers)),
+                "live": .number(Double(workers.values.filter(\.isLive).count)),
                 "clips_per_worker": .number(Double(configuration.clipsPerWorker)), "list": .array(workerList),
                 "consecutive_start_failures": .number(Double(consecutiveStartFailures)),
                 "last_start_error": lastSpawnError.map { .string($0) } ?? .null,

@@ -13,7 +13,7 @@ extension Supervisor {
     func maintainPool(now: Instant) {
         guard case .running = phase else { return }
         var live = workers.values.filter(\.isLive).count
-        while live < configuration.workers, now >= nextSpawnAllowed {
+        while live < configuration.workers + configuration.spareWorkers, now >= nextSpawnAllowed {
             let worker: WorkerProcess
             do {
                 worker = try spawner.spawn(id: makeID(), startTimeoutMs: configuration.workerStartTimeoutMs)

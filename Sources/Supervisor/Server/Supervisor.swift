@@ -264,7 +264,10 @@ final class Supervisor {
         // Blocks are produced one per busy worker, so the budget is checked against what
         // clients have not read yet.
         guard heldBlockBytes < configuration.effectiveMemoryBudget else { return }
+        // Spare workers stand by; no more than `workers` clips decode at once.
+        var busy = workers.values.filter { if case .busy = $0.state { return true } else { return false } }.count
         for worker in workers.values {
+            guard busy < configuration.workers else { return }
             guard case .idle = worker.state else { continue }
             guard let job = popQueuedJob() else { return }
             if !send(job, to: worker) {
@@ -272,7 +275,9 @@ final class Supervisor {
                 // for the next worker instead of failing.
                 queue.insert(job.id, at: queueHead)
                 queuedCount += 1
+                continue
             }
+            busy += 1
         }
     }
 
