@@ -206,6 +206,7 @@ def kill_latency(bins: Path, hangs: int, deadline_ms: int, in_flight: int, busy_
             fifos.append(f)
         client = sup.client()
         sup.wait_warm(client, workers)
+        standby = int(client.status().get("workers", {}).get("spare", 0))
         stop = threading.Event()
         busy_done = [0]
 
@@ -257,7 +258,8 @@ def kill_latency(bins: Path, hangs: int, deadline_ms: int, in_flight: int, busy_
     disp_late = [v - deadline_ms for v in dispatch.values() if isinstance(v, (int, float))]
     print(f"\nKill latency: {len(seen)} hangs (FIFO, no writer) answered `timeout` of {hangs}, deadline {deadline_ms} ms, "
           f"{in_flight} in flight, {busy_threads} threads decoding 10 s 720p clips meanwhile ({busy_done[0]} decoded), "
-          f"{workers} workers ({spare} spare) on {os.cpu_count()} CPUs; {span:.1f} s; load average {load0:.2f}")
+          f"{workers} workers (+{spare} here, +{standby} standby spares of the supervisor) on {os.cpu_count()} CPUs; "
+          f"{span:.1f} s; load average {load0:.2f}")
     if wrong:
         print(f"  NOT timeout: {len(wrong)}: {wrong[:3]}")
     print(f"{'lateness past the deadline (ms)':<44} {'p50':>6} {'p99':>6} {'max':>6} {'n':>4}")

@@ -59,7 +59,7 @@ struct ServeCommand: ParsableCommand {
 
     @Option(help: """
         Idle workers kept ready beyond --workers, so a clip never waits for a replacement after a \
-        kill or a recycle; at most --workers decode at once (default: 1).
+        kill or a recycle; at most --workers decode at once (default: 2: kills often come in bursts, when a batch of clips shares one deadline).
         """)
     var spareWorkers: Int?
 

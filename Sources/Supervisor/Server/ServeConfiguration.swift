@@ -17,7 +17,7 @@ struct ServeConfiguration: Sendable {
     /// Idle workers kept started beyond `workers`: after a kill (deadline, cancel) or a recycle
     /// the next clip goes to one of them at once instead of waiting 30–700 ms for a spawn. At
     /// most `workers` decode at the same time.
-    var spareWorkers = 1
+    var spareWorkers = 2
     /// A worker exits and is replaced after this many clips (bounds leaks in codecs).
     var clipsPerWorker = 100
     var deadlineDefaultMs = 30_000
