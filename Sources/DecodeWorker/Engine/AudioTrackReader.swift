@@ -3,7 +3,7 @@ import Shared
 
 /// Decodes one audio stream onto the clip's sample grid (docs/decoding.md, "Audio").
 ///
-/// Packets → `AudioDecoder` → frames → `Resampler` → `AudioSink`. Every frame's pts is compared
+/// Packets → `Decoder` → frames → `Resampler` → `AudioSink`. Every frame's pts is compared
 /// with where the samples fed so far end: within `tolerance` the frame is contiguous (container
 /// timestamps are rounded, e.g. to 1 ms in Matroska); beyond it, and when the next frame confirms
 /// the offset (Vorbis frames' pts wobble by half a block and come back), the difference is a gap,
@@ -87,7 +87,7 @@ final class AudioTrackReader {
     private let path: String
     private let timeBase: Double
     private let tolerance: Double
-    private let decoder: AudioDecoder
+    private let decoder: Decoder
     private let packet: Packet
     private let frame: Frame
 
@@ -124,7 +124,7 @@ final class AudioTrackReader {
         let tb = st.pointee.time_base
         timeBase = tb.den != 0 ? Double(tb.num) / Double(tb.den) : 0
         tolerance = max(Self.minimumTolerance, 2 * timeBase)
-        decoder = try AudioDecoder(stream: st, threads: plan.threads, path: path)
+        decoder = try Decoder(stream: st, media: .audio, threads: plan.threads, path: path)
         packet = try Packet()
         frame = try Frame()
         if case .containerSeconds(let s) = plan.origin { originSeconds = s }

@@ -45,7 +45,7 @@ final class VideoFrameReader {
     private let maxPixels: Int
     private let path: String
     private let converter: FrameConverter
-    private var decoder: VideoDecoder
+    private var decoder: Decoder
     private let packet: Packet
     private let frame: Frame
     /// Ordinal of the next packet the demuxer returns, when known.
@@ -71,7 +71,7 @@ final class VideoFrameReader {
         self.maxPixels = maxPixels
         self.converter = converter
         self.path = path
-        decoder = try VideoDecoder(stream: demuxer.stream(streamIndex), threads: threads, maxPixels: maxPixels, path: path)
+        decoder = try Decoder(stream: demuxer.stream(streamIndex), media: .video(maxPixels: maxPixels), threads: threads, path: path)
         packet = try Packet()
         frame = try Frame()
         reorderSlack = 16 + max(threads, 1) + 2 * Int(demuxer.stream(streamIndex).pointee.codecpar.pointee.video_delay)
@@ -172,7 +172,7 @@ final class VideoFrameReader {
         }
         demuxer = try reopen()
         demuxer.discardAll(except: [streamIndex])
-        decoder = try VideoDecoder(stream: demuxer.stream(streamIndex), threads: threads, maxPixels: maxPixels, path: path)
+        decoder = try Decoder(stream: demuxer.stream(streamIndex), media: .video(maxPixels: maxPixels), threads: threads, path: path)
         nextOrdinal = 0
         pendingPacket = false
     }
