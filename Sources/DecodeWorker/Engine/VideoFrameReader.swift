@@ -288,6 +288,9 @@ final class VideoFrameReader {
         var passedBy: [Int: Int] = [:]
         var result = LoopResult()
         let wanted = Set(targets)
+        // skip_frame is read when a packet is decoded; with frame threads that happens later,
+        // on a copy of the context, so skipping is used with one decoder thread only.
+        let skipUnwanted = table.timed && decoder.context.pointee.thread_count == 1
 
         func advanceHead() {
             while head < pending.count, filled.contains(pending[head]) { head += 1 }
@@ -378,6 +381,13 @@ final class VideoFrameReader {
             nextOrdinal = ordinal + 1
             packet.pointer.pointee.pts = Int64(ordinal)
             packet.pointer.pointee.dts = Int64(ordinal)
+            if skipUnwanted {
+                // A frame nobody wants and no other frame references need not be decoded
+                // (a third of an H.264 stream's frames, typically). Only with timed packets:
+                // untimed streams identify frames by counting outputs.
+                let index = ordinal < table.presentationIndexOfPacket.count ? table.presentationIndexOfPacket[ordinal] : nil
+                decoder.skipNonReferenceFrames(index.map { !wanted.contains($0) } ?? false)
+            }
             var rc = decoder.send(packet)
             while rc == CFFMPEG_AVERROR_EAGAIN {
                 if try drain() { return result }

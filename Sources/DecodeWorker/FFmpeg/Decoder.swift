@@ -71,6 +71,12 @@ final class Decoder {
         avcodec_receive_frame(context, frame.pointer)
     }
 
+    /// `skip_frame = AVDISCARD_NONREF` (or back to the default) for the packets sent from now
+    /// on: frames that no other frame references are not decoded at all.
+    func skipNonReferenceFrames(_ skip: Bool) {
+        context.pointee.skip_frame = skip ? AVDISCARD_NONREF : AVDISCARD_DEFAULT
+    }
+
     /// `avcodec_flush_buffers`: forget references and queued frames (after a seek).
     func flush() { avcodec_flush_buffers(context) }
 }
