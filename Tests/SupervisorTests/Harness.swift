@@ -139,6 +139,16 @@ final class SupervisorProcess {
 
     func client() throws -> SupervisorClient { try SupervisorClient.connect(candidates: [socketPath], timeoutMs: 5000) }
 
+    /// Polls `status` until `condition` holds; false after `timeout` seconds.
+    func waitForStatus(timeout: Double = 10, _ condition: (JSONValue) -> Bool) -> Bool {
+        let until = Date().addingTimeInterval(timeout)
+        while Date() < until {
+            if let status = try? status(), condition(status) { return true }
+            usleep(20_000)
+        }
+        return false
+    }
+
     func status() throws -> JSONValue {
         let (answer, _) = try client().call(["op": "status"], timeoutMs: 5000)
         return answer["status"] ?? .null
@@ -203,10 +213,29 @@ final class SupervisorProcess {
         #expect(answer["ok"]?.boolValue == true, "the supervisor no longer answers", sourceLocation: sourceLocation)
     }
 
-    /// fds of a warm, idle supervisor with no connections: the baseline for leak checks.
+    /// fds of a warm, idle supervisor with no connections: the baseline for leak checks. Taken
+    /// only once every worker of the pool, spares included, is idle, since each holds fds.
     func settledFDCount() -> Int {
-        usleep(200_000)
+        _ = waitUntilPoolIsIdle()
+        usleep(100_000)  // Lets the status connection's close be processed.
         return openFDs().count
+    }
+
+    /// True once target + spare workers are all live and idle.
+    func waitUntilPoolIsIdle(timeout: Double = 20) -> Bool {
+        waitForStatus(timeout: timeout) { status in
+            let workers = status["workers"]
+            let pool = (workers?["target"]?.intValue ?? 0) + (workers?["spare"]?.intValue ?? 0)
+            let idle = workers?["list"]?.arrayValue?.filter { $0["state"]?.stringValue == "idle" }.count ?? 0
+            return pool > 0 && idle == pool
+        }
+    }
+
+    /// True once some worker is decoding.
+    func waitUntilAWorkerIsBusy(timeout: Double = 10) -> Bool {
+        waitForStatus(timeout: timeout) { status in
+            status["workers"]?["list"]?.arrayValue?.contains { $0["state"]?.stringValue == "busy" } == true
+        }
     }
 
     /// The skip log's records.

@@ -148,7 +148,10 @@ final class SkipLogTests {
         _ = try client.decode(fixtures.file("first-missing.mp4"))
         try FileManager.default.moveItem(atPath: supervisor.skipLogPath, toPath: supervisor.skipLogPath + ".1")
         kill(supervisor.pid, SIGHUP)
-        usleep(200_000)
+        // Reopening creates the file afresh; wait for that rather than for a fixed time.
+        let reopenedBy = Date().addingTimeInterval(10)
+        while !FileManager.default.fileExists(atPath: supervisor.skipLogPath), Date() < reopenedBy { usleep(20_000) }
+        #expect(FileManager.default.fileExists(atPath: supervisor.skipLogPath), "SIGHUP did not reopen the skip log")
         _ = try client.decode(fixtures.file("second-missing.mp4"))
         #expect(supervisor.skipRecords().count == 1, "the new file holds only the new record")
 

@@ -156,13 +156,46 @@ final class SupervisorTests {
         let fifo = fixtures.file("overload.fifo")
         Fixtures.fifo(at: fifo)
         let client = try supervisor.client()
+        var hanging: [Int] = []
         for _ in 0..<2 {
-            try client.send(["op": "decode", "id": .number(Double(client.makeID())), "path": .string(fifo), "deadline_ms": 3000])
+            let id = client.makeID()
+            hanging.append(id)
+            try client.send(["op": "decode", "id": .number(Double(id)), "path": .string(fifo), "deadline_ms": 10_000])
         }
-        usleep(200_000)
+        // One hangs in the worker, one waits: the queue is now full. Observed, not slept on.
+        let full = supervisor.waitForStatus { status in
+            status["queue"]?["length"]?.intValue == 1
+        } && supervisor.waitUntilAWorkerIsBusy()
+        #expect(full, "expected one busy worker and one queued clip: \((try? supervisor.status())?.jsonString ?? "no status")")
         let (answer, _) = try client.decode(goodClip, timeoutMs: 5000)
-        #expect(answer.errorReason == "overloaded")
+        #expect(answer.errorReason == "overloaded", "\(answer.jsonString)")
         #expect(answer["error"]?["retry_after_ms"]?.intValue != nil, "\(answer.jsonString)")
+        for id in hanging { try client.send(["op": "cancel", "id": .number(Double(client.makeID())), "target": .number(Double(id))]) }
+    }
+
+    /// Requests that arrive in one read must not be refused because the clip before them
+    /// has not been handed to its idle worker yet: only clips that really wait count.
+    @Test func clipsThatGoStraightToAnIdleWorkerDoNotCountAgainstTheQueue() throws {
+        let supervisor = try SupervisorProcess(arguments: ["--workers", "2", "--queue-limit", "1"])
+        #expect(supervisor.waitUntilPoolIsIdle())
+        let client = try supervisor.client()
+        // Two clips for two idle workers plus one that waits: exactly the limit, all accepted.
+        let id = client.makeID()
+        try client.send([
+            "op": "sample", "id": .number(Double(id)), "frames": 4,
+            "clips": [["path": .string(goodClip)], ["path": .string(goodClip)], ["path": .string(goodClip)]],
+        ])
+        var delivered = 0
+        while true {
+            let (answer, fd) = try client.receive(timeoutMs: 30_000)
+            try? fd?.close()
+            if answer["done"]?.boolValue == true {
+                #expect(answer["ok"]?.boolValue == true, "\(answer.jsonString)")
+                break
+            }
+            if answer["ok"]?.boolValue == true { delivered += 1 }
+        }
+        #expect(delivered == 3)
     }
 
     @Test func allOrNothingSampleFailsWholeAndNamesTheClip() throws {
@@ -253,9 +286,7 @@ final class SupervisorTests {
         do {
             let client = try supervisor.client()
             try client.send(["op": "decode", "id": 1, "path": .string(fifo), "deadline_ms": 60_000])
-            usleep(300_000)
-            let status = try supervisor.status()
-            #expect(status["workers"]?["list"]?.arrayValue?.contains { $0["state"]?.stringValue == "busy" } == true)
+            #expect(supervisor.waitUntilAWorkerIsBusy(), "the hanging clip never reached a worker")
         }
         // The client is gone; its hung clip must not keep the only worker.
         let (answer, _) = try supervisor.client().decode(goodClip, timeoutMs: 10_000)
@@ -271,7 +302,7 @@ final class SupervisorTests {
         Fixtures.fifo(at: fifo)
         let client = try supervisor.client()
         try client.send(["op": "decode", "id": 1, "path": .string(fifo), "deadline_ms": 60_000])
-        usleep(200_000)
+        #expect(supervisor.waitUntilAWorkerIsBusy(), "the hanging clip never reached a worker")
         let workerPIDs = supervisor.children().map(\.pid)
         let started = Date()
         #expect(supervisor.stop() == 0)

@@ -254,7 +254,9 @@ extension Supervisor {
         guard case .running = phase else {
             throw DecodeFailure(.cancelled, "the supervisor is shutting down")
         }
-        guard queuedCount + count <= configuration.queueLimit else {
+        // Clips that go straight to an idle worker never wait, so they do not count.
+        let waiting = queuedCount + max(0, count - freeDecodeSlots)
+        guard waiting <= configuration.queueLimit else {
             throw DecodeFailure(
                 .overloaded, "\(queuedCount) clips are queued (limit \(configuration.queueLimit)); retry later",
                 retryAfterMs: 500)

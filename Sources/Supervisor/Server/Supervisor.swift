@@ -221,10 +221,14 @@ final class Supervisor {
 
     // MARK: - Queue
 
+    /// Queues a clip and hands it to an idle worker at once if one is free, so that requests
+    /// read in the same batch see a queue length that counts only clips really waiting: the
+    /// queue limit must not refuse a clip because an earlier one has not been dispatched yet.
     func enqueue(_ job: ClipJob) {
         jobs[job.id] = job
         queue.append(job.id)
         queuedCount += 1
+        dispatch()
     }
 
     /// The oldest job still waiting, dropping answered ids from the head.
@@ -258,6 +262,18 @@ final class Supervisor {
     /// Bytes of finished blocks still held in client outboxes.
     var heldBlockBytes: Int { connections.values.reduce(0) { $0 + $1.outboxBlockBytes } }
 
+    var busyWorkerCount: Int {
+        workers.values.filter { if case .busy = $0.state { return true } else { return false } }.count
+    }
+
+    /// Clips that would start decoding at once rather than wait: idle workers, within the
+    /// `workers` bound and the memory budget.
+    var freeDecodeSlots: Int {
+        guard case .running = phase, heldBlockBytes < configuration.effectiveMemoryBudget else { return 0 }
+        let idle = workers.values.filter { if case .idle = $0.state { return true } else { return false } }.count
+        return max(0, min(idle, configuration.workers - busyWorkerCount))
+    }
+
     /// Hands queued clips to idle workers while the memory budget allows.
     func dispatch() {
         guard case .running = phase else { return }
@@ -265,7 +281,7 @@ final class Supervisor {
         // clients have not read yet.
         guard heldBlockBytes < configuration.effectiveMemoryBudget else { return }
         // Spare workers stand by; no more than `workers` clips decode at once.
-        var busy = workers.values.filter { if case .busy = $0.state { return true } else { return false } }.count
+        var busy = busyWorkerCount
         for worker in workers.values {
             guard busy < configuration.workers else { return }
             guard case .idle = worker.state else { continue }
