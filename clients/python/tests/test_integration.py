@@ -10,12 +10,13 @@ from __future__ import annotations
 import fcntl
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import pytest
@@ -76,8 +77,8 @@ class Supervisor:
         env.pop("NOTIFY_SOCKET", None)
         return env
 
-    def start(self, timeout: float = 30.0) -> None:
-        extra = os.environ.get("CLIPVISOR_SERVE_ARGS", "").split()
+    def start(self, timeout: float = 30.0, args: Sequence[str] = ()) -> None:
+        extra = list(args) + os.environ.get("CLIPVISOR_SERVE_ARGS", "").split()
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([BINARY, "serve", "--socket", self.path] + extra, stdin=subprocess.DEVNULL,
                                      stdout=log, stderr=log, env=self.env(), start_new_session=True)
@@ -332,6 +333,25 @@ def test_permission(cv: clipvisor.Client, short_dir: str) -> None:
     os.chmod(locked, 0)
     with pytest.raises(clipvisor.ClipPermission):
         cv.video(locked)
+
+
+def test_clip_outside_the_data_roots_is_a_permission_error(short_dir: str) -> None:
+    # Works as root too: the supervisor's path policy refuses it before any worker opens it.
+    allowed = os.path.join(short_dir, "data")
+    os.makedirs(allowed)
+    inside = os.path.join(allowed, "clip.mp4")
+    shutil.copy(media("jcodec__big_buck_bunny_160x90_ltr.mp4"), inside)
+    s = Supervisor(short_dir)
+    s.start(args=["--root", allowed, "--workers", "1"])
+    try:
+        with clipvisor.Client(s.path, spawn=False, margin=15.0) as c:
+            assert c.video(inside, frames=2).frames.shape[0] == 2
+            with pytest.raises(clipvisor.ClipPermission) as info:
+                c.video(media("jcodec__big_buck_bunny_160x90_ltr.mp4"), frames=2)
+            assert "jcodec__big_buck_bunny_160x90_ltr.mp4" in str(info.value)
+            assert info.value.reason == "permission"
+    finally:
+        s.stop()
 
 
 def test_sample(cv: clipvisor.Client, short_dir: str) -> None:
