@@ -179,7 +179,30 @@ int cv_unix_stream_socket(int nonblocking) {
     return socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | (nonblocking ? SOCK_NONBLOCK : 0), 0);
 }
 
-int cv_unix_seqpacket_pair(int *fds) { return socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, fds); }
+/* A SEQPACKET datagram must fit the sender's buffer (EMSGSIZE otherwise), and the default
+ * (net.core.wmem_default, ~208 KiB) is less than a job or an answer listing 10 000 frames.
+ * The *FORCE options pass net.core.[rw]mem_max for a privileged supervisor; otherwise the
+ * kernel caps the request at that maximum and doubles it (~416 KiB with default sysctls). */
+static void cv_grow_buffers(int fd, int bytes) {
+    if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &bytes, sizeof bytes) != 0)
+        (void)setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes);
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &bytes, sizeof bytes) != 0)
+        (void)setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof bytes);
+}
+
+int cv_unix_seqpacket_pair(int *fds, int buffer_bytes) {
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, fds) != 0) return -1;
+    cv_grow_buffers(fds[0], buffer_bytes);
+    cv_grow_buffers(fds[1], buffer_bytes);
+    return 0;
+}
+
+int cv_send_buffer_bytes(int fd) {
+    int value = 0;
+    socklen_t len = sizeof value;
+    if (getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &value, &len) != 0) return -1;
+    return value;
+}
 
 int cv_sock_stream(void) { return SOCK_STREAM; }
 

@@ -60,6 +60,11 @@ public struct DecodeOptions: Sendable, Equatable {
         "channels", "max_source_pixels", "max_output_bytes",
     ]
 
+    /// Frames one clip may return (and timestamps one request may list). The job and the
+    /// worker's answer, which lists every frame's pts and index, must each fit one datagram
+    /// of the worker channel (WorkerMessage.channelBufferBytes); 10 000 frames need ~260 kB.
+    public static let maxFramesPerClip = 10_000
+
     /// Reads the decode keys of a request object. Keys outside `protocolKeys` are left for the
     /// caller (the supervisor owns `path`, `deadline_ms`, `tag`...), which rejects what it does not know.
     public init(json fields: [String: JSONValue]) throws(DecodeFailure) {
@@ -70,8 +75,8 @@ public struct DecodeOptions: Sendable, Equatable {
         start = try reader.double("start", min: 0)
         end = try reader.double("end", min: 0)
         let fps = try reader.double("fps", min: 1e-6, max: 1000)
-        let frames = try reader.int("frames", min: 1, max: 100_000)
-        let timestamps = try reader.doubles("timestamps", min: 0, maxCount: 100_000)
+        let frames = try reader.int("frames", min: 1, max: Self.maxFramesPerClip)
+        let timestamps = try reader.doubles("timestamps", min: 0, maxCount: Self.maxFramesPerClip)
         let modes = [fps != nil, frames != nil, timestamps != nil].filter { $0 }.count
         if modes > 1 {
             throw FieldReader.invalid("fps", "give only one of 'fps', 'frames' and 'timestamps'")
@@ -79,8 +84,8 @@ public struct DecodeOptions: Sendable, Equatable {
         if let fps { selection = .rate(fps: fps) }
         if let frames { selection = .count(frames) }
         if let timestamps { selection = .timestamps(timestamps) }
-        if let v = try reader.int("min_frames", min: 1, max: 100_000) { minFrames = v }
-        if let v = try reader.int("max_frames", min: 1, max: 100_000) { maxFrames = v }
+        if let v = try reader.int("min_frames", min: 1, max: Self.maxFramesPerClip) { minFrames = v }
+        if let v = try reader.int("max_frames", min: 1, max: Self.maxFramesPerClip) { maxFrames = v }
         if let v = try reader.int("frame_factor", min: 1, max: 1024) { frameFactor = v }
         width = try reader.int("width", min: 1, max: 65_536)
         height = try reader.int("height", min: 1, max: 65_536)

@@ -24,6 +24,11 @@ public enum SocketIO {
         }
     }
 
+    /// SO_SNDBUF of `socket`: on a SOCK_SEQPACKET socket, about the largest datagram it sends.
+    public static func sendBufferBytes(_ socket: FileDescriptor) -> Int {
+        Int(cv_send_buffer_bytes(socket.rawValue))
+    }
+
     /// Sends a whole message on a blocking socket; the fd goes with the first chunk.
     public static func sendAll(_ socket: FileDescriptor, _ bytes: [UInt8], passing fd: FileDescriptor? = nil) throws(Errno) {
         try bytes.withBytes { raw throws(Errno) in

@@ -2,7 +2,9 @@
 /// as one JSON object per SOCK_SEQPACKET datagram, so the kernel keeps message boundaries and
 /// an fd (a clip passed by a client, or the finished block) rides with its message.
 public enum WorkerMessage {
-    /// Largest datagram either side sends (results carry pts lists of up to 100 000 frames).
+    /// Largest datagram either side accepts, and the buffer size the supervisor asks for the
+    /// channel. The kernel may grant less (see `cv_unix_seqpacket_pair`); what fits is bounded
+    /// by `DecodeOptions.maxFramesPerClip`, and a job that still does not fit is refused alone.
     public static let maxSize = 4 << 20
 
     /// Exit codes of `clipvisor-worker serve`, documented so the supervisor can tell a clean

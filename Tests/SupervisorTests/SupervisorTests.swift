@@ -151,6 +151,21 @@ final class SupervisorTests {
         try supervisor.expectClean(baselineFDs: baseline + 1)
     }
 
+    /// A worker's messages are untrusted: absurd numbers and a success without its block get
+    /// the clip answered `crashed` and the worker replaced; the supervisor itself carries on.
+    @Test func aLyingWorkerIsKilledAndItsClipAnswered() throws {
+        let supervisor = try SupervisorProcess(
+            arguments: ["--workers", "1"], environment: [WorkerMessage.faultEnvironmentKey: "lie-on=LIAR"])
+        let lying = fixtures.file("LIAR.mp4")
+        try? FileManager.default.copyItem(atPath: goodClip, toPath: lying)
+        let client = try supervisor.client()
+        let (answer, block) = try client.decode(lying, ["deadline_ms": 20_000], timeoutMs: 10_000)
+        #expect(answer.errorReason == "crashed", "\(answer.jsonString)")
+        #expect(answer["error"]?["message"]?.stringValue?.contains("without its block") == true, "\(answer.jsonString)")
+        #expect(block == nil)
+        #expect(try client.decode(goodClip).0["ok"]?.boolValue == true, "the supervisor and a new worker carry on")
+    }
+
     @Test func aFullQueueAnswersOverloaded() throws {
         let supervisor = try SupervisorProcess(arguments: ["--workers", "1", "--queue-limit", "1"])
         let fifo = fixtures.file("overload.fifo")
@@ -196,6 +211,37 @@ final class SupervisorTests {
             if answer["ok"]?.boolValue == true { delivered += 1 }
         }
         #expect(delivered == 3)
+    }
+
+    /// An answer at the frame limit (every frame's pts and index) travels back from the worker,
+    /// and a request at it travels there, though it is larger than a socket buffer carries by
+    /// default; one past the limit is refused naming the field. No worker is lost, nothing is
+    /// counted as a crash.
+    @Test func theLargestRequestAndAnswerFitTheWorkerChannel() throws {
+        let defaultDatagramLimit = 212_992
+        let limit = DecodeOptions.maxFramesPerClip
+        let long = fixtures.file("ten-thousand-frames.mp4")
+        try Fixtures.clip(at: long, seconds: Double(limit) / 30 + 1, size: "32x32", rate: 30)
+        let supervisor = try SupervisorProcess(arguments: ["--workers", "1"])
+        let client = try supervisor.client()
+
+        let (answer, block) = try client.decode(long, ["frames": .number(Double(limit))], timeoutMs: 120_000)
+        #expect(answer["ok"]?.boolValue == true, "\(String(answer.jsonString.prefix(400)))")
+        #expect(answer["result"]?["video"]?["pts"]?.arrayValue?.count == limit)
+        #expect(block != nil)
+
+        // Times below 1e-4 print in exponent form, the longest JSON numbers a client sends.
+        let times: [JSONValue] = (0..<limit).map { .number(1e-5 * (1 + Double($0) / 10_007)) }
+        #expect(JSONValue.array(times).serialized().count > defaultDatagramLimit)
+        let (atLimit, _) = try client.decode(goodClip, ["timestamps": .array(times), "width": 16, "height": 16], timeoutMs: 120_000)
+        #expect(atLimit["ok"]?.boolValue == true, "\(String(atLimit.jsonString.prefix(400)))")
+
+        let tooMany = try client.decode(goodClip, ["timestamps": .array(times + [.number(0)])]).0
+        #expect(tooMany.errorReason == "invalid_request")
+        #expect(tooMany["error"]?["detail"]?.stringValue == "timestamps", "\(tooMany.jsonString)")
+        let counters = try supervisor.status()["counters"]
+        #expect(counters?["crashes"]?.intValue == 0)
+        #expect(counters?["spawns"]?.intValue == 3, "no worker was replaced: \(counters?.jsonString ?? "")")
     }
 
     @Test func allOrNothingSampleFailsWholeAndNamesTheClip() throws {

@@ -86,7 +86,10 @@ int cv_epoll_wait(int epfd, uint64_t *tokens, uint32_t *events, int max, int tim
 int cv_unix_stream_socket(int nonblocking);
 
 /// socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC): the worker control channel.
-int cv_unix_seqpacket_pair(int *fds);
+/// A SOCK_SEQPACKET pair whose send and receive buffers are grown towards `buffer_bytes`.
+int cv_unix_seqpacket_pair(int *fds, int buffer_bytes);
+/// SO_SNDBUF of `fd` (the largest datagram is this minus a small overhead), or -1.
+int cv_send_buffer_bytes(int fd);
 
 /// SOCK_STREAM's value, for sd_is_socket_unix.
 int cv_sock_stream(void);

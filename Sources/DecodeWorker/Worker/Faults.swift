@@ -11,6 +11,8 @@ struct Faults: Sendable, Equatable {
     var abortOn: [String] = []
     var hangOn: [String] = []
     var oomOn: [String] = []
+    /// Paths for which the worker breaks the protocol the way a compromised worker could.
+    var lieOn: [String] = []
     var exitAtStart = false
 
     static func fromEnvironment() -> Faults {
@@ -19,7 +21,7 @@ struct Faults: Sendable, Equatable {
     }
 
     /// A comma-separated list of `crash-on=TEXT`, `abort-on=TEXT`, `hang-on=TEXT`, `oom-on=TEXT`,
-    /// `exit-at-start`. Unknown entries are ignored.
+    /// `lie-on=TEXT`, `exit-at-start`. Unknown entries are ignored.
     static func parse(_ text: String) -> Faults {
         var faults = Faults()
         for item in text.split(separator: ",") {
@@ -31,6 +33,7 @@ struct Faults: Sendable, Equatable {
             case "abort-on" where !value.isEmpty: faults.abortOn.append(value)
             case "hang-on" where !value.isEmpty: faults.hangOn.append(value)
             case "oom-on" where !value.isEmpty: faults.oomOn.append(value)
+            case "lie-on" where !value.isEmpty: faults.lieOn.append(value)
             case "exit-at-start": faults.exitAtStart = true
             default: break
             }
@@ -39,6 +42,8 @@ struct Faults: Sendable, Equatable {
     }
 
     var isEmpty: Bool { self == Faults() }
+
+    func lies(about path: String) -> Bool { lieOn.contains(where: { path.contains($0) }) }
 
     /// Acts on a job's path: crashes, aborts or hangs; returns an `out_of_memory` failure for oom-on.
     func trigger(path: String) -> DecodeFailure? {

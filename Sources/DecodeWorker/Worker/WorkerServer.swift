@@ -79,8 +79,10 @@ final class WorkerServer {
                 return WorkerMessage.ExitCode.protocolError.rawValue
             }
             let (reply, block) = handle(op: op, job: job, message: message, passed: passed)
-            guard send(reply, fd: block?.fd) else { return WorkerMessage.ExitCode.protocolError.rawValue }
-            if reply["exiting"]?.boolValue == true { return WorkerMessage.ExitCode.recycled.rawValue }
+            guard let delivered = deliver(reply, block: block, job: job, path: message["path"]?.stringValue ?? "") else {
+                return WorkerMessage.ExitCode.protocolError.rawValue
+            }
+            if delivered["exiting"]?.boolValue == true { return WorkerMessage.ExitCode.recycled.rawValue }
         }
     }
 
@@ -106,6 +108,11 @@ final class WorkerServer {
         }
         let displayPath = name.isEmpty ? openPath : name
         let identity = FileIdentity(path: openPath)
+        if faults.lies(about: displayPath) {
+            // A size no Int64 holds, then a success without its block.
+            _ = send(["op": "started", "job": .number(Double(job)), "size": 1e300, "mtime": .null], fd: nil)
+            return (["op": "done", "job": .number(Double(job)), "ok": true, "result": [:], "block_bytes": 1000, "exiting": false], nil)
+        }
         _ = send(["op": "started", "job": .number(Double(job)), "size": identity?.sizeJSON ?? .null, "mtime": identity?.mtimeJSON ?? .null], fd: nil)
         if let roots = message["roots"]?.arrayValue?.compactMap(\.stringValue), !roots.isEmpty,
             let failure = PathPolicy(roots: roots).check(openPath: openPath, displayPath: displayPath)
@@ -139,6 +146,31 @@ final class WorkerServer {
         } catch {
             return failed(error)
         }
+    }
+
+    /// Sends a job's reply; returns what was sent, or nil when the channel failed. A reply that
+    /// cannot travel for reasons of its own (too big for the channel; the service user's fds in
+    /// flight at their limit) is replaced by an error reply, so the clip is answered with the
+    /// cause instead of the worker dying and the clip being counted as a crash.
+    private func deliver(_ reply: JSONValue, block: OwnedFD?, job: Int, path: String) -> JSONValue? {
+        let bytes = reply.serialized()
+        let failure: DecodeFailure
+        do {
+            let sent = try bytes.withUnsafeBytes { raw throws(Errno) in try SocketIO.send(control, raw, passing: block?.fd) }
+            return sent == bytes.count ? reply : nil
+        } catch .messageTooLong {
+            failure = DecodeFailure(
+                .tooLarge, "\(path): the answer needs \(bytes.count) bytes, more than the worker channel carries (\(SocketIO.sendBufferBytes(control)))",
+                path: path, detail: "answer_size")
+        } catch .tooManyReferences {
+            failure = DecodeFailure(
+                .overloaded, "\(path): too many results are waiting to be read by clients; retry later", path: path, retryAfterMs: 500)
+        } catch {
+            logLine("control socket: sending \(bytes.count) bytes: \(error)")
+            return nil
+        }
+        let replacement: JSONValue = ["op": "done", "job": .number(Double(job)), "ok": false, "error": failure.json, "exiting": true]
+        return send(replacement, fd: nil) ? replacement : nil
     }
 
     private func send(_ value: JSONValue, fd: FileDescriptor?, quietOnClosedPeer: Bool = false) -> Bool {

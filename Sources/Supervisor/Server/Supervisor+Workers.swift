@@ -102,14 +102,16 @@ extension Supervisor {
         }
     }
 
-    private func protocolViolation(by worker: WorkerProcess, _ problem: String) {
+    /// Kills a worker that broke the protocol and answers `crashed` for `job` (by default, the
+    /// one it is busy with).
+    private func protocolViolation(by worker: WorkerProcess, _ problem: String, job given: ClipJob? = nil) {
         logger.error("worker \(worker.pid) \(problem); killing it", metadata: ["worker.pid": "\(worker.pid)"])
-        if case .busy(let jobID, _) = worker.state, let job = jobs[jobID] {
-            worker.kill(reason: "protocol violation")
+        var job = given
+        if job == nil, case .busy(let jobID, _) = worker.state { job = jobs[jobID] }
+        worker.kill(reason: "protocol violation")
+        if let job {
             counters.crashes += 1
             answer(job, .failed(DecodeFailure(.crashed, "\(job.path): the decode worker \(problem)", path: job.path)))
-        } else {
-            worker.kill(reason: "protocol violation")
         }
     }
 
@@ -133,8 +135,10 @@ extension Supervisor {
         case "started":
             try? fd?.close()
             if case .busy(let jobID, _) = worker.state, message["job"]?.intValue == Int(jobID), let job = jobs[jobID] {
-                job.fileSize = message["size"]?.doubleValue.map { Int64($0) }
-                job.fileMtime = message["mtime"]?.doubleValue
+                // Worker messages are untrusted (a worker may be compromised by its media):
+                // out-of-range numbers are dropped, never trapped on.
+                job.fileSize = message["size"]?.doubleValue.flatMap { Int64(exactly: $0) }
+                job.fileMtime = message["mtime"]?.doubleValue.flatMap { $0.isFinite ? $0 : nil }
             }
         case "done":
             handleDone(message, fd: fd, from: worker)
@@ -164,12 +168,12 @@ extension Supervisor {
             case .decode:
                 guard let fd, let bytes = message["block_bytes"]?.intValue, let result = message["result"] else {
                     try? fd?.close()
-                    protocolViolation(by: worker, "sent a result without its block")
+                    protocolViolation(by: worker, "sent a result without its block", job: job)
                     return
                 }
                 guard SharedMemory.isSealed(fd), (try? SharedMemory.size(of: fd)) == bytes else {
                     try? fd.close()
-                    protocolViolation(by: worker, "sent a block that is not sealed or not \(bytes) bytes")
+                    protocolViolation(by: worker, "sent a block that is not sealed or not \(bytes) bytes", job: job)
                     return
                 }
                 answer(job, .decoded(result: result, block: fd, bytes: bytes))

@@ -286,34 +286,58 @@ final class Supervisor {
             guard busy < configuration.workers else { return }
             guard case .idle = worker.state else { continue }
             guard let job = popQueuedJob() else { return }
-            if !send(job, to: worker) {
+            switch send(job, to: worker) {
+            case .sent:
+                busy += 1
+            case .workerFailed:
                 // The worker died before taking the clip: the clip has not started, so it waits
                 // for the next worker instead of failing.
                 queue.insert(job.id, at: queueHead)
                 queuedCount += 1
-                continue
+            case .jobRefused(let failure):
+                // The job itself cannot travel; the worker is fine and stays idle.
+                answer(job, .failed(failure))
             }
-            busy += 1
         }
     }
 
-    private func send(_ job: ClipJob, to worker: WorkerProcess) -> Bool {
+    private enum SendOutcome {
+        case sent
+        case workerFailed
+        case jobRefused(DecodeFailure)
+    }
+
+    private func send(_ job: ClipJob, to worker: WorkerProcess) -> SendOutcome {
         job.quarantine = skipLog?.quarantine(for: job.path)
         let bytes = job.workerMessage(roots: configuration.roots).serialized()
         let result = bytes.withUnsafeBytes { raw in
             Result { () throws(Errno) in try SocketIO.send(worker.control, raw, passing: job.clipFD, nonBlocking: true) }
         }
-        guard case .success = result else {
-            logger.warning("worker \(worker.pid) refused a job: \(result); replacing it", metadata: ["worker.pid": "\(worker.pid)"])
+        switch result {
+        case .success:
+            break
+        case .failure(.messageTooLong):
+            let capacity = SocketIO.sendBufferBytes(worker.control)
+            return .jobRefused(DecodeFailure(
+                .invalidRequest,
+                "\(job.path): the request needs \(bytes.count) bytes on the worker channel, which carries at most \(capacity); ask for fewer timestamps",
+                path: job.path, detail: "timestamps"))
+        case .failure(.tooManyReferences):
+            // The service user has too many fds in flight (blocks clients have not read yet).
+            return .jobRefused(DecodeFailure(
+                .overloaded, "\(job.path): too many results are waiting to be read by clients; retry later",
+                path: job.path, retryAfterMs: 500))
+        case .failure(let error):
+            logger.warning("worker \(worker.pid) refused a job: \(error); replacing it", metadata: ["worker.pid": "\(worker.pid)"])
             worker.kill(reason: "control socket failed")
-            return false
+            return .workerFailed
         }
         try? job.clipFD?.close()
         job.clipFD = nil
         let now = Instant.now()
         job.state = .running(worker: worker.id, since: now)
         worker.state = .busy(job: job.id, deadline: now.adding(milliseconds: job.deadlineMs))
-        return true
+        return .sent
     }
 
     // MARK: - Shutdown

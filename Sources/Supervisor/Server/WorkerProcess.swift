@@ -114,7 +114,7 @@ struct WorkerSpawner {
 
     func spawn(id: UInt64, startTimeoutMs: Int) throws(SpawnError) -> WorkerProcess {
         var pair: [Int32] = [-1, -1]
-        guard cv_unix_seqpacket_pair(&pair) == 0 else {
+        guard cv_unix_seqpacket_pair(&pair, Int32(WorkerMessage.maxSize)) == 0 else {
             throw SpawnError(description: "socketpair failed: \(Errno(rawValue: errno))")
         }
         let parentEnd = FileDescriptor(rawValue: pair[0])

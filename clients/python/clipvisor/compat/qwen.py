@@ -87,7 +87,7 @@ MODEL_SEQ_LEN = 128000
 _WORKER_FRAME_CAP = 768 * 28 * 28
 _WORKER_MAX_RATIO = 200
 _WORKER_MAX_FPS = 1000.0
-_WORKER_MAX_FRAMES = 100_000
+_WORKER_MAX_FRAMES = 10_000  # the worker's per-clip frame limit (DecodeOptions.maxFramesPerClip)
 
 _UNSET: Any = object()
 
