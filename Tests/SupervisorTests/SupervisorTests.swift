@@ -137,6 +137,57 @@ final class SupervisorTests {
         #expect(try client.decode(path).0.errorReason == "not_found")
     }
 
+    /// An fd belongs to the message it came with: one a refused message carried is closed, never
+    /// handed to the next message (which would then decode another file than the one it sent).
+    @Test func anFDIsNeverHandedToALaterMessage() throws {
+        let supervisor = try SupervisorProcess(arguments: ["--workers", "1"])
+        let baseline = supervisor.settledFDCount()
+        let other = fixtures.file("other.mp4")
+        try Fixtures.clip(at: other, seconds: 1, size: "64x48")
+        let first = try FileDescriptor.open(goodClip, .readOnly)
+        let second = try FileDescriptor.open(other, .readOnly)
+        defer { try? first.close(); try? second.close() }
+        let client = try supervisor.client()
+        // Refused for its id, and large enough to take several reads, with the next message
+        // queued right behind it (the supervisor is stopped while both are sent).
+        let padding: [JSONValue] = (0..<9000).map { .number(Double($0) / 1000 + 0.0001) }
+        kill(supervisor.pid, SIGSTOP)
+        try client.send(
+            ["op": "decode", "id": .number(9_007_199_254_740_992), "fd": true, "path": .string(goodClip), "timestamps": .array(padding)],
+            passing: first)
+        try client.send(["op": "probe", "id": 7, "fd": true, "path": .string(other)], passing: second)
+        kill(supervisor.pid, SIGCONT)
+        var probe: JSONValue?
+        for _ in 0..<2 {
+            let (answer, fd) = try client.receive(timeoutMs: 30_000)
+            try? fd?.close()
+            if answer["id"]?.intValue == 7 { probe = answer }
+        }
+        let size = try #require(try FileManager.default.attributesOfItem(atPath: other)[.size] as? Int)
+        #expect(probe?["ok"]?.boolValue == true, "\(probe?.jsonString ?? "no answer")")
+        #expect(probe?["probe"]?["size_bytes"]?.intValue == size, "probed another file: \(probe?.jsonString ?? "")")
+        #expect(probe?["probe"]?["source"]?["width"]?.intValue == 64, "\(probe?.jsonString ?? "")")
+        try supervisor.expectClean(baselineFDs: baseline + 1)
+    }
+
+    /// A client that sends an fd with every byte of one long message cannot fill the
+    /// supervisor's fd table: it keeps at most one per message.
+    @Test func fdsSentWithEveryByteDoNotPileUp() throws {
+        let supervisor = try SupervisorProcess(arguments: ["--workers", "1"])
+        let baseline = supervisor.settledFDCount()
+        let clip = try FileDescriptor.open(goodClip, .readOnly)
+        defer { try? clip.close() }
+        let socket = try UnixSocket.connect(to: supervisor.socketPath)
+        defer { try? socket.close() }
+        try SocketIO.sendAll(socket, MessageFraming.frame(["op": "hello", "protocol": 1]) + [0x00, 0x10, 0x00, 0x00])
+        for _ in 0..<200 {
+            _ = try [UInt8(ascii: " ")].withUnsafeBytes { try SocketIO.send(socket, $0, passing: clip) }
+        }
+        usleep(300_000)
+        #expect(supervisor.openFDs().count <= baseline + 2, "fds: \(supervisor.openFDs())")
+        #expect(try supervisor.client().call(["op": "status"], timeoutMs: 5000).0["ok"]?.boolValue == true)
+    }
+
     @Test func aWorkerKilledBySignalAnswersCrashedAndIsReplaced() throws {
         let supervisor = try SupervisorProcess(
             arguments: ["--workers", "1"], environment: [WorkerMessage.faultEnvironmentKey: "crash-on=CRASHME"])

@@ -33,8 +33,10 @@ final class Connection {
     let fd: FileDescriptor
     let peer: Peer
     var inbox = MessageBuffer()
-    /// fds received and not yet claimed by a message declaring `"fd": true`, in arrival order.
-    var receivedFDs: [FileDescriptor] = []
+    /// The fd that arrived with the message being read (reads never cross a message's end, so
+    /// an fd belongs to the message its bytes arrived in). Claimed by a clip declaring
+    /// `"fd": true`; closed once that message is handled if nothing claimed it.
+    var messageFD: FileDescriptor?
     var outbox: [Outgoing] = []
     var wantsWritable = false
     var greeted = false
@@ -88,8 +90,8 @@ final class Connection {
     func closeAll() {
         for message in outbox { try? message.fd?.close() }
         outbox.removeAll()
-        for received in receivedFDs { try? received.close() }
-        receivedFDs.removeAll()
+        try? messageFD?.close()
+        messageFD = nil
         try? fd.close()
     }
 }

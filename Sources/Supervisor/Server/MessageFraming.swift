@@ -39,6 +39,19 @@ struct MessageBuffer {
         storage.append(contentsOf: bytes)
     }
 
+    /// Bytes that complete the frame at the head (its length prefix first). Reading no more
+    /// than this keeps each read inside one message, which is what ties a received fd to the
+    /// message it came with: the kernel may otherwise join one message's tail and the next
+    /// message's start, fd included, in one read.
+    var bytesToCompleteFrame: Int {
+        let have = storage.count - start
+        guard have >= 4 else { return 4 - have }
+        var length = 0
+        for i in 0..<4 { length |= Int(storage[start + i]) << (8 * i) }
+        guard length >= 1, length <= MessageFraming.maxMessageBytes else { return 1 }  // next() reports it
+        return 4 + length - have
+    }
+
     /// The next complete message body, or nil when more bytes are needed.
     mutating func next() throws(FramingError) -> [UInt8]? {
         guard storage.count - start >= 4 else { return nil }

@@ -50,10 +50,11 @@ extension Supervisor {
 
     func readFrom(_ connection: Connection) {
         // Bounded per event so one chatty client cannot starve the others.
-        for _ in 0..<16 {
+        for _ in 0..<32 {
+            let want = min(connection.inbox.bytesToCompleteFrame, 65_536)
             let result = receiveBuffer.withUnsafeMutableBytes { raw in
                 Result { () throws(Errno) in
-                    try SocketIO.receive(connection.fd, into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<65_536]), nonBlocking: true)
+                    try SocketIO.receive(connection.fd, into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<want]), nonBlocking: true)
                 }
             }
             switch result {
@@ -62,7 +63,15 @@ extension Supervisor {
                 drop(connection, reason: "read failed: \(error)")
                 return
             case .success(let received):
-                if let fd = received.fd { connection.receivedFDs.append(fd) }
+                if let fd = received.fd {
+                    // One fd per message; any other is the client's mistake and closed at once,
+                    // so no client can pile fds up in the supervisor.
+                    if connection.messageFD == nil, !connection.closeAfterFlush {
+                        connection.messageFD = fd
+                    } else {
+                        try? fd.close()
+                    }
+                }
                 if received.count == 0 {
                     drop(connection, reason: "client closed the connection")
                     return
@@ -88,12 +97,10 @@ extension Supervisor {
             guard let body else { break }
             handleMessage(body, from: connection)
             guard connections[connection.id] != nil else { return }
-        }
-        // fds that arrived with messages that did not declare them are the client's mistake;
-        // they must not be handed to a later message.
-        if connection.inbox.isEmpty, !connection.receivedFDs.isEmpty {
-            for fd in connection.receivedFDs { try? fd.close() }
-            connection.receivedFDs.removeAll()
+            // An fd the message did not claim (it was refused, or did not declare one) must
+            // never reach a later message.
+            try? connection.messageFD?.close()
+            connection.messageFD = nil
         }
         flush(connection)
     }
@@ -222,10 +229,11 @@ extension Supervisor {
         }
         var clipFD: FileDescriptor?
         if wantsFD {
-            guard !connection.receivedFDs.isEmpty else {
+            guard let fd = connection.messageFD else {
                 throw FieldReader.invalid("fd", "\"fd\": true but no file descriptor came with the message")
             }
-            clipFD = connection.receivedFDs.removeFirst()
+            clipFD = fd
+            connection.messageFD = nil
         }
         do throws(DecodeFailure) {
             var allowed = Self.clipKeys.union(["op", "id"])
