@@ -205,10 +205,10 @@ final class VideoFrameReader {
         pendingPacket = true
         let mark = FFLog.mark()
         var collected: [Int: Converted] = [:]
-        let result = try decodeLoop(targets: targets) { index, bytes, corrupt throws(DecodeFailure) in
+        let result = try decodeLoop(targets: targets, verifying: keys) { index, bytes, corrupt throws(DecodeFailure) in
             collected[index] = Converted(bytes: bytes, corrupt: corrupt)
         }
-        if !result.missing.isEmpty || FFLog.errorCount(since: mark) > 0 || result.readError != nil {
+        if result.lostTrack || !result.missing.isEmpty || FFLog.errorCount(since: mark) > 0 || result.readError != nil {
             return nil
         }
         return collected
@@ -275,12 +275,19 @@ final class VideoFrameReader {
     private struct LoopResult {
         var missing: [Int] = []
         var readError: String?
+        /// After a seek, a packet was not the one the frame table lists next (MPEG-PS, for one,
+        /// inserts a packet of its own after a seek): ordinals would be off from there on.
+        var lostTrack = false
     }
 
     /// The packet/frame loop: feeds packets from the current position until every target is
     /// produced or known missing.
+    /// With `verifying`, every packet read must be the one the frame table lists next (checked
+    /// by its identity), else the loop stops with `lostTrack`: after a seek, counting packets
+    /// alone could label every later frame with its neighbour's index.
     private func decodeLoop(
-        targets: [Int], store: (_ index: Int, _ bytes: [UInt8], _ corrupt: Bool) throws(DecodeFailure) -> Void
+        targets: [Int], verifying keys: [FrameTable.PacketKey: Int]? = nil,
+        store: (_ index: Int, _ bytes: [UInt8], _ corrupt: Bool) throws(DecodeFailure) -> Void
     ) throws(DecodeFailure) -> LoopResult {
         let pending = targets.sorted()
         var head = 0
@@ -376,8 +383,13 @@ final class VideoFrameReader {
                     return result
                 }
             }
-            pendingPacket = false
             let ordinal = nextOrdinal ?? 0
+            // The first packet after a seek was identified when positioning.
+            if let keys, !pendingPacket, keys[FrameTable.key(of: packet)] != ordinal {
+                result.lostTrack = true
+                return result
+            }
+            pendingPacket = false
             nextOrdinal = ordinal + 1
             packet.pointer.pointee.pts = Int64(ordinal)
             packet.pointer.pointee.dts = Int64(ordinal)
