@@ -33,6 +33,8 @@ struct FrameTable {
     }
 
     var packets: [PacketInfo] = []
+    /// Some packet carried palette side data (paletted video: pal8 rawvideo, QuickTime RLE...).
+    var carriesPalette = false
     /// Presentation index → packet ordinal.
     var presented: [Int] = []
     /// Packet ordinal → presentation index (nil for hidden packets). Only for timed tables.
@@ -89,6 +91,7 @@ struct FrameTable {
             case .packet:
                 guard packet.streamIndex == streamIndex, packet.size > 0 else { continue }
                 if packet.isEncrypted { table.encrypted = true }
+                if packet.carriesPalette { table.carriesPalette = true }
                 // VP8: bit 4 of the first byte is show_frame; alt-ref frames are decoded, not shown.
                 let invisible = isVP8 && (packet.firstByte.map { $0 & 0x10 == 0 } ?? false)
                 table.packets.append(
@@ -153,7 +156,9 @@ struct FrameTable {
             let key = PacketKey(position: p.position, dts: p.dts ?? Int64.min, pts: p.pts ?? Int64.min)
             if keys.updateValue(ordinal, forKey: key) != nil { unique = false }
         }
-        packetByKey = unique ? keys : nil
+        // A palette comes only with the first packet after opening: a seek would leave the
+        // decoder without it (black frames), so such streams are read from a fresh open.
+        packetByKey = unique && !carriesPalette ? keys : nil
     }
 
     /// `avg_frame_rate`, else `r_frame_rate`, else 0 (then derived from the times).

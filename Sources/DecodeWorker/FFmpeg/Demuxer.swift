@@ -24,6 +24,8 @@ final class Packet {
     var position: Int64 { pointer.pointee.pos }
     var size: Int { Int(pointer.pointee.size) }
     var isKey: Bool { pointer.pointee.flags & AV_PKT_FLAG_KEY != 0 }
+    /// A palette rides with this packet (AVI/MOV give it to the first packet after opening only).
+    var carriesPalette: Bool { av_packet_get_side_data(pointer, AV_PKT_DATA_PALETTE, nil) != nil }
     /// Edit-list preroll (MP4): needed by the decoder, never presented.
     var isDiscard: Bool { pointer.pointee.flags & AV_PKT_FLAG_DISCARD != 0 }
     var isEncrypted: Bool { cffmpeg_packet_is_encrypted(pointer) != 0 }
