@@ -68,7 +68,7 @@ public struct DecodeArguments: ParsableArguments, Sendable {
     @Option(help: "Refuse outputs larger than this many bytes (default 4 GiB), before decoding: too_large.")
     public var maxOutputBytes: Int?
 
-    @Flag(help: "Also decode audio (not implemented yet: answers unsupported).")
+    @Flag(help: "Also decode the best audio stream: float32, planar (channels, samples), resampled to --sample-rate and --channels.")
     public var audio = false
 
     @Flag(help: "With --audio: no video.")

@@ -65,6 +65,10 @@ public struct DecodeOptions: Sendable, Equatable {
     /// of the worker channel (WorkerMessage.channelBufferBytes); 10 000 frames need ~260 kB.
     public static let maxFramesPerClip = 10_000
 
+    /// Longest side of an exact output size: swscale refuses wider images (~20 000 pixels), and
+    /// no model input comes near it.
+    public static let maxOutputSide = 16_384
+
     /// Reads the decode keys of a request object. Keys outside `protocolKeys` are left for the
     /// caller (the supervisor owns `path`, `deadline_ms`, `tag`...), which rejects what it does not know.
     public init(json fields: [String: JSONValue]) throws(DecodeFailure) {
@@ -87,8 +91,8 @@ public struct DecodeOptions: Sendable, Equatable {
         if let v = try reader.int("min_frames", min: 1, max: Self.maxFramesPerClip) { minFrames = v }
         if let v = try reader.int("max_frames", min: 1, max: Self.maxFramesPerClip) { maxFrames = v }
         if let v = try reader.int("frame_factor", min: 1, max: 1024) { frameFactor = v }
-        width = try reader.int("width", min: 1, max: 65_536)
-        height = try reader.int("height", min: 1, max: 65_536)
+        width = try reader.int("width", min: 1, max: Self.maxOutputSide)
+        height = try reader.int("height", min: 1, max: Self.maxOutputSide)
         maxPixels = try reader.int("max_pixels", min: 1, max: 1 << 40)
         minPixels = try reader.int("min_pixels", min: 1, max: 1 << 40)
         totalPixels = try reader.int("total_pixels", min: 1, max: 1 << 50)
@@ -213,9 +217,8 @@ public struct FieldReader {
 
     public func double(_ key: String, min: Double, max: Double = 1e12) throws(DecodeFailure) -> Double? {
         guard let v = value(key) else { return nil }
-        guard let n = v.doubleValue, n.isFinite else {
-            throw Self.invalid(key, "expected a number, got \(v.typeName)")
-        }
+        guard let n = v.doubleValue else { throw Self.invalid(key, "expected a number, got \(v.typeName)") }
+        guard n.isFinite else { throw Self.invalid(key, "must be a finite number, got \(n)") }
         guard n >= min, n <= max else {
             throw Self.invalid(key, "must be in [\(JSONValue.format(min)), \(JSONValue.format(max))], got \(JSONValue.format(n))")
         }

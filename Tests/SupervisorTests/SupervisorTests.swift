@@ -351,6 +351,8 @@ final class SupervisorTests {
             (["op": "explode", "id": 6], "op"),
             (["op": "decode", "id": 7, "fd": true], "fd"),
             (["op": "sample", "id": 8, "clips": []], "clips"),
+            (["op": "decode", "id": 9, "path": .string(goodClip), "width": 30_000, "height": 10], "width"),
+            (["op": "decode", "id": 10, "path": .string(goodClip), "frames": 10_001], "frames"),
         ]
         for (message, field) in bad {
             try client.send(message)
