@@ -70,6 +70,16 @@ static inline double cffmpeg_stream_display_rotation(const AVStream *st) {
     return av_display_rotation_get((const int32_t *)matrix);
 }
 
+/// Whether the stream's display matrix mirrors the picture (negative determinant), which
+/// av_display_rotation_get cannot express: a horizontal flip reads as a 180° rotation.
+static inline int cffmpeg_stream_display_is_mirrored(const AVStream *st) {
+    size_t size = 0;
+    const uint8_t *bytes = av_stream_get_side_data(st, AV_PKT_DATA_DISPLAYMATRIX, &size);
+    if (!bytes || size < 9 * sizeof(int32_t)) return 0;
+    const int32_t *m = (const int32_t *)bytes;
+    return (double)m[0] * m[4] - (double)m[1] * m[3] < 0;
+}
+
 /// Whether a packet carries CENC/CBCS encryption info: FFmpeg "decodes" encrypted samples without
 /// a key into garbage, so the worker refuses such streams instead.
 static inline int cffmpeg_packet_is_encrypted(const AVPacket *pkt) {

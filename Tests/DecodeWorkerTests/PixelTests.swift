@@ -164,4 +164,27 @@ struct PixelTests {
         #expect(asStored.video!.width == stored.0 && asStored.video!.height == stored.1)
         try Self.compare(name, options: o, ffmpegArgs: ["-noautorotate"])
     }
+
+    /// A display matrix that mirrors (horizontal flip) is not a rotation, though FFmpeg's
+    /// rotation reading calls it 180°: the frames are returned as stored, with a warning.
+    @Test func aMirroringDisplayMatrixIsNotTakenForARotation() throws {
+        let directory = try Support.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let path = directory + "/mirrored.mp4"
+        try Support.ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=64x48:rate=10:duration=1", "-c:v", "libx264", "-pix_fmt", "yuv420p", path])
+        // The tkhd box's matrix starts 48 bytes into it (version 0); its first entry, 1.0 in
+        // 16.16 fixed point, becomes -1.0.
+        var bytes = try [UInt8](Data(contentsOf: URL(fileURLWithPath: path)))
+        let tkhd = try #require(bytes.indices.dropLast(4).first { bytes[$0..<($0 + 4)].elementsEqual("tkhd".utf8) })
+        let matrix = tkhd - 4 + 48
+        #expect(bytes[matrix..<(matrix + 4)].elementsEqual([0x00, 0x01, 0x00, 0x00]))
+        bytes.replaceSubrange(matrix..<(matrix + 4), with: [0xFF, 0xFF, 0x00, 0x00])
+        try Data(bytes).write(to: URL(fileURLWithPath: path))
+        var o = Self.frames(1)
+        o.layout = .thwc
+        let (result, _) = try Support.decode(path, o)
+        #expect(result.video!.rotationApplied == 0)
+        #expect(result.warnings.contains { $0.contains("mirrors") }, "\(result.warnings)")
+        try Self.compare(path, options: o, ffmpegArgs: ["-noautorotate"])
+    }
 }

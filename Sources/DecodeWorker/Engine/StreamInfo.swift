@@ -5,10 +5,13 @@ import Shared
 enum StreamInfo {
     /// Clockwise degrees (0, 90, 180, 270) that upright the stream, from its display matrix
     /// (`av_display_rotation_get` gives counterclockwise degrees), and a note when the matrix is
-    /// unusable (not finite, or not a multiple of 90°).
+    /// unusable (not finite, not a multiple of 90°, or mirroring).
     static func rotation(_ st: UnsafeMutablePointer<AVStream>) -> (degrees: Int, note: String?) {
         let ccw = cffmpeg_stream_display_rotation(st)
         if ccw.isNaN { return (0, nil) }
+        if cffmpeg_stream_display_is_mirrored(st) != 0 {
+            return (0, "the display matrix mirrors the picture, which is not applied; the frames are returned as stored")
+        }
         guard ccw.isFinite, abs(ccw) < 1e6 else {
             return (0, "the display matrix holds no valid rotation; the frames are returned as stored")
         }
