@@ -125,6 +125,27 @@ struct AudioCorpusTests {
 
     /// Audio-in-video: with the video, the audio covers exactly the video's span and sits on the
     /// same grid as an audio-only decode of the same file.
+    /// A range past the end of the audio is the request's mistake (as for video), not an empty
+    /// tensor presented as success; whether packets before it were skipped or decoded.
+    @Test(arguments: [AccessPolicy.auto, .sequential])
+    func aRangePastTheEndOfTheAudioIsRefused(_ access: AccessPolicy) throws {
+        let directory = try Support.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let path = directory + "/tone.m4a"
+        try Support.ffmpeg(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100:duration=20", "-c:a", "aac", path])
+        var o = AudioSupport.options(video: false)
+        o.start = 21
+        o.end = 22
+        let failure = #expect(throws: DecodeFailure.self) { try AudioSupport.decode(path, o, access: access) }
+        #expect(failure?.reason == .invalidRequest, "\(String(describing: failure))")
+        #expect(failure?.detail == "start")
+        o.start = 5
+        o.end = 6
+        let inside = try AudioSupport.decode(path, o, access: access)
+        #expect(inside.result.audio?.shape == [1, 16_000])
+        #expect(!inside.result.warnings.contains { $0.contains("container says") }, "\(inside.result.warnings)")
+    }
+
     @Test func audioInVideoCoversTheVideoSpan() throws {
         try #require(Support.hasCorpus)
         var checked = 0

@@ -85,6 +85,15 @@ extension ClipDecoder {
         let rate = Double(plan.rate)
         let start = Double(sink.first) / rate
         func seconds(_ s: Double) -> String { JSONValue.number((s * 1000).rounded() / 1000).jsonString }
+        if sink.count == 0 {
+            // Samples decoded, none inside the range: it lies past the end of the audio. That is
+            // the request's mistake, as for video, not an empty tensor presented as success.
+            let field = plan.start != nil ? "start" : "end"
+            let length = containerAudioDuration(demuxer, streamIndex).map { " (the container says \(seconds($0)) s)" } ?? ""
+            throw DecodeFailure(
+                .invalidRequest, "\(path): the requested range holds no audio: it lies past the end of the \(codec) stream\(length)",
+                path: path, detail: field)
+        }
 
         let total = sink.count * sink.channels
         let garbage = sink.sanitize()
@@ -131,7 +140,10 @@ extension ClipDecoder {
             warnings.append(
                 "the audio ends at \(seconds(outcome.streamEnd ?? start)) s, before the end of the video range: \(seconds(trailing)) s of silence after it")
         }
-        if outcome.reachedEnd, outcome.readError == nil, let claimed = containerAudioDuration(demuxer, streamIndex),
+        // With packets skipped (not decoded) before the range, the decoded span says nothing
+        // about the stream's length.
+        if outcome.reachedEnd, outcome.readError == nil, outcome.skippedPackets == 0,
+            let claimed = containerAudioDuration(demuxer, streamIndex),
             let s0 = outcome.streamStart, let s1 = outcome.streamEnd
         {
             let decoded = s1 - s0
