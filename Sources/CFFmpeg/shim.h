@@ -70,6 +70,20 @@ static inline double cffmpeg_stream_display_rotation(const AVStream *st) {
     return av_display_rotation_get((const int32_t *)matrix);
 }
 
+/// avformat_find_stream_info with every stream's probing decoder limited to `max_pixels` per
+/// frame: finding the parameters decodes a frame for some formats (PNG, MJPEG...), and a huge
+/// one must be refused there, not after gigabytes were allocated.
+static inline int cffmpeg_find_stream_info(AVFormatContext *ctx, int64_t max_pixels) {
+    unsigned n = ctx->nb_streams;
+    AVDictionary **options = av_calloc(n ? n : 1, sizeof *options);
+    if (!options) return AVERROR(ENOMEM);
+    for (unsigned i = 0; i < n; i++) av_dict_set_int(&options[i], "max_pixels", max_pixels, 0);
+    int rc = avformat_find_stream_info(ctx, options);
+    for (unsigned i = 0; i < n; i++) av_dict_free(&options[i]);
+    av_free(options);
+    return rc;
+}
+
 /// Whether the stream's display matrix mirrors the picture (negative determinant), which
 /// av_display_rotation_get cannot express: a horizontal flip reads as a 180° rotation.
 static inline int cffmpeg_stream_display_is_mirrored(const AVStream *st) {

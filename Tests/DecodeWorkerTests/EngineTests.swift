@@ -104,6 +104,26 @@ struct EngineTests {
         }
     }
 
+    /// Formats whose parameters are found by decoding a frame (PNG, MJPEG...) are refused while
+    /// probing, before that frame is allocated: the probe learns no size.
+    @Test func aHugeImageIsRefusedBeforeItsFrameIsDecoded() throws {
+        let dir = try Support.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let path = dir + "/frame.png"
+        try Support.ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=640x480", "-frames:v", "1", path])
+        let probed = try Demuxer(path: path, displayPath: path)
+        #expect(probed.stream(0).pointee.codecpar.pointee.width == 640)
+        let limited = try Demuxer(path: path, displayPath: path, maxPixels: 10_000)
+        #expect(limited.stream(0).pointee.codecpar.pointee.width == 0, "the probe decoded the frame")
+        var o = DecodeOptions()
+        o.maxSourcePixels = 10_000
+        o.selection = .count(1)
+        o.frameFactor = 1
+        do { _ = try Support.decode(path, o); Issue.record("expected too_large") } catch {
+            #expect(error.reason == .tooLarge, "\(error)")
+        }
+    }
+
     @Test func errorsHaveReasonsAndPaths() throws {
         let dir = try Support.temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }

@@ -63,7 +63,7 @@ enum ClipDecoder {
         let options = request.options
         let path = request.displayPath
         try options.validate()
-        let demuxer = try Demuxer(path: request.path, displayPath: path)
+        let demuxer = try Demuxer(path: request.path, displayPath: path, maxPixels: options.maxSourcePixels)
         let videoIndex = demuxer.bestStream(AVMEDIA_TYPE_VIDEO)
         var warnings: [String] = []
 
@@ -153,7 +153,7 @@ enum ClipDecoder {
         if let audioIndex, let audioPlan {
             do {
                 // The first demuxer has been read through by the video (or its origin scan).
-                let audioDemuxer = videoIndex != nil ? try Demuxer(path: request.path, displayPath: path) : demuxer
+                let audioDemuxer = videoIndex != nil ? try Demuxer(path: request.path, displayPath: path, maxPixels: options.maxSourcePixels) : demuxer
                 let decoded = try decodeAudio(
                     audioDemuxer, streamIndex: audioIndex, plan: audioPlan, firstFramePts: videoResult?.pts.first,
                     path: path)
@@ -225,6 +225,12 @@ enum ClipDecoder {
                 path: path, detail: "max_source_pixels=\(options.maxSourcePixels)")
         }
         guard sourceWidth > 0, sourceHeight > 0 else {
+            // The probing decoder refused a frame above the limit before it told the size.
+            if let refusal = FFLog.errors(since: 0).first(where: { $0.contains("exceeds specified max pixel count") }) {
+                throw DecodeFailure(
+                    .tooLarge, "\(path): video frames are above the limit of \(options.maxSourcePixels) pixels (\(refusal))",
+                    path: path, detail: "max_source_pixels=\(options.maxSourcePixels)")
+            }
             throw DecodeFailure(
                 .decodeError, "\(path): the video stream's frame size is unknown (FFmpeg could not parse its headers)",
                 path: path, detail: FFLog.summary() ?? "width/height are 0 after avformat_find_stream_info")
@@ -272,7 +278,7 @@ enum ClipDecoder {
         let sink = FrameSink(outputs: plan.outputs, writer: writer, path: path)
         let reader = try VideoFrameReader(
             demuxer: demuxer,
-            reopen: { () throws(DecodeFailure) in try Demuxer(path: request.path, displayPath: path) },
+            reopen: { () throws(DecodeFailure) in try Demuxer(path: request.path, displayPath: path, maxPixels: options.maxSourcePixels) },
             streamIndex: video.streamIndex, table: table, threads: options.threads, maxPixels: options.maxSourcePixels,
             converter: converter, path: path)
         let wanted = Array(Set(plan.outputs)).sorted()

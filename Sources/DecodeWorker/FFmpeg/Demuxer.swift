@@ -44,8 +44,9 @@ final class Demuxer {
     /// Error lines FFmpeg logged while opening, kept for failure details.
     let openLogMark: Int
 
-    /// Opens `path` and reads stream parameters (`avformat_open_input`, `avformat_find_stream_info`).
-    init(path: String, displayPath: String) throws(DecodeFailure) {
+    /// Opens `path` and reads stream parameters (`avformat_open_input`, `avformat_find_stream_info`),
+    /// refusing to decode frames above `maxPixels` while probing.
+    init(path: String, displayPath: String, maxPixels: Int = DecodeOptions().maxSourcePixels) throws(DecodeFailure) {
         self.path = path
         self.displayPath = displayPath
         try FFError.checkInput(path: path)
@@ -69,7 +70,7 @@ final class Demuxer {
             throw failure
         }
         context = opened
-        rc = avformat_find_stream_info(opened, nil)
+        rc = cffmpeg_find_stream_info(opened, Int64(maxPixels))
         if rc < 0 {
             throw FFError.failure(rc, "cannot read stream parameters", path: displayPath, logMark: openLogMark)
         }
