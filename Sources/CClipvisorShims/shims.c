@@ -14,6 +14,8 @@
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
+#include <sys/ioctl.h>
+#include <linux/sockios.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -271,3 +273,9 @@ int cv_waitid_pidfd(int pidfd, int *code, int *status) {
 int cv_cld_exited(void) { return CLD_EXITED; }
 
 char **cv_environ(void) { return environ; }
+
+int cv_unread_output_bytes(int fd) {
+    int queued = 0;
+    if (ioctl(fd, SIOCOUTQ, &queued) != 0) return -1;
+    return queued;
+}

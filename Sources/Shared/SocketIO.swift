@@ -24,6 +24,13 @@ public enum SocketIO {
         }
     }
 
+    /// Bytes written to a Unix stream socket that the peer has not read yet (an over-estimate:
+    /// the kernel counts its buffer overhead too); nil when the socket cannot tell.
+    public static func unreadOutputBytes(_ socket: FileDescriptor) -> Int? {
+        let queued = cv_unread_output_bytes(socket.rawValue)
+        return queued >= 0 ? Int(queued) : nil
+    }
+
     /// SO_SNDBUF of `socket`: on a SOCK_SEQPACKET socket, about the largest datagram it sends.
     public static func sendBufferBytes(_ socket: FileDescriptor) -> Int {
         Int(cv_send_buffer_bytes(socket.rawValue))

@@ -217,6 +217,33 @@ final class SupervisorTests {
         #expect(try client.decode(goodClip).0["ok"]?.boolValue == true, "the supervisor and a new worker carry on")
     }
 
+    /// A block sent to a client that does not read stays on the memory budget (its memfd lives
+    /// on in the socket queue): no further clip starts until the client reads.
+    @Test func blocksAClientHasNotReadStayOnTheBudget() throws {
+        let supervisor = try SupervisorProcess(arguments: ["--workers", "1", "--memory-budget", "500000"])
+        let client = try supervisor.client()
+        let ids = (0..<3).map { _ in client.makeID() }
+        for id in ids {
+            try client.send(["op": "decode", "id": .number(Double(id)), "path": .string(goodClip), "frames": 4])
+        }
+        // One 4-frame 320x240 block (~850 kB) spends the budget; the other two wait.
+        let stalled = supervisor.waitForStatus { status in
+            (status["memory"]?["block_bytes_held"]?.intValue ?? 0) > 500_000 && status["queue"]?["length"]?.intValue == 2
+        }
+        #expect(stalled, "\((try? supervisor.status())?.jsonString ?? "")")
+        usleep(300_000)
+        #expect(try supervisor.status()["queue"]?["length"]?.intValue == 2, "a clip started though the budget was spent")
+        var answered: Set<Int> = []
+        while answered.count < 3 {
+            let (answer, fd) = try client.receive(timeoutMs: 30_000)
+            try? fd?.close()
+            #expect(answer["ok"]?.boolValue == true, "\(answer.jsonString)")
+            answered.insert(answer["id"]?.intValue ?? -1)
+        }
+        #expect(answered == Set(ids))
+        #expect(supervisor.waitForStatus { $0["memory"]?["block_bytes_held"]?.intValue == 0 })
+    }
+
     @Test func aFullQueueAnswersOverloaded() throws {
         let supervisor = try SupervisorProcess(arguments: ["--workers", "1", "--queue-limit", "1"])
         let fifo = fixtures.file("overload.fifo")

@@ -88,6 +88,9 @@ int cv_unix_stream_socket(int nonblocking);
 /// socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC): the worker control channel.
 /// A SOCK_SEQPACKET pair whose send and receive buffers are grown towards `buffer_bytes`.
 int cv_unix_seqpacket_pair(int *fds, int buffer_bytes);
+/// Bytes sent on a Unix stream socket that the peer has not read yet (SIOCOUTQ; counted with
+/// the kernel's per-buffer overhead, so an over-estimate), or -1.
+int cv_unread_output_bytes(int fd);
 /// SO_SNDBUF of `fd` (the largest datagram is this minus a small overhead), or -1.
 int cv_send_buffer_bytes(int fd);
 

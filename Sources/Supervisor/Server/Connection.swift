@@ -52,6 +52,29 @@ final class Connection {
 
     var outboxBlockBytes: Int { outbox.reduce(0) { $0 + $1.blockBytes } }
 
+    /// Bytes written to the socket so far.
+    private var bytesWritten = 0
+    /// Blocks written to the socket that the client may not have read yet, by the stream offset
+    /// where their message ends. Their memfds live on in the socket's queue (and count as fds
+    /// in flight for the service user), so they stay on the memory budget until read past.
+    private var unreadBlocks: [(end: Int, bytes: Int)] = []
+    private(set) var unreadBlockBytes = 0
+    var unreadBlockCount: Int { unreadBlocks.count }
+
+    /// Releases the blocks the client has read past.
+    func settleUnreadBlocks() {
+        guard !unreadBlocks.isEmpty else { return }
+        // The queue length over-estimates what is left unread, so blocks are released late,
+        // never early; an empty queue releases all.
+        let consumed = bytesWritten - (SocketIO.unreadOutputBytes(fd) ?? 0)
+        var read = 0
+        while read < unreadBlocks.count, unreadBlocks[read].end <= consumed {
+            unreadBlockBytes -= unreadBlocks[read].bytes
+            read += 1
+        }
+        if read > 0 { unreadBlocks.removeFirst(read) }
+    }
+
     func enqueue(_ message: JSONValue, fd: FileDescriptor? = nil, blockBytes: Int = 0) {
         outbox.append(Outgoing(bytes: MessageFraming.frame(message), fd: fd, blockBytes: blockBytes))
     }
@@ -69,11 +92,16 @@ final class Connection {
             switch result {
             case .success(let n):
                 message.sent += n
+                bytesWritten += n
                 if let attached = attach {
                     try? attached.close()
                     message.fd = nil
                 }
                 if message.sent == message.bytes.count {
+                    if message.blockBytes > 0 {
+                        unreadBlocks.append((end: bytesWritten, bytes: message.blockBytes))
+                        unreadBlockBytes += message.blockBytes
+                    }
                     outbox.removeFirst()
                 } else {
                     outbox[0] = message

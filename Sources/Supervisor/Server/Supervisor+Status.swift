@@ -108,6 +108,7 @@ extension Supervisor {
             ],
             "memory": [
                 "block_bytes_held": .number(Double(heldBlockBytes)), "budget": .number(Double(configuration.effectiveMemoryBudget)),
+                "blocks_unread": .number(Double(connections.values.reduce(0) { $0 + $1.unreadBlockCount })),
             ],
             "connections": .number(Double(connections.count)), "counters": counters.json,
             "skip_log": skipLog?.statusJSON ?? .null,

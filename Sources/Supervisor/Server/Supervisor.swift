@@ -260,7 +260,27 @@ final class Supervisor {
     }
 
     /// Bytes of finished blocks still held in client outboxes.
-    var heldBlockBytes: Int { connections.values.reduce(0) { $0 + $1.outboxBlockBytes } }
+    /// Counts blocks not yet written and those written but not yet read by their client.
+    var heldBlockBytes: Int {
+        connections.values.reduce(0) { $0 + $1.outboxBlockBytes + $1.unreadBlockBytes }
+    }
+
+    /// Blocks sent to clients and not yet read: each is an fd in flight, and the kernel refuses
+    /// to pass more fds than the sender's RLIMIT_NOFILE while that many are in flight for the
+    /// service user, so past this bound no clip is started.
+    static let maxUnreadBlocks = 128
+
+    /// Whether finished blocks waiting for clients leave room to start another clip.
+    var roomForBlocks: Bool {
+        var bytes = 0
+        var count = 0
+        for connection in connections.values {
+            connection.settleUnreadBlocks()
+            bytes += connection.outboxBlockBytes + connection.unreadBlockBytes
+            count += connection.unreadBlockCount
+        }
+        return bytes < configuration.effectiveMemoryBudget && count < Self.maxUnreadBlocks
+    }
 
     var busyWorkerCount: Int {
         workers.values.filter { if case .busy = $0.state { return true } else { return false } }.count
@@ -269,7 +289,7 @@ final class Supervisor {
     /// Clips that would start decoding at once rather than wait: idle workers, within the
     /// `workers` bound and the memory budget.
     var freeDecodeSlots: Int {
-        guard case .running = phase, heldBlockBytes < configuration.effectiveMemoryBudget else { return 0 }
+        guard case .running = phase, roomForBlocks else { return 0 }
         let idle = workers.values.filter { if case .idle = $0.state { return true } else { return false } }.count
         return max(0, min(idle, configuration.workers - busyWorkerCount))
     }
@@ -279,7 +299,7 @@ final class Supervisor {
         guard case .running = phase else { return }
         // Blocks are produced one per busy worker, so the budget is checked against what
         // clients have not read yet.
-        guard heldBlockBytes < configuration.effectiveMemoryBudget else { return }
+        guard roomForBlocks else { return }
         // Spare workers stand by; no more than `workers` clips decode at once.
         var busy = busyWorkerCount
         for worker in workers.values {
