@@ -124,6 +124,28 @@ struct EngineTests {
         }
     }
 
+    /// H.264 with B-frames copied into AVI has decoding timestamps only: frame times come from
+    /// them (not index / the container's doubled rate), so the frames and times equal the MP4's.
+    @Test func aviWithDecodingTimestampsOnlyKeepsItsTimes() throws {
+        let dir = try Support.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let mp4 = dir + "/clip.mp4", avi = dir + "/clip.avi"
+        try Support.ffmpeg([
+            "-f", "lavfi", "-i", "testsrc2=size=96x64:rate=25:duration=8", "-c:v", "libx264", "-bf", "2", "-g", "25",
+            "-pix_fmt", "yuv420p", mp4,
+        ])
+        try Support.ffmpeg(["-i", mp4, "-c", "copy", avi])
+        var o = DecodeOptions()
+        o.selection = .rate(fps: 1)
+        let (fromMP4, a) = try Support.decode(mp4, o)
+        let (fromAVI, b) = try Support.decode(avi, o)
+        #expect(fromAVI.video!.indices == fromMP4.video!.indices)
+        #expect(fromAVI.video!.pts == fromMP4.video!.pts, "\(fromAVI.video!.pts) vs \(fromMP4.video!.pts)")
+        #expect(fromAVI.video!.sampleFps == fromMP4.video!.sampleFps)
+        #expect(a == b, "different frames")
+        #expect(fromAVI.warnings.contains { $0.contains("decoding timestamps") }, "\(fromAVI.warnings)")
+    }
+
     @Test func errorsHaveReasonsAndPaths() throws {
         let dir = try Support.temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }

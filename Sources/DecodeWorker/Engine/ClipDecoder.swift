@@ -99,7 +99,7 @@ enum ClipDecoder {
                 // Audio only from a file with video: the origin is still the first video frame, so
                 // that times agree with a request that also takes the video. A packet pass, no decoding.
                 let table = try FrameTable.scan(demuxer, streamIndex: videoIndex, originOnly: true)
-                if table.count > 0, table.timed {
+                if table.count > 0, table.hasTimes {
                     origin = .containerSeconds(Double(table.originTicks) * av_q2d(table.timeBase))
                 } else {
                     warnings.append("the video stream has no timed frames: the audio's time origin is its own first sample")
@@ -323,7 +323,9 @@ enum ClipDecoder {
             warnings.append(
                 "\(table.leadingUndecodable) packets before the first keyframe cannot be decoded and are not counted as frames")
         }
-        if !table.timed {
+        if table.timesFromDecodingOrder {
+            warnings.append("the stream has no presentation timestamps: frame times come from its decoding timestamps")
+        } else if !table.timed {
             warnings.append(
                 "the stream has no timestamps: frame times are index / \(JSONValue.number(table.avgFps).jsonString) fps")
         }

@@ -46,6 +46,10 @@ struct FrameTable {
     var timeBase = AVRational(num: 1, den: 1)
     /// pts (stream time base) of the first presented frame: the origin of every returned time.
     var originTicks: Int64 = 0
+    /// Untimed (no pts), with times taken from the packets' increasing dts.
+    var timesFromDecodingOrder = false
+    /// Frame times are the container's, not index / rate.
+    var hasTimes: Bool { timed || timesFromDecodingOrder }
     /// The stream's average frame rate, as Qwen's rule and decord use it.
     var avgFps = 0.0
     /// Seconds: the end of the last frame (its pts plus its duration).
@@ -142,9 +146,21 @@ struct FrameTable {
         } else {
             presented = shown
             originTicks = 0
+            // No pts but increasing dts on every shown packet (H.264 copied into AVI): decoding
+            // times, in order, are the presentation times of the frames in presentation order
+            // (a constant reorder delay aside). The container's average rate is unreliable
+            // for such streams (FFmpeg reports AVI's B-frame H.264 at twice its rate).
+            let stamps = shown.compactMap { packets[$0].dts }
+            if stamps.count == shown.count, stamps.count > 1, zip(stamps, stamps.dropFirst()).allSatisfy({ $0 < $1 }) {
+                timesFromDecodingOrder = true
+                originTicks = stamps[0]
+                let (num, den) = (Double(timeBase.num), Double(timeBase.den))
+                times = stamps.map { Double($0 - stamps[0]) * num / den }
+                if let last = times.last, last > 0 { avgFps = Double(times.count - 1) / last }
+            }
         }
         if avgFps <= 0 || !avgFps.isFinite { avgFps = 25 }
-        if !timed { times = presented.indices.map { Double($0) / avgFps } }
+        if !timed, !timesFromDecodingOrder { times = presented.indices.map { Double($0) / avgFps } }
         if let lastIndex = presented.last, let lastTime = times.last {
             let tb = Double(timeBase.num) / Double(timeBase.den)
             let d = packets[lastIndex].duration
