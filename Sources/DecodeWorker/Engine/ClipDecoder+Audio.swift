@@ -5,11 +5,13 @@ import Shared
 /// output, decode it onto the clip's sample grid, report, and write the chunks.
 extension ClipDecoder {
     /// The best audio stream (`av_find_best_stream`), checked for a decoder and encryption.
-    static func chooseAudioStream(_ demuxer: Demuxer, path: String) throws(DecodeFailure) -> Int {
+    static func chooseAudioStream(_ demuxer: Demuxer, path: String, withVideo: Bool) throws(DecodeFailure) -> Int {
         guard let index = demuxer.bestStream(AVMEDIA_TYPE_AUDIO) else {
             throw DecodeFailure(
                 .unsupported, "\(path): no audio stream (only \(describeStreams(demuxer)))", path: path,
-                detail: "audio was requested from a file without an audio stream; audio_optional accepts that")
+                detail: withVideo
+                    ? "audio was requested from a file without an audio stream; audio_optional returns the video alone"
+                    : "audio alone was requested from a file without an audio stream")
         }
         let st = demuxer.stream(index)
         let codec = st.pointee.codecpar.pointee.codec_id

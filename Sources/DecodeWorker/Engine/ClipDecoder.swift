@@ -71,7 +71,7 @@ enum ClipDecoder {
         var audioIndex: Int? = nil
         if options.audio {
             do {
-                audioIndex = try chooseAudioStream(demuxer, path: path)
+                audioIndex = try chooseAudioStream(demuxer, path: path, withVideo: options.video)
             } catch where options.audioOptional && options.video {
                 warnings.append("no audio tensor (audio_optional): \(error.message)")
             }
