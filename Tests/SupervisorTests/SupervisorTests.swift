@@ -439,6 +439,16 @@ final class SupervisorTests {
         for pid in workerPIDs { #expect(kill(pid, 0) != 0, "worker \(pid) outlived the supervisor") }
     }
 
+    /// A supervisor that exits removes its own socket file only, not one a newer supervisor has
+    /// put at the same path since.
+    @Test func atExitOnlyItsOwnSocketFileIsRemoved() throws {
+        let supervisor = try SupervisorProcess(arguments: ["--workers", "1"])
+        unlink(supervisor.socketPath)
+        #expect(FileManager.default.createFile(atPath: supervisor.socketPath, contents: Data("newer".utf8)))
+        #expect(supervisor.stop() == 0)
+        #expect(FileManager.default.fileExists(atPath: supervisor.socketPath), "the newer file was removed")
+    }
+
     @Test func refusesASocketALiveSupervisorOwnsAndReplacesAStaleOne() throws {
         let first = try SupervisorProcess(arguments: ["--workers", "1"])
         let second = Process()

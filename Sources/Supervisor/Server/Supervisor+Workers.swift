@@ -201,6 +201,9 @@ extension Supervisor {
         guard let exit = worker.reap() else { return }
         poller.remove(worker.pidfd)
         try? worker.pidfd.close()
+        // Its last reply may still wait in the channel (the exit can be seen first): a worker
+        // that answered and then retired must not have its clip counted as a crash.
+        readControl(of: worker)
         closeControl(of: worker)
         workers.removeValue(forKey: worker.id)
         switch worker.state {

@@ -29,6 +29,15 @@ final class Supervisor {
     private(set) var listener: FileDescriptor?
     /// Whether we created the socket file (and so remove it at exit; never one systemd passed).
     let ownsSocketFile: Bool
+    /// Device and inode of the socket file this supervisor bound: at exit only that file is
+    /// removed, never one a newer supervisor has bound at the same path since.
+    private let socketFileIdentity: [UInt64]?
+
+    private static func fileIdentity(_ path: String) -> [UInt64]? {
+        var info = stat()
+        guard stat(path, &info) == 0 else { return nil }
+        return [UInt64(info.st_dev), UInt64(info.st_ino)]
+    }
     let signals: FileDescriptor
     let startedAt = Instant.now()
 
@@ -64,6 +73,7 @@ final class Supervisor {
         self.logger = logger
         self.listener = listener
         self.ownsSocketFile = ownsSocketFile
+        self.socketFileIdentity = ownsSocketFile ? Self.fileIdentity(configuration.socketPath) : nil
         self.skipLog = skipLog
         self.skipAnnouncer = { record, failure in
             logger.warning(
@@ -385,7 +395,9 @@ final class Supervisor {
         poller.remove(listener)
         try? listener.close()
         self.listener = nil
-        if ownsSocketFile { unlink(configuration.socketPath) }
+        if ownsSocketFile, let identity = socketFileIdentity, Self.fileIdentity(configuration.socketPath) == identity {
+            unlink(configuration.socketPath)
+        }
     }
 
     private func advanceShutdown(now: Instant) {
