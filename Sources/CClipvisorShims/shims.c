@@ -150,14 +150,16 @@ int cv_affinity_cpu_count(void) {
 
 int cv_epoll_create(void) { return epoll_create1(EPOLL_CLOEXEC); }
 
-int cv_epoll_ctl(int epfd, int op, int fd, int writable, uint64_t token) {
+int cv_epoll_ctl(int epfd, int op, int fd, int interest, uint64_t token) {
     static const int ops[] = {EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLL_CTL_DEL};
     if (op < 0 || op > 2) {
         errno = EINVAL;
         return -1;
     }
-    struct epoll_event event = {.events = EPOLLIN | EPOLLRDHUP | (writable ? EPOLLOUT : 0),
-                                .data = {.u64 = token}};
+    uint32_t events = 0;
+    if (!(interest & CV_INTEREST_NO_READ)) events |= EPOLLIN | EPOLLRDHUP;
+    if (interest & CV_INTEREST_WRITE) events |= EPOLLOUT;
+    struct epoll_event event = {.events = events, .data = {.u64 = token}};
     return epoll_ctl(epfd, ops[op], fd, &event);
 }
 

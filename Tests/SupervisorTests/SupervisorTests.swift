@@ -188,6 +188,46 @@ final class SupervisorTests {
         #expect(try supervisor.client().call(["op": "status"], timeoutMs: 5000).0["ok"]?.boolValue == true)
     }
 
+    /// A client that only writes requests and never reads is throttled (its requests stop
+    /// being read once answers pile up), other clients are served meanwhile, and when it reads,
+    /// every request it managed to send is answered.
+    @Test func aClientThatNeverReadsIsThrottledAndLosesNothing() throws {
+        let supervisor = try SupervisorProcess(arguments: ["--workers", "1"])
+        let socket = try UnixSocket.connect(to: supervisor.socketPath)
+        defer { try? socket.close() }
+        try SocketIO.sendAll(socket, MessageFraming.frame(["op": "hello", "protocol": 1]))
+        var sent = 0
+        var stalledAt: Date?
+        let limit = 50_000
+        while sent < limit {
+            let request = MessageFraming.frame(["op": "cancel", "id": .number(Double(sent + 1)), "target": 999_999_999])
+            let n = try? request.withUnsafeBytes { try SocketIO.send(socket, $0, nonBlocking: true) }
+            if let n {
+                #expect(n == request.count, "a partial request write")
+                sent += 1
+                stalledAt = nil
+                continue
+            }
+            // Would block: give the supervisor time to read more, if it still reads.
+            if stalledAt == nil { stalledAt = Date() } else if Date().timeIntervalSince(stalledAt!) > 1 { break }
+            usleep(20_000)
+        }
+        #expect(sent < limit, "the supervisor kept reading a client that reads nothing")
+        #expect(try supervisor.client().call(["op": "status"], timeoutMs: 5000).0["ok"]?.boolValue == true)
+        var inbox = MessageBuffer()
+        var answered = 0
+        var buffer = [UInt8](repeating: 0, count: 1 << 16)
+        let hello = 1
+        while answered < sent + hello {
+            guard try SocketIO.waitReadable(socket, timeoutMs: 10_000) else { break }
+            let got = try buffer.withUnsafeMutableBytes { try SocketIO.receive(socket, into: $0) }
+            guard got.count > 0 else { break }
+            buffer.withUnsafeBytes { inbox.append(UnsafeRawBufferPointer(rebasing: $0[0..<got.count])) }
+            while try inbox.next() != nil { answered += 1 }
+        }
+        #expect(answered == sent + hello, "\(answered - hello) of \(sent) requests answered")
+    }
+
     @Test func aWorkerKilledBySignalAnswersCrashedAndIsReplaced() throws {
         let supervisor = try SupervisorProcess(
             arguments: ["--workers", "1"], environment: [WorkerMessage.faultEnvironmentKey: "crash-on=CRASHME"])

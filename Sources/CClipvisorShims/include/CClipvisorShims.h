@@ -72,9 +72,15 @@ enum {
 /// epoll_create1(EPOLL_CLOEXEC).
 int cv_epoll_create(void);
 
-/// epoll_ctl(2): `op` 0 adds, 1 modifies, 2 removes. Watches input (and output when
-/// `writable`), with a 64-bit token as the event's data.
-int cv_epoll_ctl(int epfd, int op, int fd, int writable, uint64_t token);
+/// What cv_epoll_ctl watches: input unless CV_INTEREST_NO_READ, output with CV_INTEREST_WRITE.
+enum {
+    CV_INTEREST_WRITE = 1,
+    CV_INTEREST_NO_READ = 2,
+};
+
+/// epoll_ctl(2): `op` 0 adds, 1 modifies, 2 removes, watching what `interest` says, with a
+/// 64-bit token as the event's data. Hang-ups and errors are always reported.
+int cv_epoll_ctl(int epfd, int op, int fd, int interest, uint64_t token);
 
 /// epoll_wait(2) returning tokens and CV_EVENT_* bits as parallel arrays; struct epoll_event
 /// is packed on x86_64 and its data union does not import cleanly.

@@ -39,6 +39,9 @@ final class Connection {
     var messageFD: FileDescriptor?
     var outbox: [Outgoing] = []
     var wantsWritable = false
+    /// Input is not watched while the client leaves too many answers unread (see
+    /// `Supervisor.flush`): a client that only writes cannot grow the outbox without bound.
+    var readingPaused = false
     var greeted = false
     /// Close once the outbox is flushed (after a fatal protocol error).
     var closeAfterFlush = false

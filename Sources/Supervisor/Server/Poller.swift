@@ -59,11 +59,12 @@ final class Poller {
     deinit { try? epoll.close() }
 
     func add(_ fd: FileDescriptor, _ source: EventSource, writable: Bool = false) throws(Errno) {
-        try control(0, fd, source, writable: writable)
+        try control(0, fd, source, writable: writable, readable: true)
     }
 
-    func modify(_ fd: FileDescriptor, _ source: EventSource, writable: Bool) throws(Errno) {
-        try control(1, fd, source, writable: writable)
+    /// Changes what is watched; `readable: false` stops input events (hang-ups still come).
+    func modify(_ fd: FileDescriptor, _ source: EventSource, writable: Bool, readable: Bool = true) throws(Errno) {
+        try control(1, fd, source, writable: writable, readable: readable)
     }
 
     /// Unregisters before the fd is closed (closing alone would leave duplicated fds registered).
@@ -71,8 +72,11 @@ final class Poller {
         _ = cv_epoll_ctl(epoll.rawValue, 2, fd.rawValue, 0, 0)
     }
 
-    private func control(_ op: Int32, _ fd: FileDescriptor, _ source: EventSource, writable: Bool) throws(Errno) {
-        guard cv_epoll_ctl(epoll.rawValue, op, fd.rawValue, writable ? 1 : 0, source.token) == 0 else {
+    private func control(_ op: Int32, _ fd: FileDescriptor, _ source: EventSource, writable: Bool, readable: Bool) throws(Errno) {
+        var interest: Int32 = 0
+        if writable { interest |= Int32(CV_INTEREST_WRITE) }
+        if !readable { interest |= Int32(CV_INTEREST_NO_READ) }
+        guard cv_epoll_ctl(epoll.rawValue, op, fd.rawValue, interest, source.token) == 0 else {
             throw Errno(rawValue: errno)
         }
     }

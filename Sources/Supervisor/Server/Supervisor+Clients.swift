@@ -48,7 +48,11 @@ extension Supervisor {
         }
     }
 
+    /// Answers waiting to be written at which a connection's requests stop being read.
+    static let pauseReadingAt = 1024
+
     func readFrom(_ connection: Connection) {
+        guard !connection.readingPaused else { return }
         // Bounded per event so one chatty client cannot starve the others.
         for _ in 0..<32 {
             let want = min(connection.inbox.bytesToCompleteFrame, 65_536)
@@ -466,9 +470,15 @@ extension Supervisor {
             return
         }
         let wantsWritable = !connection.outbox.isEmpty
-        if wantsWritable != connection.wantsWritable {
+        // Back-pressure: past `pauseReadingAt` answers waiting to be written, requests are not
+        // read until the client has taken most of them.
+        var readingPaused = connection.readingPaused
+        if connection.outbox.count >= Self.pauseReadingAt { readingPaused = true }
+        if connection.outbox.count <= Self.pauseReadingAt / 4 { readingPaused = false }
+        if wantsWritable != connection.wantsWritable || readingPaused != connection.readingPaused {
             connection.wantsWritable = wantsWritable
-            try? poller.modify(connection.fd, .connection(connection.id), writable: wantsWritable)
+            connection.readingPaused = readingPaused
+            try? poller.modify(connection.fd, .connection(connection.id), writable: wantsWritable, readable: !readingPaused)
         }
     }
 

@@ -148,7 +148,13 @@ final class Supervisor {
         case .connection(let id):
             guard let connection = connections[id] else { return }
             if event.writable { flush(connection) }
-            if event.readable, connections[id] != nil { readFrom(connection) }
+            guard event.readable, connections[id] != nil else { return }
+            if !connection.readingPaused {
+                readFrom(connection)
+            } else if event.closed {
+                // Input is not watched, so this is the hang-up, reported until handled.
+                drop(connection, reason: "client closed the connection")
+            }
         case .workerControl(let id):
             guard let worker = workers[id] else { return }
             readControl(of: worker)
