@@ -135,6 +135,16 @@ final class SupervisorTests {
         #expect(answer["result"]?["video"]?["pts"]?.arrayValue?.count == 4)
         // Without the fd the same path is simply missing.
         #expect(try client.decode(path).0.errorReason == "not_found")
+        // An fd without a path is named by its file's identity, not by a reusable fd number.
+        let junk = hidden.file("junk.bin")
+        #expect(FileManager.default.createFile(atPath: junk, contents: Data(repeating: 7, count: 4096)))
+        let junkFD = try FileDescriptor.open(junk, .readOnly)
+        defer { try? junkFD.close() }
+        var info = stat()
+        fstat(junkFD.rawValue, &info)
+        let (failed, _) = try client.call(["op": "decode", "fd": true, "frames": 4], passing: junkFD, timeoutMs: 30_000)
+        #expect(failed["ok"]?.boolValue == false)
+        #expect(failed["error"]?["message"]?.stringValue?.contains("fd:dev=\(info.st_dev),ino=\(info.st_ino)") == true, "\(failed.jsonString)")
     }
 
     /// An fd belongs to the message it came with: one a refused message carried is closed, never

@@ -254,11 +254,19 @@ extension Supervisor {
             let deadline = try reader.int("deadline_ms", min: 1, max: configuration.deadlineMaxMs) ?? configuration.deadlineDefaultMs
             let tag = try reader.string("tag", maxLength: 256)
             return ClipRequest(
-                path: path ?? "fd:\(clipFD!.rawValue)", clipFD: clipFD, options: options, deadlineMs: deadline, tag: tag)
+                path: path ?? Self.name(ofPassedFile: clipFD!), clipFD: clipFD, options: options, deadlineMs: deadline, tag: tag)
         } catch {
             try? clipFD?.close()
             throw error
         }
+    }
+
+    /// A name for a clip passed as an fd without a path: its file's identity, so that messages,
+    /// the skip log and the quarantine tell clips apart (an fd number is reused at once).
+    static func name(ofPassedFile fd: FileDescriptor) -> String {
+        var info = stat()
+        guard fstat(fd.rawValue, &info) == 0 else { return "fd:\(fd.rawValue)" }
+        return "fd:dev=\(info.st_dev),ino=\(info.st_ino)"
     }
 
     /// Refuses new clips past the queue bound with `overloaded` and a retry hint.
