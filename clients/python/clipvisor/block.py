@@ -23,8 +23,10 @@ import fcntl
 import json
 import mmap
 import os
+import random
 import struct
 import threading
+import weakref
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -351,11 +353,138 @@ _strategy: Optional[str] = None
 _strategy_lock = threading.Lock()
 
 
+# -- block fds across fork ------------------------------------------------------------------------
+#
+# A block's memfd (and its mapping) keeps the supervisor's pages charged until every copy is gone;
+# a child forked while one is open (a DataLoader worker) must not keep a copy, and nothing in the
+# child ever reads it. So:
+#
+# - fds are received O_CLOEXEC (nothing survives exec) and tracked here from receipt until closed;
+# - mappings are made MADV_DONTFORK, and each live mapping is tracked too: Python's mmap keeps a
+#   dup of the fd while the mapping lives, and the child must never deallocate an inherited mmap
+#   object whose mapping it does not have (its munmap would unmap whatever the child has put at
+#   that address since), so the child keeps such objects alive for good;
+# - receiving an fd and mapping a block happen under a fork guard, which a fork waits for, so a
+#   child never sees an fd not yet tracked or a mapping not yet MADV_DONTFORK;
+# - a forked child closes every fd it inherited that refers to a tracked block.
+#
+# Tracking is by (st_dev, st_ino) as well as by number: an fd closed behind the registry's back
+# (os.close by a caller) may have its number reused by another file, which must be left alone.
+
+_fork_guard = threading.Lock()
+_fds_lock = threading.Lock()
+_open_fds: Dict[int, Tuple[int, int]] = {}  # received fd → identity of its file
+_live_maps: "weakref.WeakKeyDictionary[mmap.mmap, Tuple[int, int]]" = weakref.WeakKeyDictionary()
+_pinned_in_child: List[mmap.mmap] = []  # inherited mmap objects whose mapping this process lacks
+
+
+def fork_guard() -> "threading.Lock":
+    """The lock held while receiving block fds and mapping blocks; a fork waits for it."""
+    return _fork_guard
+
+
+def _identity(fd: int) -> Optional[Tuple[int, int]]:
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def track_fd(fd: int, cloexec: bool = False) -> None:
+    """Records a block fd as open in this process (closed in forked children). With `cloexec`,
+    also sets its close-on-exec flag (when it was not received with MSG_CMSG_CLOEXEC)."""
+    if cloexec:
+        try:
+            os.set_inheritable(fd, False)
+        except OSError:
+            pass
+    ident = _identity(fd)
+    if ident is None:
+        return
+    with _fds_lock:
+        _open_fds[fd] = ident
+
+
+def close_fd(fd: int) -> None:
+    """Closes an fd, forgetting it if it was a tracked block fd."""
+    with _fds_lock:
+        _open_fds.pop(fd, None)
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def close_tracked_fd(fd: int) -> None:
+    """Closes `fd` only if it is a tracked block fd not closed yet (after fork, where the child
+    hook below may already have closed it: the number must then not be closed twice)."""
+    with _fds_lock:
+        if _open_fds.pop(fd, None) is None:
+            return
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _track_mapping(mm: mmap.mmap, ident: Tuple[int, int]) -> None:
+    with _fds_lock:
+        _live_maps[mm] = ident  # until closed, or the object goes
+
+
+def _untrack_mapping(mm: mmap.mmap) -> None:
+    with _fds_lock:
+        _live_maps.pop(mm, None)
+
+
+def _before_fork() -> None:
+    _fork_guard.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _fork_guard.release()
+
+
+def _after_fork_in_child() -> None:
+    global _strategy_lock, _fds_lock, _fork_guard
+    # A parent thread may have held these locks at the fork; it does not exist here.
+    _strategy_lock = threading.Lock()
+    _fds_lock = threading.Lock()
+    _fork_guard = threading.Lock()
+    maps = list(_live_maps.items())
+    _pinned_in_child.extend(mm for mm, _ in maps)  # never deallocated here, so never munmapped
+    _live_maps.clear()
+    idents = set(_open_fds.values()) | {ident for _, ident in maps}
+    numbers = list(_open_fds)
+    _open_fds.clear()
+    if not idents:
+        return
+    try:
+        numbers = [int(n) for n in os.listdir("/proc/self/fd")]  # every copy, mmap's dups included
+    except (OSError, ValueError):
+        pass
+    for fd in numbers:
+        if _identity(fd) in idents:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
+
+
 def _self_test() -> str:
     """'readinto' when the single-pass readinto path rejects corrupt content in a first, middle
     and last frame with this zstandard build (it does with libzstd ≥ 1.3); else 'decompress'."""
-    rng = np.random.default_rng(1)
-    parts = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in (200_000, 1_000, 70_000)]
+    # Incompressible test data from the standard library's generator, not numpy.random: numpy
+    # imports that lazily, and a fork while another thread is importing it leaves the child
+    # blocked on the module's import lock.
+    rng = random.Random(1)
+    parts = [rng.randbytes(n) for n in (200_000, 1_000, 70_000)]
     for level in (-1000, 3):
         c = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
         frames = [c.compress(p) for p in parts]
@@ -445,20 +574,38 @@ def check_seals(fd: int) -> None:
 
 
 def _map(fd: int, size: int) -> mmap.mmap:
-    flags = mmap.MAP_SHARED | MAP_POPULATE
-    try:
-        return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)
-    except OSError:
-        if not MAP_POPULATE:
-            raise
-        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    # Under the fork guard: a child forked meanwhile must not inherit the mapping before it is
+    # MADV_DONTFORK, nor the mmap object's dup of the fd before it is tracked.
+    with _fork_guard:
+        flags = mmap.MAP_SHARED | MAP_POPULATE
+        try:
+            mm = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)
+        except OSError:
+            if not MAP_POPULATE:
+                raise
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        if _MADV_DONTFORK is not None:
+            try:
+                mm.madvise(_MADV_DONTFORK)
+            except (OSError, ValueError):
+                pass
+        ident = _identity(fd)
+        if ident is not None:
+            _track_mapping(mm, ident)
+    return mm
+
+
+_MADV_DONTFORK = getattr(mmap, "MADV_DONTFORK", None) if hasattr(mmap.mmap, "madvise") else None
 
 
 def _unmap(mm: mmap.mmap) -> None:
+    if _pinned_in_child and any(p is mm for p in _pinned_in_child):
+        return  # inherited across a fork (from within read_block_fd): not mapped here, not ours to unmap
     try:
         mm.close()
     except BufferError:  # a view is still exported; the mapping goes when it does
-        pass
+        return
+    _untrack_mapping(mm)
 
 
 def read_block_fd(fd: int, *, require_seals: bool = True, close: bool = True) -> Block:
@@ -475,7 +622,7 @@ def read_block_fd(fd: int, *, require_seals: bool = True, close: bool = True) ->
         mm = _map(fd, size)
     finally:
         if close:
-            os.close(fd)
+            close_fd(fd)
     try:
         return read_block(mm)
     finally:

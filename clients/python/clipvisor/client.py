@@ -19,6 +19,7 @@ import time
 import weakref
 from typing import Any, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
+from . import block as _block
 from . import spawn as _spawn
 from .block import read_block_fd
 from .errors import (
@@ -91,10 +92,7 @@ if hasattr(os, "register_at_fork"):
 
 def _close_fd(fd: Optional[int]) -> None:
     if fd is not None:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+        _block.close_fd(fd)
 
 
 def _abs(path: PathLike) -> str:
@@ -181,6 +179,23 @@ def _protocol_fields(options: Mapping[str, Any]) -> Dict[str, Any]:
             pass
         else:
             raise TypeError(f"unknown clip option {key!r}")
+    return out
+
+
+def _expand_sides(options: Mapping[str, Any]) -> Dict[str, Any]:
+    """Options with ``video``/``audio`` dicts (as :meth:`Client.clip` takes them, e.g.
+    ``video={"fps": 1, "max_pixels": 200704}``) flattened: the dict's options join the others and
+    the side becomes ``True``. A frame selection inside ``video`` replaces one outside it."""
+    out = dict(options)
+    for side in ("video", "audio"):
+        value = out.get(side)
+        if isinstance(value, Mapping):
+            inner = dict(value)
+            if side == "video" and any(k in inner for k in _SELECTION_KEYS):
+                for k in _SELECTION_KEYS:
+                    out.pop(k, None)
+            out[side] = True
+            out.update(inner)
     return out
 
 
@@ -288,7 +303,8 @@ class Client:
             session.conn.abandon()
             for queue in session.pending.values():
                 for _, fd in queue:
-                    _close_fd(fd)
+                    if fd is not None:  # block.py's own after-fork hook may have closed it: not twice
+                        _block.close_tracked_fd(fd)
 
     @property
     def server(self) -> Dict[str, Any]:
@@ -399,28 +415,39 @@ class Client:
 
     # -- request machinery -------------------------------------------------------------------
 
-    def _send(self, s: _Session, message: Dict[str, Any], fd: Optional[int] = None) -> int:
-        """Registers and sends a request; returns its id."""
-        with self._lock:
-            rid = s.next_id
-            s.next_id += 1
-            s.pending[rid] = collections.deque()
-        message["id"] = rid
-        try:
-            s.conn.send(message, time.monotonic() + self.connect_timeout, fd)
-        except ValueError as exc:  # too large to send; the connection is intact
+    def _send(self, s: _Session, message: Dict[str, Any], fd: Optional[int] = None,
+              resend: bool = True) -> Tuple[_Session, int]:
+        """Registers and sends a request; returns the session it went out on and its id.
+
+        A connection found closed before any byte of the request left (typically an idle
+        connection to a supervisor that exited or was restarted: the write fails with EPIPE)
+        delivered nothing, so with `resend` the request goes once more on a new connection
+        (which may start the private supervisor again)."""
+        while True:
             with self._lock:
-                s.pending.pop(rid, None)
-            raise InvalidRequest("invalid_request", message.get("path"), str(exc)) from None
-        except BaseException as exc:
-            with self._lock:
-                s.pending.pop(rid, None)
-                if isinstance(exc, SupervisorUnavailable):
-                    self._kill(s, exc)
-                elif s.conn.closed:
-                    self._kill(s, SupervisorUnavailable("send interrupted"))
-            raise
-        return rid
+                rid = s.next_id
+                s.next_id += 1
+                s.pending[rid] = collections.deque()
+            message["id"] = rid
+            try:
+                s.conn.send(message, time.monotonic() + self.connect_timeout, fd)
+            except ValueError as exc:  # too large, or a value JSON cannot carry; the connection is intact
+                with self._lock:
+                    s.pending.pop(rid, None)
+                raise InvalidRequest("invalid_request", message.get("path"), str(exc)) from None
+            except BaseException as exc:
+                with self._lock:
+                    s.pending.pop(rid, None)
+                    if isinstance(exc, SupervisorUnavailable):
+                        self._kill(s, exc)
+                    elif s.conn.closed:
+                        self._kill(s, SupervisorUnavailable("send interrupted"))
+                if resend and isinstance(exc, ConnectionClosed) and not exc.delivered:
+                    resend = False
+                    s = self._session_for_call()
+                    continue
+                raise
+            return s, rid
 
     def _next(self, s: _Session, rids: Iterable[int], deadline: float) -> Tuple[int, Dict[str, Any], Optional[int]]:
         """The next message for any of `rids`: (id, message, fd). Raises SupervisorUnavailable
@@ -454,7 +481,8 @@ class Client:
                         self._kill(s, exc)
                     self._cond.notify_all()
                 if isinstance(exc, (SupervisorUnavailable, ProtocolError)):
-                    raise SupervisorUnavailable(f"lost the supervisor at {s.conn.path}: {exc}") from exc
+                    # What killed the session first (close(), another thread's timeout) says why.
+                    raise SupervisorUnavailable(f"lost the supervisor at {s.conn.path}: {s.dead or exc}") from exc
                 raise
             with self._lock:
                 s.reading = False
@@ -490,7 +518,7 @@ class Client:
             if not s.usable():
                 return
             try:
-                cid = self._send(s, {"op": "cancel", "target": rid})
+                _, cid = self._send(s, {"op": "cancel", "target": rid}, resend=False)
                 self._finish(s, cid)  # its answer is dropped when it comes
             except Exception:
                 return
@@ -505,6 +533,13 @@ class Client:
         if isinstance(max_ms, (int, float)) and max_ms > 0:
             deadline = min(deadline, max_ms / 1000.0)
         return float(deadline)
+
+    def _clip_deadline_s(self, fields: Mapping[str, Any], s: _Session) -> float:
+        """The deadline in seconds a clip of a sample asks for itself (0 when it does not)."""
+        ms = fields.get("deadline_ms")
+        if isinstance(ms, (int, float)) and not isinstance(ms, bool) and ms > 0:
+            return self._deadline_s(ms / 1000.0, s)
+        return 0.0
 
     def _retry_pause(self, error: Mapping[str, Any], attempt: int, start: float, dl: float,
                      name: Optional[str]) -> float:
@@ -535,7 +570,7 @@ class Client:
         A request whose answer does not come in time is abandoned (the connection is dropped, so
         the supervisor cancels it)."""
         try:
-            rid = self._send(s, message, fd)
+            s, rid = self._send(s, message, fd)
         finally:
             _close_fd(fd)
         try:
@@ -718,7 +753,10 @@ class Client:
 
         Each item is a path or a dict: ``{"path": ..., <options of video()>}``; add
         ``"audio": True`` for video+audio (a :class:`Clip`), ``"video": False, "audio": True``
-        for audio only. ``defaults`` (keyword options) apply to every clip.
+        for audio only; as for :meth:`clip`, ``video``/``audio`` may be dicts of that side's
+        options (``"audio": {"sample_rate": 16000}``). A clip's ``deadline`` may exceed the
+        sample's: the client waits for the longest. ``defaults`` (keyword options) apply to
+        every clip.
 
         With ``all_or_nothing`` (default) the first failure cancels the other clips and is
         raised (its ``clip`` attribute is the index). Without it, failed clips appear in the
@@ -727,13 +765,15 @@ class Client:
         if len(clips) == 0:
             return []
         specs: List[Tuple[str, str, Dict[str, Any]]] = []
+        base = _expand_sides(defaults)
         for item in clips:
-            opts: Dict[str, Any] = dict(defaults)
+            opts: Dict[str, Any] = dict(base)
             if isinstance(item, Mapping):
-                if any(k in item for k in _SELECTION_KEYS):
+                own = _expand_sides(item)
+                if any(k in own for k in _SELECTION_KEYS):
                     for k in _SELECTION_KEYS:  # the clip's own frame selection replaces the default's
                         opts.pop(k, None)
-                opts.update(item)
+                opts.update(own)
                 path = opts.get("path")
                 if path is None:
                     raise ValueError("every clip of a sample needs a 'path'")
@@ -770,7 +810,9 @@ class Client:
             }
             if tag is not None:
                 message["tag"] = tag
-            rid = self._send(s, message)
+            # A clip's own deadline may exceed the sample's: wait for the longest one.
+            wait = max([dl] + [self._clip_deadline_s(specs[i][2], s) for i in todo])
+            s, rid = self._send(s, message)
             overloaded: List[int] = []
             last_error: Dict[str, Any] = {}
             final: Optional[Dict[str, Any]] = None
@@ -778,7 +820,7 @@ class Client:
                 while final is None:
                     # Each answer restarts the clock: clips finish one by one, each within its
                     # own deadline once a worker takes it.
-                    _, reply, fd = self._next(s, [rid], time.monotonic() + dl + s.margin)
+                    _, reply, fd = self._next(s, [rid], time.monotonic() + wait + s.margin)
                     if reply.get("done") is True or ("clip" not in reply and reply.get("ok") is False):
                         # The end of the sample; or an answer to the request as a whole (it was
                         # refused: overloaded, invalid_request), which comes without "done".
@@ -853,6 +895,8 @@ class Client:
         ids: Dict[int, int] = {}
         outstanding: Set[int] = set()
         retry: List[int] = []
+        # A clip's own deadline may exceed the sample's: wait for the longest one.
+        wait = max([dl] + [self._clip_deadline_s(fields, s) for _, _, fields in specs])
         try:
             for index, (kind, name, fields) in enumerate(specs):
                 message = {"op": "decode", "path": name, "fd": True, **fields}
@@ -868,13 +912,14 @@ class Client:
                     results[index] = skip
                     continue
                 try:
-                    rid = self._send(s, message, fd)
+                    # Resent on a new connection only while nothing else is in flight on this one.
+                    s, rid = self._send(s, message, fd, resend=not outstanding)
                 finally:
                     _close_fd(fd)
                 ids[rid] = index
                 outstanding.add(rid)
             while outstanding:
-                rid, reply, block_fd = self._next(s, outstanding, time.monotonic() + dl + s.margin)
+                rid, reply, block_fd = self._next(s, outstanding, time.monotonic() + wait + s.margin)
                 outstanding.discard(rid)
                 self._finish(s, rid)
                 index = ids[rid]

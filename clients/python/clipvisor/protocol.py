@@ -21,6 +21,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+from . import block as _block
 from .errors import ProtocolError, SupervisorUnavailable
 
 __all__ = ["PROTOCOL_VERSION", "MAX_MESSAGE_BYTES", "Connection", "ConnectionClosed", "encode"]
@@ -35,12 +36,69 @@ _ANCILLARY = socket.CMSG_SPACE(4 * array.array("i").itemsize)
 
 
 class ConnectionClosed(SupervisorUnavailable):
-    """The supervisor closed the connection (it exited, crashed, or dropped us)."""
+    """The supervisor closed the connection (it exited, crashed, or dropped us).
+
+    ``delivered`` is False when raised by :meth:`Connection.send` before any byte of the message
+    left (the connection was already closed, or the first write failed with EPIPE/ECONNRESET):
+    the supervisor never saw the request, so it may safely be sent again on a new connection."""
+
+    def __init__(self, message: str, delivered: bool = True):
+        super().__init__(message)
+        self.delivered = delivered
+
+
+def _json_default(value: Any) -> Any:
+    """numpy scalars and arrays as plain Python values (numpy is not imported here: a numpy
+    value can only exist when numpy already is)."""
+    module = type(value).__module__ or ""
+    if module == "numpy" or module.startswith("numpy."):
+        tolist = getattr(value, "tolist", None)  # ndarray → nested lists; np.generic → a scalar
+        if callable(tolist):
+            return tolist()
+        item = getattr(value, "item", None)
+        if callable(item):
+            return item()
+    raise TypeError(f"a value of type {type(value).__name__} is not JSON serialisable")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default)
+
+
+def _bad_key(value: Any, where: str = "") -> Optional[Tuple[str, BaseException]]:
+    """The key path (``fps``, ``clips[1].width``) of the first value that cannot be encoded."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                return (where or "<top>", TypeError(f"key {key!r} is not a string"))
+            found = _bad_key(item, f"{where}.{key}" if where else str(key))
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = _bad_key(item, f"{where}[{i}]")
+            if found is not None:
+                return found
+        return None
+    try:
+        _dumps(value)
+    except (TypeError, ValueError) as exc:
+        return (where or "<top>", exc)
+    return None
 
 
 def encode(message: Dict[str, Any]) -> bytes:
-    """A framed message: length prefix + compact UTF-8 JSON."""
-    body = json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    """A framed message: length prefix + compact UTF-8 JSON. A value that cannot be sent (not
+    JSON, NaN, infinite) raises ValueError naming its key; numpy scalars are sent as numbers."""
+    try:
+        body = _dumps(message).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        found = _bad_key(message)
+        if found is None:
+            raise ValueError(f"the request cannot be encoded: {exc}") from None
+        where, why = found
+        raise ValueError(f"invalid option {where!r}: {why}") from None
     if not 1 <= len(body) <= MAX_MESSAGE_BYTES:
         raise ValueError(f"message of {len(body)} bytes exceeds the protocol's {MAX_MESSAGE_BYTES}-byte limit")
     return _LEN.pack(len(body)) + body
@@ -48,10 +106,7 @@ def encode(message: Dict[str, Any]) -> bytes:
 
 def _close_fds(fds: List[int]) -> None:
     for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+        _block.close_fd(fd)
 
 
 class Connection:
@@ -65,6 +120,11 @@ class Connection:
         self.pid = os.getpid()
         self._send_lock = threading.Lock()
         self._closed = False
+        # The socket's fd is released (closed) only once no thread is inside send() or recv():
+        # a thread polling the fd number must never find it reused by another file.
+        self._state_lock = threading.Lock()
+        self._users = 0
+        self._released = False
         # Receive state, kept across calls so that a timeout mid-message loses nothing.
         self._prefix = bytearray()
         self._body: Optional[bytearray] = None
@@ -78,21 +138,36 @@ class Connection:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def _enter(self, delivered: bool = True) -> None:
+        """Marks a thread as using the socket: its fd stays open (not reused) until _leave()."""
+        with self._state_lock:
+            if self._closed:
+                raise ConnectionClosed(f"connection to {self.path} is closed", delivered=delivered)
+            self._users += 1
+
+    def _leave(self) -> None:
+        with self._state_lock:
+            self._users -= 1
+            release = self._closed and self._users == 0
+        if release:
+            self._release()
+
     # -- waiting -------------------------------------------------------------------------------
 
     def _wait(self, events: int, deadline: float) -> bool:
-        """Waits until the socket is ready for `events` or the deadline passes."""
-        fileno = self.sock.fileno()
-        if self._closed or fileno < 0:
-            raise ConnectionClosed(f"connection to {self.path} is closed")
+        """Waits until the socket is ready for `events` or the deadline passes. Called between
+        _enter() and _leave(), so the fd polled is this socket's (close() shuts the socket down,
+        which wakes the poll, and leaves the fd open until the last user leaves)."""
+        if self._closed:
+            return True  # the caller sees it and raises
         poller = select.poll()
-        poller.register(fileno, events)
+        poller.register(self.sock.fileno(), events)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
             ready = poller.poll(max(1, int(remaining * 1000 + 0.999)))
-            if ready:
+            if ready or self._closed:
                 return True
 
     # -- sending -------------------------------------------------------------------------------
@@ -102,12 +177,14 @@ class Connection:
         stream can no longer be trusted: the connection is closed and the error raised."""
         data = memoryview(encode(message))
         with self._send_lock:
-            if self._closed:
-                raise ConnectionClosed(f"connection to {self.path} is closed")
+            self._enter(delivered=False)
             pending_fd = fd
             ok = False
+            sent = 0
             try:
                 while data:
+                    if self._closed:
+                        raise ConnectionClosed(f"connection to {self.path} is closed", delivered=sent > 0)
                     try:
                         if pending_fd is not None:
                             n = self.sock.sendmsg(
@@ -122,26 +199,37 @@ class Connection:
                                 f"timed out sending to the supervisor at {self.path}") from None
                         continue
                     data = data[n:]
+                    sent += n
                 ok = True
             except (BrokenPipeError, ConnectionResetError) as exc:
-                raise ConnectionClosed(f"the supervisor at {self.path} closed the connection ({exc.strerror})") from None
+                raise ConnectionClosed(f"the supervisor at {self.path} closed the connection ({exc.strerror})",
+                                       delivered=sent > 0) from None
             except OSError as exc:
+                if self._closed:  # closed by another thread (EBADF after shutdown/close)
+                    raise ConnectionClosed(f"connection to {self.path} is closed", delivered=sent > 0) from None
                 raise SupervisorUnavailable(f"sending to the supervisor at {self.path}: {exc}") from None
             finally:
                 # Whatever stopped a send half-way (an error, a timeout, KeyboardInterrupt) left
                 # the stream in an unknown state: never write to it again.
                 if not ok:
                     self.close()
+                self._leave()
 
     # -- receiving -----------------------------------------------------------------------------
 
     def _recv_some(self, into: memoryview) -> int:
-        n, ancdata, flags, _ = self.sock.recvmsg_into([into], _ANCILLARY, _MSG_CMSG_CLOEXEC)
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-                self._fds.extend(fds)
+        # Under the fork guard: an fd received is tracked before any fork can copy it; a forked
+        # child closes its copies of tracked fds (block.py). The socket is non-blocking, so a
+        # fork waits at most for one recvmsg.
+        with _block.fork_guard():
+            n, ancdata, flags, _ = self.sock.recvmsg_into([into], _ANCILLARY, _MSG_CMSG_CLOEXEC)
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds = array.array("i")
+                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                    for fd in fds:
+                        _block.track_fd(fd, cloexec=not _MSG_CMSG_CLOEXEC)
+                    self._fds.extend(fds)
         if flags & socket.MSG_CTRUNC:
             self.close()
             raise ProtocolError("the supervisor sent more file descriptors than one message may carry")
@@ -151,6 +239,13 @@ class Connection:
         """The next message and its fd (or None), or None when the deadline passes first (a
         partial message is kept for the next call). Raises ConnectionClosed at end of stream
         and ProtocolError on a malformed message (the connection is then closed)."""
+        self._enter()
+        try:
+            return self._recv(deadline)
+        finally:
+            self._leave()
+
+    def _recv(self, deadline: float) -> Optional[Tuple[Dict[str, Any], Optional[int]]]:
         while True:
             if self._closed:
                 raise ConnectionClosed(f"connection to {self.path} is closed")
@@ -170,6 +265,8 @@ class Connection:
                 self.close()
                 raise ConnectionClosed(f"the supervisor at {self.path} reset the connection ({exc.strerror})") from None
             except OSError as exc:
+                if self._closed:
+                    raise ConnectionClosed(f"connection to {self.path} is closed") from None
                 self.close()
                 raise SupervisorUnavailable(f"reading from the supervisor at {self.path}: {exc}") from None
             if n == 0:
@@ -212,12 +309,30 @@ class Connection:
     # -- teardown ------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Closes the socket and any fd received for a message not yet complete."""
-        if self._closed:
-            return
-        self._closed = True
-        _close_fds(self._fds)
-        self._fds = []
+        """Closes the connection: shuts the socket down at once (the supervisor sees the
+        disconnect, and a thread blocked in send() or recv() wakes up and gets ConnectionClosed),
+        then closes the fd and any fd received for a message not yet complete, once no thread is
+        using the socket any more."""
+        with self._state_lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self.pid == os.getpid():  # never cut a connection inherited across fork
+                try:
+                    self.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            release = self._users == 0
+        if release:
+            self._release()
+
+    def _release(self) -> None:
+        with self._state_lock:
+            if self._released:
+                return
+            self._released = True
+            fds, self._fds = self._fds, []
+        _close_fds(fds)
         try:
             self.sock.close()
         except OSError:
@@ -225,5 +340,14 @@ class Connection:
 
     def abandon(self) -> None:
         """Forgets a connection inherited across fork: closes this process's copy of the fd
-        without shutdown(), which would also cut the parent's connection."""
-        self.close()
+        without shutdown(), which would also cut the parent's connection. Takes no lock (a
+        parent thread may have held one at the fork): only the forking thread exists here."""
+        self._closed = True
+        self._released = True
+        fds, self._fds = self._fds, []
+        for fd in fds:  # block.py's after-fork hook may have closed them already: not twice
+            _block.close_tracked_fd(fd)
+        try:
+            self.sock.close()
+        except OSError:
+            pass

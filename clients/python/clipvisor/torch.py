@@ -20,7 +20,9 @@
   its videos. Each skip is logged once per path per process (logger ``clipvisor.torch``) and
   recorded where the main process can read it, whichever worker process it happened in.
 - :func:`skip_collate` drops the markers from a batch and collates the rest (torch's
-  ``default_collate``, or ``collate_fn=``); a batch with nothing left is ``None``.
+  ``default_collate``, or ``collate_fn=``); a batch with nothing left is ``None``. Under
+  ``DataLoader(batch_size=None)`` (or through :func:`skip_convert`) a marker becomes ``None``
+  and every other sample passes through unchanged.
 
 Importing this module does not import torch: :class:`SkippingDataset` is a plain map-style
 dataset (``__getitem__`` and ``__len__``, all a ``DataLoader`` needs), and torch is imported by
@@ -33,6 +35,7 @@ import collections
 import json
 import logging
 import os
+import sys
 import tempfile
 import threading
 import weakref
@@ -40,7 +43,7 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Se
 
 from .errors import ClipSkipped
 
-__all__ = ["SkippingDataset", "Skipped", "SkipRecord", "skip_collate"]
+__all__ = ["SkippingDataset", "Skipped", "SkipRecord", "skip_collate", "skip_convert"]
 
 logger = logging.getLogger(__name__)
 
@@ -251,17 +254,41 @@ def _default_collate() -> Callable[[List[Any]], Any]:
     return default_collate
 
 
+def skip_convert(sample: Any, convert_fn: Optional[Callable[[Any], Any]] = None) -> Any:
+    """The collate function for ``DataLoader(batch_size=None)``, where each sample comes alone:
+    a :class:`Skipped` marker becomes ``None``; any other sample (a list of clips included) is
+    returned unchanged, or passed to `convert_fn` when given."""
+    if isinstance(sample, Skipped):
+        return None
+    return sample if convert_fn is None else convert_fn(sample)
+
+
+def _unbatched_call() -> bool:
+    """True when skip_collate was called by a DataLoader without automatic batching
+    (``batch_size=None``): its fetcher then passes one sample, not a list of samples. Looks at
+    the calling frame (torch's ``_BaseDatasetFetcher.fetch``); anything else counts as batched."""
+    try:
+        frame = sys._getframe(2)
+    except ValueError:  # pragma: no cover - no caller
+        return False
+    fetcher = frame.f_locals.get("self")
+    return (type(fetcher).__module__ or "").startswith("torch.utils.data") and \
+        getattr(fetcher, "auto_collation", None) is False
+
+
 def skip_collate(batch: Any, collate_fn: Optional[Callable[[List[Any]], Any]] = None) -> Any:
     """Drops :class:`Skipped` markers from a batch and collates the rest with `collate_fn`
     (default: torch's ``default_collate``). Returns ``None`` when nothing is left.
 
     For another collate function use ``functools.partial(skip_collate, collate_fn=f)`` (picklable,
     for spawned workers). With ``DataLoader(batch_size=None)`` each sample comes alone: a marker
-    becomes ``None`` and anything else is passed to `collate_fn` (or returned) as is.
+    becomes ``None`` and anything else, a list included, is passed to `collate_fn` (or returned)
+    as is (see :func:`skip_convert`, which does this whoever calls it; called directly, rather
+    than by a DataLoader, ``skip_collate`` treats a list as a batch).
     """
     if isinstance(batch, Skipped):
         return None
-    if not isinstance(batch, list):
+    if not isinstance(batch, list) or _unbatched_call():
         return batch if collate_fn is None else collate_fn(batch)
     kept = [item for item in batch if not isinstance(item, Skipped)]
     if not kept:

@@ -212,3 +212,152 @@ def test_decompress_into_caller_array() -> None:
     assert np.array_equal(out, video)
     with pytest.raises(ValueError):
         B.decompress_tensor(blob, layout, 0, np.empty((1,), np.uint8))
+
+
+# -- fork safety -------------------------------------------------------------------------------------
+
+
+def _child_status(fn) -> int:
+    """Runs fn() in a forked child (killed by SIGALRM after 30 s); its exit code, or -signal."""
+    import signal
+    import traceback
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            signal.alarm(30)  # default action kills a deadlocked child
+            code = 0 if fn() else 3
+        except BaseException:
+            traceback.print_exc()
+            code = 2
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_fork_while_another_thread_holds_the_strategy_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    monkeypatch.setattr(B, "_strategy", None)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with B._strategy_lock:  # as a thread running the self-test does
+            held.set()
+            release.wait(60)
+
+    t = threading.Thread(target=hold, daemon=True)
+    t.start()
+    assert held.wait(20)
+    try:
+        code = _child_status(lambda: B.decompression_strategy() in ("readinto", "decompress"))
+    finally:
+        release.set()
+        t.join(20)
+    assert code == 0, f"the child could not take the strategy lock (exit {code}; -14 is SIGALRM: deadlock)"
+
+
+def _memfd_copies(ident) -> tuple:
+    """(fds, mappings) of this process that refer to the file `ident` (st_dev, st_ino)."""
+    fds = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            st = os.stat(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == ident:
+            fds.append(int(name))
+    with open("/proc/self/maps") as f:
+        maps = [line for line in f if len(line.split()) >= 5 and line.split()[4] == str(ident[1]) and "memfd:" in line]
+    return fds, maps
+
+
+def test_forked_child_does_not_inherit_a_block_being_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    blob, video, audio = small_block()
+    fd = memfd_with(blob, name="clipvisor-block")
+    st = os.fstat(fd)
+    ident = (st.st_dev, st.st_ino)
+    B.track_fd(fd)  # as the protocol layer does on receipt
+    seen = {}
+    real_read_block = B.read_block
+
+    def read_block_and_fork(buf):
+        # The fd is closed by now; the mapping (and the mmap object's own dup of the fd) live.
+        seen["parent"] = _memfd_copies(ident)
+        seen["child"] = _child_status(lambda: _memfd_copies(ident) == ([], []))
+        return real_read_block(buf)
+
+    monkeypatch.setattr(B, "read_block", read_block_and_fork)
+    block = B.read_block_fd(fd)
+    assert np.array_equal(block.tensors["video"], video)
+    fds, maps = seen["parent"]
+    assert len(fds) == 1 and fd not in B._open_fds and maps  # the mmap's dup, and the mapping
+    assert seen["child"] == 0, "the forked child kept a copy of the block's memfd or mapping"
+    assert _memfd_copies(ident) == ([], [])  # and the parent let go of everything once read
+
+
+def test_child_never_unmaps_an_inherited_live_mapping(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block mapping still alive at the fork (a view of it outlived read_block_fd, as one in a
+    traceback can) is MADV_DONTFORK, so the child lacks it: the child must never deallocate the
+    inherited mmap object, whose munmap would hit whatever the child has put at that address."""
+    frames = natural_frames(8, 256, 256)
+    blob = write_block([("video", frames, "THWC")], video_result(frames, "THWC"), level=-1000)
+    stash = []
+    real_read_block = B.read_block
+
+    def keep_a_view(buf):
+        stash.append(memoryview(buf))
+        return real_read_block(buf)
+
+    monkeypatch.setattr(B, "read_block", keep_a_view)
+    B.read_block_fd(memfd_with(blob))
+    monkeypatch.setattr(B, "read_block", real_read_block)
+    assert len(B._live_maps) >= 1  # still mapped: its close() found the view
+
+    def child() -> bool:
+        arrays = [np.full(len(blob) // 8 + 1000, 1.0) for _ in range(40)]  # may reuse the range
+        stash.clear()
+        import gc
+
+        gc.collect()
+        return all(float(a[-1]) == 1.0 for a in arrays) and float(sum(a.sum() for a in arrays)) > 0
+
+    try:
+        assert _child_status(child) == 0
+    finally:
+        stash.clear()
+    import gc
+
+    gc.collect()
+
+
+def test_forked_child_closes_received_block_fds() -> None:
+    blob, _, _ = small_block()
+    fd = memfd_with(blob, name="clipvisor-block")
+    st = os.fstat(fd)
+    ident = (st.st_dev, st.st_ino)
+    B.track_fd(fd)
+    try:
+        assert _child_status(lambda: _memfd_copies(ident) == ([], [])) == 0
+        assert _memfd_copies(ident)[0] == [fd]  # the parent's stays open
+    finally:
+        B.close_fd(fd)
+    assert fd not in B._open_fds
+
+
+def test_child_leaves_alone_an_fd_number_reused_after_an_untracked_close() -> None:
+    blob, _, _ = small_block()
+    fd = memfd_with(blob, name="clipvisor-block")
+    B.track_fd(fd)
+    os.close(fd)  # behind the registry's back
+    r, w = os.pipe()
+    try:
+        reused = r if r == fd else (w if w == fd else None)
+        if reused is None:
+            pytest.skip("the fd number was not reused")
+        assert _child_status(lambda: os.fstat(reused) is not None) == 0
+    finally:
+        os.close(r)
+        os.close(w)
+        B._open_fds.pop(fd, None)

@@ -26,7 +26,7 @@ import pytest
 import clipvisor
 import clipvisor.compat
 from clipvisor.compat import qwen
-from clipvisor.torch import Skipped, SkippingDataset, skip_collate
+from clipvisor.torch import Skipped, SkippingDataset, skip_collate, skip_convert
 from test_integration import BINARY, Supervisor, media
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
@@ -92,6 +92,61 @@ def test_skip_collate_numpy() -> None:
     if not HAVE_TORCH:
         with pytest.raises(ImportError, match="collate_fn="):
             skip_collate([data[0]])
+
+
+class ListSamples:
+    """Each sample is a list (a conversation's clips, of different sizes); 1 and 3 are skipped."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> Any:
+        if i in (1, 3):
+            raise clipvisor.ClipTimeout("timeout", f"/data/hang-{i}.mp4", "no answer")
+        return [np.full((2, 3), i, dtype=np.float32), np.full((1, 5), i, dtype=np.float32)]
+
+
+def test_skip_convert_numpy() -> None:
+    data = SkippingDataset(ListSamples(), log=False)
+    assert skip_convert(data[1]) is None
+    sample = data[0]
+    assert skip_convert(sample) is sample  # a list sample is not taken for a batch
+    assert skip_convert(sample, convert_fn=len) == 2
+    convert = functools.partial(skip_convert, convert_fn=len)
+    assert pickle.loads(pickle.dumps(convert)).func is skip_convert
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="torch is not installed")
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("collate", ["skip_collate", "skip_convert"])
+def test_unbatched_dataloader_passes_list_samples_through(num_workers: int, collate: str) -> None:
+    """DataLoader(batch_size=None): a marker becomes None, every other sample (a list of clips of
+    different sizes included) comes through unchanged, not collated as if it were a batch."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    class Tensors(ListSamples):
+        def __getitem__(self, i: int) -> Any:
+            return [torch.from_numpy(x) for x in super().__getitem__(i)]
+
+    fn = {"skip_collate": skip_collate, "skip_convert": skip_convert}[collate]
+    loader = DataLoader(SkippingDataset(Tensors(), log=False), batch_size=None, num_workers=num_workers, collate_fn=fn)
+    got = list(loader)
+    assert got[1] is None and got[3] is None
+    for i in (0, 2):
+        assert isinstance(got[i], list) and [tuple(t.shape) for t in got[i]] == [(2, 3), (1, 5)]
+        assert all(float(t.flatten()[0]) == i for t in got[i])
+    # batched, skip_collate still drops the markers and collates the rest
+    class Same(ListSamples):
+        def __getitem__(self, i: int) -> Any:
+            if i in (1, 3):
+                raise clipvisor.ClipTimeout("timeout", f"/data/hang-{i}.mp4", "no answer")
+            return [torch.full((3,), float(i)), torch.ones(2)]
+
+    batches = list(DataLoader(SkippingDataset(Same(), log=False), batch_size=4, num_workers=num_workers,
+                              collate_fn=skip_collate))
+    assert len(batches) == 1 and [tuple(t.shape) for t in batches[0]] == [(2, 3), (2, 2)]
+    assert batches[0][0][:, 0].tolist() == [0.0, 2.0]
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])

@@ -369,6 +369,19 @@ def test_sample(cv: clipvisor.Client, short_dir: str) -> None:
     assert isinstance(out[2], clipvisor.Video)
 
 
+def test_sample_clip_deadline_longer_than_the_samples(supervisor: Supervisor, short_dir: str) -> None:
+    """A clip's own deadline (8 s) far beyond the sample's (0.5 s) + margin (3 s): the client
+    waits for the clip's answer (a timeout at 8 s) instead of giving up on the supervisor."""
+    fifo = os.path.join(short_dir, f"slow-{os.getpid()}.mp4")
+    os.mkfifo(fifo)
+    good = media("jcodec__big_buck_bunny_160x90_ltr.mp4")
+    with clipvisor.Client(supervisor.path, spawn=False, margin=3.0) as c:
+        out = c.sample([{"path": fifo, "deadline": 8}, {"path": good, "frames": 2}], deadline=0.5,
+                       all_or_nothing=False)
+    assert isinstance(out[0], clipvisor.ClipTimeout), out
+    assert isinstance(out[1], clipvisor.Video) and out[1].frames.shape[0] == 2
+
+
 def test_pass_fd(cv: clipvisor.Client) -> None:
     v = cv.video(media("imageio-test_images__realshort.mp4"), fps=2.0, pass_fd=True)
     assert v.frames.shape == (4, 3, 240, 320)
@@ -467,6 +480,57 @@ def test_supervisor_killed_mid_run(own_supervisor: Supervisor, short_dir: str) -
     own_supervisor.start()
     assert c.video(media("jcodec__big_buck_bunny_160x90_ltr.mp4"), frames=2).frames.shape[0] == 2
     c.close()
+
+
+def test_first_call_after_a_supervisor_restart(own_supervisor: Supervisor) -> None:
+    c = clipvisor.Client(own_supervisor.path, spawn=False, margin=15.0, connect_timeout=30.0)
+    first = c.status()["pid"]
+    own_supervisor.stop()  # the client's idle connection is now closed at the other end
+    own_supervisor.start()
+    assert c.status()["pid"] != first  # the first call goes through, on a new connection
+    assert c.video(media("jcodec__big_buck_bunny_160x90_ltr.mp4"), frames=2).frames.shape[0] == 2
+    own_supervisor.stop()
+    own_supervisor.start()
+    assert c.video(media("jcodec__big_buck_bunny_160x90_ltr.mp4"), frames=2).frames.shape[0] == 2
+    c.close()
+
+
+def test_close_fails_requests_in_flight_and_disconnects(own_supervisor: Supervisor, short_dir: str) -> None:
+    fifo = os.path.join(short_dir, "pending.mp4")
+    os.mkfifo(fifo)
+    c = clipvisor.Client(own_supervisor.path, spawn=False, margin=15.0)
+    observer = clipvisor.Client(own_supervisor.path, spawn=False, margin=15.0)
+    outcome: Dict[str, object] = {}
+
+    def pending() -> None:
+        try:
+            c.video(fifo, deadline=120)
+        except BaseException as exc:
+            outcome["exc"] = exc
+
+    def busy_on_fifo() -> bool:
+        status = observer.status()
+        return any(w.get("state") == "busy" and w.get("clip") == fifo for w in status["workers"]["list"])
+
+    def wait_for(condition, timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    t = threading.Thread(target=pending, daemon=True)
+    t.start()
+    assert wait_for(busy_on_fifo), observer.status()
+    assert observer.status()["connections"] == 2
+    c.close()
+    t.join(30)  # its own bound is 135 s
+    assert not t.is_alive(), "close() did not wake the thread waiting for the answer"
+    assert isinstance(outcome.get("exc"), clipvisor.SupervisorUnavailable), outcome
+    # the supervisor saw the disconnect: the connection is gone and the decode cancelled
+    assert wait_for(lambda: observer.status()["connections"] == 1 and not busy_on_fifo()), observer.status()
+    observer.close()
 
 
 def _serving(sock: str) -> List[int]:

@@ -195,3 +195,110 @@ def test_error_mapping_edges() -> None:
     assert isinstance(E.skip_from_error({"reason": "invalid_request", "message": "m"}), ValueError)
     for cls in (E.SupervisorUnavailable, E.ProtocolError, E.Overloaded, E.SupervisorTimeout, E.BlockFormatError):
         assert issubclass(cls, E.ClipvisorError) and not issubclass(cls, E.ClipSkipped)
+
+
+# -- undelivered sends, close() from another thread, abandon() after fork ------------------------------
+
+
+def test_send_on_a_dead_idle_connection_is_marked_undelivered() -> None:
+    conn, peer = pair()
+    peer.close()  # the supervisor went away while the connection was idle
+    with pytest.raises(ConnectionClosed) as info:
+        conn.send({"op": "status", "id": 1}, soon())
+    assert info.value.delivered is False  # nothing left: safe to send again elsewhere
+    assert conn.closed
+    with pytest.raises(ConnectionClosed) as info:
+        conn.send({"op": "status", "id": 2}, soon())
+    assert info.value.delivered is False
+
+
+def _recv_in_thread(conn: Connection, seconds: float):
+    import threading
+
+    outcome: dict = {}
+    started = threading.Event()
+
+    def run() -> None:
+        started.set()
+        try:
+            outcome["got"] = conn.recv(time.monotonic() + seconds)
+        except BaseException as exc:
+            outcome["exc"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    started.wait(10)
+    return t, outcome
+
+
+def test_close_from_another_thread_wakes_recv_and_disconnects() -> None:
+    conn, peer = pair()
+    t, outcome = _recv_in_thread(conn, 60)
+    time.sleep(0.2)  # let it block in poll (the outcome does not depend on it)
+    conn.close()
+    t.join(20)  # its own deadline is 60 s
+    assert not t.is_alive(), "close() did not wake the thread blocked in recv()"
+    assert isinstance(outcome.get("exc"), ConnectionClosed), outcome
+    peer.settimeout(20)
+    assert peer.recv(10) == b""  # the peer sees the disconnect at once
+    peer.close()
+
+
+def test_close_releases_the_fd_only_after_the_reader_left() -> None:
+    before = open_fds()
+    conn, peer = pair()
+    t, outcome = _recv_in_thread(conn, 60)
+    time.sleep(0.2)
+    conn.close()
+    t.join(20)
+    assert not t.is_alive() and isinstance(outcome.get("exc"), ConnectionClosed)
+    peer.close()
+    assert open_fds() == before
+
+
+def test_abandon_does_not_cut_the_parents_connection() -> None:
+    a, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    parents = socket.socket(fileno=os.dup(a.fileno()))  # the parent's copy of an inherited fd
+    conn = Connection(a, "test")
+    conn.abandon()
+    assert conn.closed
+    parents.sendall(b"ping")
+    peer.settimeout(5)
+    assert peer.recv(4) == b"ping"  # no shutdown(): the connection still works for the parent
+    peer.sendall(b"pong")
+    parents.settimeout(5)
+    assert parents.recv(4) == b"pong"
+    parents.close()
+    peer.close()
+
+
+def test_received_fds_are_cloexec_and_tracked_until_closed() -> None:
+    from clipvisor import block as B
+
+    conn, peer = pair()
+    r, w = os.pipe()
+    peer.sendmsg([frame({"id": 1})], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]))])
+    os.close(r)
+    message, fd = conn.recv(soon())
+    assert fd is not None and os.get_inheritable(fd) is False
+    assert fd in B._open_fds
+    B.close_fd(fd)
+    assert fd not in B._open_fds
+    os.close(w)
+    conn.close()
+    peer.close()
+
+
+def test_encode_numpy_values_and_unencodable_keys() -> None:
+    np = pytest.importorskip("numpy")
+    data = encode({"op": "decode", "fps": np.float32(1.5), "frames": np.int64(3), "flag": np.bool_(True),
+                   "timestamps": [np.float64(0.25), 0.5], "arr": np.array([1, 2], dtype=np.uint16),
+                   "clips": [{"max_pixels": np.int32(100)}]})
+    assert json.loads(data[4:]) == {"op": "decode", "fps": 1.5, "frames": 3, "flag": True, "timestamps": [0.25, 0.5],
+                                    "arr": [1, 2], "clips": [{"max_pixels": 100}]}
+    with pytest.raises(ValueError, match="'level'"):
+        encode({"op": "decode", "level": object()})
+    with pytest.raises(ValueError, match=r"'clips\[1\]\.width'"):
+        encode({"op": "sample", "clips": [{"width": 1}, {"width": {1, 2}}]})
+    with pytest.raises(ValueError, match="'fps'"):
+        encode({"op": "decode", "fps": np.float64("nan")})
