@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -567,18 +568,18 @@ def test_spawn_private_supervisor(isolated_env: str, fake_binary: str) -> None:
     # closed before it delivered anything, respawns the supervisor and sends the request there
     first = _servers(private.socket_path)[0]
     os.kill(first, signal.SIGKILL)
+    # Wait until our idle connection sees the other end closed (all of the killed process's
+    # threads are gone: its pid turns zombie before that).
+    poller = select.poll()
+    poller.register(c._session.conn.fileno(), select.POLLIN | select.POLLHUP)
+    assert poller.poll(20_000), "the killed supervisor's end of the connection did not close"
     deadline = time.monotonic() + 20
-    while not _exited(first) and time.monotonic() < deadline:  # its sockets are closed by then
+    while not _exited(first) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _exited(first) and _servers(private.socket_path) == []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            assert c.video("/fake/video-1-2-2").frames.shape == (1, 3, 2, 2)
-        except Exception:
-            time.sleep(1)
-            print("DEBUG LOG:", open(private.log_path).read(), "servers", _servers(private.socket_path), "first", first, "dir", os.listdir(private.dir))
-            raise
+        assert c.video("/fake/video-1-2-2").frames.shape == (1, 3, 2, 2)
     assert len(_servers(private.socket_path)) == 1 and _servers(private.socket_path)[0] != first
     assert c.status()["pid"] == _servers(private.socket_path)[0]
     c.close()

@@ -263,6 +263,17 @@ def cv(supervisor: Supervisor) -> Iterator[clipvisor.Client]:
     c.close()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def collect_garbage_at_the_end() -> Iterator[None]:
+    """Finalise here the decord readers left in reference cycles by qwen-vl-utils: a forked child
+    of a later test (a DataLoader worker) would otherwise run their destructors, which join
+    decoding threads that exist only in this process, and crash (SIGSEGV)."""
+    yield
+    import gc
+
+    gc.collect()
+
+
 @pytest.fixture(autouse=True)
 def clean_constants(monkeypatch: pytest.MonkeyPatch) -> None:
     """No ms-swift variables from the environment, and no qwen_vl_utils module constants, unless a

@@ -31,6 +31,16 @@ from test_integration import BINARY, Supervisor, media
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
+
+@pytest.fixture(autouse=True)
+def no_garbage_for_forked_workers() -> None:
+    """Garbage of earlier tests (e.g. decord readers, whose destructors join threads that exist
+    only in this process) is finalised here, not in a forked DataLoader worker."""
+    import gc
+
+    gc.collect()
+
+
 # -- numpy only -----------------------------------------------------------------------------------
 
 
