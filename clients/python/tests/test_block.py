@@ -14,6 +14,7 @@ import zstandard
 from blockwriter import ALL_SEALS, F_SEAL_GROW, F_SEAL_SHRINK, F_SEAL_WRITE, memfd_with, natural_frames, video_result, write_block
 from clipvisor import BlockFormatError, ClipvisorError
 from clipvisor import block as B
+from forking import status_in_child
 
 
 def small_block(level: int = -1000) -> tuple:
@@ -217,25 +218,6 @@ def test_decompress_into_caller_array() -> None:
 # -- fork safety -------------------------------------------------------------------------------------
 
 
-def _child_status(fn) -> int:
-    """Runs fn() in a forked child (killed by SIGALRM after 30 s); its exit code, or -signal."""
-    import signal
-    import traceback
-
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 1
-        try:
-            signal.alarm(30)  # default action kills a deadlocked child
-            code = 0 if fn() else 3
-        except BaseException:
-            traceback.print_exc()
-            code = 2
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
-
-
 def test_fork_while_another_thread_holds_the_strategy_lock(monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
 
@@ -251,7 +233,7 @@ def test_fork_while_another_thread_holds_the_strategy_lock(monkeypatch: pytest.M
     t.start()
     assert held.wait(20)
     try:
-        code = _child_status(lambda: B.decompression_strategy() in ("readinto", "decompress"))
+        code = status_in_child(lambda: B.decompression_strategy() in ("readinto", "decompress"))
     finally:
         release.set()
         t.join(20)
@@ -285,7 +267,7 @@ def test_forked_child_does_not_inherit_a_block_being_read(monkeypatch: pytest.Mo
     def read_block_and_fork(buf):
         # The fd is closed by now; the mapping (and the mmap object's own dup of the fd) live.
         seen["parent"] = _memfd_copies(ident)
-        seen["child"] = _child_status(lambda: _memfd_copies(ident) == ([], []))
+        seen["child"] = status_in_child(lambda: _memfd_copies(ident) == ([], []))
         return real_read_block(buf)
 
     monkeypatch.setattr(B, "read_block", read_block_and_fork)
@@ -324,7 +306,7 @@ def test_child_never_unmaps_an_inherited_live_mapping(monkeypatch: pytest.Monkey
         return all(float(a[-1]) == 1.0 for a in arrays) and float(sum(a.sum() for a in arrays)) > 0
 
     try:
-        assert _child_status(child) == 0
+        assert status_in_child(child) == 0
     finally:
         stash.clear()
     import gc
@@ -339,7 +321,7 @@ def test_forked_child_closes_received_block_fds() -> None:
     ident = (st.st_dev, st.st_ino)
     B.track_fd(fd)
     try:
-        assert _child_status(lambda: _memfd_copies(ident) == ([], [])) == 0
+        assert status_in_child(lambda: _memfd_copies(ident) == ([], [])) == 0
         assert _memfd_copies(ident)[0] == [fd]  # the parent's stays open
     finally:
         B.close_fd(fd)
@@ -356,7 +338,7 @@ def test_child_leaves_alone_an_fd_number_reused_after_an_untracked_close() -> No
         reused = r if r == fd else (w if w == fd else None)
         if reused is None:
             pytest.skip("the fd number was not reused")
-        assert _child_status(lambda: os.fstat(reused) is not None) == 0
+        assert status_in_child(lambda: os.fstat(reused) is not None) == 0
     finally:
         os.close(r)
         os.close(w)

@@ -18,6 +18,7 @@ import clipvisor
 from clipvisor import spawn
 from conftest import HERE, open_fds, settled_fds
 from fakeserver import FakeServer, make_audio, make_frames
+from forking import status_in_child
 
 
 def test_video_result(client: clipvisor.Client, fake_server: FakeServer) -> None:
@@ -471,23 +472,6 @@ def test_context_manager_closes(fake_server: FakeServer) -> None:
     assert c._session is None
 
 
-def _in_child(fn) -> int:
-    """Runs fn() in a forked child; its exit status (0 = ok)."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 1
-        try:
-            code = 0 if fn() else 3
-        except BaseException:
-            import traceback
-
-            traceback.print_exc()
-            code = 2
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
-
-
 def test_fork_never_reuses_the_connection(client: clipvisor.Client, fake_server: FakeServer) -> None:
     client.video("/fake/video-1-2-2")
     parent_session = client._session
@@ -496,7 +480,7 @@ def test_fork_never_reuses_the_connection(client: clipvisor.Client, fake_server:
         v = client.video("/fake/video-2-2-2")
         return v.frames.shape == (2, 3, 2, 2) and client._session is not parent_session
 
-    assert _in_child(child) == 0
+    assert status_in_child(child) == 0
     assert fake_server.connections == 2
     pids = {p.hello["pid"] for p in fake_server.peers}
     assert os.getpid() in pids and len(pids) == 2
@@ -510,7 +494,7 @@ def test_fork_while_another_thread_is_waiting(client: clipvisor.Client, fake_ser
     t = threading.Thread(target=lambda: client.video("/fake/delay-0.5/video-1-2-2"))
     t.start()
     time.sleep(0.1)  # that thread is now the reader, holding the session's state
-    assert _in_child(lambda: client.video("/fake/video-1-2-2").frames.shape == (1, 3, 2, 2)) == 0
+    assert status_in_child(lambda: client.video("/fake/video-1-2-2").frames.shape == (1, 3, 2, 2)) == 0
     t.join(5)
 
 
