@@ -70,7 +70,7 @@ extension Supervisor {
     func statusJSON() -> JSONValue {
         let now = Instant.now()
         var workerList: [JSONValue] = []
-        for worker in workers.values.sorted(by: { $0.id < $1.id }) {
+        for worker in pool.ordered {
             var entry: [String: JSONValue] = [
                 "pid": .number(Double(worker.pid)), "state": .string(worker.stateName),
                 "clips_done": .number(Double(worker.clipsDone)), "landlock": .number(Double(worker.landlockABI)),
@@ -94,14 +94,14 @@ extension Supervisor {
             "uptime_s": .number(Double(now.milliseconds(since: startedAt)) / 1000), "socket": .string(configuration.socketPath),
             "workers": [
                 "target": .number(Double(configuration.workers)), "spare": .number(Double(configuration.spareWorkers)),
-                "live": .number(Double(workers.values.filter(\.isLive).count)),
+                "live": .number(Double(pool.census.live)),
                 "clips_per_worker": .number(Double(configuration.clipsPerWorker)), "list": .array(workerList),
-                "consecutive_start_failures": .number(Double(consecutiveStartFailures)),
-                "last_start_error": lastSpawnError.map { .string($0) } ?? .null,
+                "consecutive_start_failures": .number(Double(pool.consecutiveStartFailures)),
+                "last_start_error": pool.lastStartError.map { .string($0) } ?? .null,
             ],
             "queue": [
-                "length": .number(Double(queuedCount)), "limit": .number(Double(configuration.queueLimit)),
-                "wait_limit_ms": .number(Double(configuration.queueWaitMs)),
+                "length": .number(Double(queue.count)), "limit": .number(Double(configuration.queueLimit)),
+                "wait_limit_ms": .number(Double(configuration.queueWaitMs)), "clients": queueByClient,
             ],
             "deadlines": [
                 "default_ms": .number(Double(configuration.deadlineDefaultMs)), "max_ms": .number(Double(configuration.deadlineMaxMs)),
@@ -118,6 +118,19 @@ extension Supervisor {
 }
 
 extension Supervisor {
+    /// Clips waiting per client, deepest first: which DataLoader worker (pid) has work queued.
+    var queueByClient: JSONValue {
+        let rows = queue.depths.sorted { ($0.value, $1.key) > ($1.value, $0.key) }.map { client, depth -> JSONValue in
+            var row: [String: JSONValue] = ["connection": .number(Double(client)), "queued": .number(Double(depth))]
+            if let connection = connections[client] {
+                row["pid"] = .number(Double(connection.peer.pid))
+                row["uid"] = .number(Double(connection.peer.uid))
+            }
+            return .object(row)
+        }
+        return .array(rows)
+    }
+
     /// Which sandbox layers the workers run with, and why one is missing (docs/protocol.md, `status`).
     var sandboxJSON: JSONValue {
         var entry: [String: JSONValue] = [

@@ -12,8 +12,7 @@ extension Supervisor {
     /// failures have armed the back-off (100 ms doubling to 30 s: the supervisor never spins).
     func maintainPool(now: Instant) {
         guard case .running = phase else { return }
-        var live = workers.values.filter(\.isLive).count
-        while live < configuration.workers + configuration.spareWorkers, now >= nextSpawnAllowed {
+        for _ in 0..<pool.spawnsNeeded(target: configuration.workers + configuration.spareWorkers, now: now) {
             let worker: WorkerProcess
             do {
                 worker = try spawner.spawn(id: makeID(), startTimeoutMs: configuration.workerStartTimeoutMs)
@@ -28,25 +27,25 @@ extension Supervisor {
                 logger.error("cannot watch worker \(worker.pid): \(error)")
                 worker.kill(reason: "cannot watch")
             }
-            workers[worker.id] = worker
+            pool.insert(worker)
             counters.spawns += 1
-            live += 1
         }
     }
 
     /// A worker could not be started or died before `ready`: log it clearly and back off.
     func recordStartFailure(_ reason: String) {
-        consecutiveStartFailures += 1
         counters.spawnFailures += 1
-        lastSpawnError = reason
-        let delay = min(30_000, 100 << min(consecutiveStartFailures - 1, 9))
-        nextSpawnAllowed = Instant.now().adding(milliseconds: delay)
+        let delay = pool.noteStartFailure(reason, now: Instant.now())
         logger.error(
-            "decode worker failed to start (\(consecutiveStartFailures) in a row): \(reason); next try in \(delay) ms",
+            "decode worker failed to start (\(pool.consecutiveStartFailures) in a row): \(reason); next try in \(delay) ms",
             metadata: ["worker.executable": "\(configuration.workerExecutable)"])
         if let failure = noWorkersFailure() {
             // Nothing can decode: answer waiting clips now instead of at the queue bound.
-            while let job = oldestQueuedJob() {
+            while let oldest = queue.oldest() {
+                guard let job = jobs[oldest.job] else {
+                    queue.remove(oldest.job)
+                    continue
+                }
                 var named = failure
                 named.path = job.path
                 named.message = "\(job.path): \(failure.message)"
@@ -58,17 +57,10 @@ extension Supervisor {
     /// `overloaded` with `detail: "no_workers"` when start failures persist and no worker is
     /// ready: clients should not wait for this to pass (docs/protocol.md).
     func noWorkersFailure() -> DecodeFailure? {
-        guard consecutiveStartFailures >= 3 else { return nil }
-        let ready = workers.values.contains {
-            switch $0.state {
-            case .idle, .busy: true
-            default: false
-            }
-        }
-        guard !ready else { return nil }
-        let wait = max(0, nextSpawnAllowed.milliseconds(since: Instant.now()))
+        guard pool.cannotStartAny else { return nil }
+        let wait = max(0, pool.nextSpawnAllowed.milliseconds(since: Instant.now()))
         return DecodeFailure(
-            .overloaded, "no decode worker can start: \(lastSpawnError ?? "unknown error")", detail: "no_workers",
+            .overloaded, "no decode worker can start: \(pool.lastStartError ?? "unknown error")", detail: "no_workers",
             retryAfterMs: max(wait, 100))
     }
 
@@ -147,8 +139,7 @@ extension Supervisor {
             worker.landlockProblem = message["landlock_problem"]?.stringValue.map { String($0.prefix(500)) }
             noteSandbox(of: worker)
             worker.state = .idle
-            consecutiveStartFailures = 0
-            nextSpawnAllowed = Instant(nanoseconds: 0)
+            pool.noteReady()
         case "started":
             try? fd?.close()
             if case .busy(let jobID, _) = worker.state, message["job"]?.intValue == Int(jobID), let job = jobs[jobID] {
@@ -222,7 +213,7 @@ extension Supervisor {
         // that answered and then retired must not have its clip counted as a crash.
         readControl(of: worker)
         closeControl(of: worker)
-        workers.removeValue(forKey: worker.id)
+        pool.remove(worker)
         switch worker.state {
         case .starting:
             // During shutdown the supervisor closed its channel itself; that is no failed start.

@@ -43,17 +43,14 @@ final class Supervisor {
 
     var phase: Phase = .running
     var connections: [UInt64: Connection] = [:]
-    var workers: [UInt64: WorkerProcess] = [:]
+    /// The decode workers and the start-up back-off.
+    let pool = WorkerPool()
+    /// Every clip accepted and not yet answered, queued or running.
     var jobs: [JobID: ClipJob] = [:]
-    /// FIFO of queued job ids; answered ids are skipped when reached.
-    var queue: [JobID] = []
-    var queueHead = 0
-    var queuedCount = 0
+    /// Clips waiting for a worker, one lane per client, served round-robin.
+    var queue = JobQueue()
     var counters = Counters()
     var nextID: UInt64 = 1
-    var consecutiveStartFailures = 0
-    var nextSpawnAllowed = Instant(nanoseconds: 0)
-    var lastSpawnError: String?
     /// The Landlock state the newest ready worker reported; nil before any was ready.
     var workerLandlock: (abi: Int, problem: String?)?
     var listenerPausedUntil: Instant?
@@ -133,15 +130,7 @@ final class Supervisor {
 
     /// The pool is warm when as many workers as configured have said `ready` (or, after
     /// failed starts, when at least one has: a degraded pool still serves).
-    var isWarm: Bool {
-        let ready = workers.values.filter {
-            switch $0.state {
-            case .idle, .busy: true
-            default: false
-            }
-        }.count
-        return ready >= configuration.workers || (ready > 0 && consecutiveStartFailures > 0)
-    }
+    var isWarm: Bool { pool.isWarm(target: configuration.workers) }
 
     private func handle(_ event: Poller.Event) {
         switch event.source {
@@ -158,10 +147,10 @@ final class Supervisor {
                 drop(connection, reason: "client closed the connection")
             }
         case .workerControl(let id):
-            guard let worker = workers[id] else { return }
+            guard let worker = pool[id] else { return }
             readControl(of: worker)
         case .workerExit(let id):
-            guard let worker = workers[id] else { return }
+            guard let worker = pool[id] else { return }
             handleExit(of: worker)
         }
     }
@@ -185,15 +174,15 @@ final class Supervisor {
     private func nextTimeoutMs(now: Instant) -> Int32 {
         var earliest = now.adding(milliseconds: 1000)
         func consider(_ instant: Instant) { if instant < earliest { earliest = instant } }
-        for worker in workers.values {
+        for worker in pool.workers.values {
             switch worker.state {
             case .starting(let deadline): consider(deadline)
             case .busy(_, let deadline): consider(deadline)
             default: break
             }
         }
-        if let oldest = oldestQueuedJob() { consider(oldest.enqueuedAt.adding(milliseconds: configuration.queueWaitMs)) }
-        if nextSpawnAllowed > now { consider(nextSpawnAllowed) }
+        if let oldest = queue.oldest() { consider(oldest.enqueuedAt.adding(milliseconds: configuration.queueWaitMs)) }
+        if pool.nextSpawnAllowed > now { consider(pool.nextSpawnAllowed) }
         if let paused = listenerPausedUntil { consider(paused) }
         switch phase {
         case .draining(let graceEnd): consider(graceEnd)
@@ -208,7 +197,7 @@ final class Supervisor {
     }
 
     private func handleTimers(now: Instant) {
-        for worker in Array(workers.values) {
+        for worker in pool.ordered {
             switch worker.state {
             case .busy(let jobID, let deadline) where deadline <= now:
                 guard let job = jobs[jobID] else { continue }
@@ -225,7 +214,11 @@ final class Supervisor {
                 break
             }
         }
-        while let job = oldestQueuedJob(), job.enqueuedAt.adding(milliseconds: configuration.queueWaitMs) <= now {
+        while let oldest = queue.oldest(), oldest.enqueuedAt.adding(milliseconds: configuration.queueWaitMs) <= now {
+            guard let job = jobs[oldest.job] else {
+                queue.remove(oldest.job)
+                continue
+            }
             answer(job, .failed(DecodeFailure(
                 .overloaded,
                 "\(job.path): waited \(configuration.queueWaitMs) ms for a free worker; retry later",
@@ -244,37 +237,8 @@ final class Supervisor {
     /// queue limit must not refuse a clip because an earlier one has not been dispatched yet.
     func enqueue(_ job: ClipJob) {
         jobs[job.id] = job
-        queue.append(job.id)
-        queuedCount += 1
+        queue.push(job.id, client: job.connectionID, at: job.enqueuedAt)
         dispatch()
-    }
-
-    /// The oldest job still waiting, dropping answered ids from the head.
-    func oldestQueuedJob() -> ClipJob? {
-        while queueHead < queue.count {
-            if let job = jobs[queue[queueHead]], case .queued = job.state { return job }
-            queueHead += 1
-        }
-        compactQueue()
-        return nil
-    }
-
-    private func popQueuedJob() -> ClipJob? {
-        guard let job = oldestQueuedJob() else { return nil }
-        queueHead += 1
-        queuedCount -= 1
-        compactQueue()
-        return job
-    }
-
-    private func compactQueue() {
-        if queueHead > 1024, queueHead * 2 > queue.count {
-            queue.removeFirst(queueHead)
-            queueHead = 0
-        } else if queueHead == queue.count, queueHead > 0 {
-            queue.removeAll(keepingCapacity: true)
-            queueHead = 0
-        }
     }
 
     /// Bytes of finished blocks still held in client outboxes.
@@ -300,16 +264,12 @@ final class Supervisor {
         return bytes < configuration.effectiveMemoryBudget && count < Self.maxUnreadBlocks
     }
 
-    var busyWorkerCount: Int {
-        workers.values.filter { if case .busy = $0.state { return true } else { return false } }.count
-    }
-
     /// Clips that would start decoding at once rather than wait: idle workers, within the
     /// `workers` bound and the memory budget.
     var freeDecodeSlots: Int {
         guard case .running = phase, roomForBlocks else { return 0 }
-        let idle = workers.values.filter { if case .idle = $0.state { return true } else { return false } }.count
-        return max(0, min(idle, configuration.workers - busyWorkerCount))
+        let census = pool.census
+        return max(0, min(census.idle, configuration.workers - census.busy))
     }
 
     /// Hands queued clips to idle workers while the memory budget allows.
@@ -319,19 +279,18 @@ final class Supervisor {
         // clients have not read yet.
         guard roomForBlocks else { return }
         // Spare workers stand by; no more than `workers` clips decode at once.
-        var busy = busyWorkerCount
-        for worker in workers.values {
+        var busy = pool.census.busy
+        for worker in pool.idle {
             guard busy < configuration.workers else { return }
-            guard case .idle = worker.state else { continue }
-            guard let job = popQueuedJob() else { return }
+            guard let jobID = queue.popNext() else { return }
+            guard let job = jobs[jobID] else { continue }
             switch send(job, to: worker) {
             case .sent:
                 busy += 1
             case .workerFailed:
                 // The worker died before taking the clip: the clip has not started, so it waits
-                // for the next worker instead of failing.
-                queue.insert(job.id, at: queueHead)
-                queuedCount += 1
+                // for the next worker instead of failing, first in line.
+                queue.pushFront(job.id, client: job.connectionID, enqueuedAt: job.enqueuedAt)
             case .jobRefused(let failure):
                 // The job itself cannot travel; the worker is fine and stays idle.
                 answer(job, .failed(failure))
@@ -413,7 +372,7 @@ final class Supervisor {
         case .running, .finished:
             return
         case .draining(let graceEnd):
-            let busy = workers.values.filter { if case .busy = $0.state { return true }; return false }
+            let busy = pool.ordered.filter { if case .busy = $0.state { return true }; return false }
             if graceEnd <= now {
                 for worker in busy {
                     if case .busy(let jobID, _) = worker.state, let job = jobs[jobID] {
@@ -424,31 +383,31 @@ final class Supervisor {
             } else if !busy.isEmpty {
                 return
             }
-            for worker in workers.values { closeControl(of: worker) }
+            for worker in pool.ordered { closeControl(of: worker) }
             phase = .stopping(killAt: now.adding(milliseconds: 2000), giveUpAt: now.adding(milliseconds: 5000))
         case .stopping(let killAt, let giveUpAt):
             if killAt <= now {
-                for worker in workers.values { worker.kill(reason: "shutdown") }
+                for worker in pool.ordered { worker.kill(reason: "shutdown") }
             }
             let flushed = connections.values.allSatisfy { $0.outbox.isEmpty }
-            if (workers.isEmpty && flushed) || giveUpAt <= now {
+            if (pool.isEmpty && flushed) || giveUpAt <= now {
                 phase = .finished
             }
         }
     }
 
     private func cleanUpAtExit() {
-        for worker in workers.values {
+        for worker in pool.ordered {
             worker.kill(reason: "exit")
             closeControl(of: worker)
         }
         // Reap what has died; a worker stuck in uninterruptible I/O is left to init.
         let until = Instant.now().adding(milliseconds: 1000)
-        while !workers.isEmpty, Instant.now() < until {
-            for worker in Array(workers.values) where worker.reap() != nil {
+        while !pool.isEmpty, Instant.now() < until {
+            for worker in pool.ordered where worker.reap() != nil {
                 poller.remove(worker.pidfd)
                 try? worker.pidfd.close()
-                workers.removeValue(forKey: worker.id)
+                pool.remove(worker)
             }
             usleep(5000)
         }
