@@ -51,14 +51,20 @@ enum StatusReport {
             "clipvisor \(status["version"]?.stringValue ?? "?") pid \(number(status["pid"])), \(status["phase"]?.stringValue ?? "?"), up \(number(status["uptime_s"])) s, socket \(status["socket"]?.stringValue ?? "?")")
         let workers = status["workers"]
         lines.append(
-            "workers: \(number(workers?["live"])) live (\(number(workers?["target"])) decoding at most, \(number(workers?["spare"])) spare), recycled after \(number(workers?["clips_per_worker"])) clips")
+            "workers: \(number(workers?["live"])) live (\(number(workers?["target"])) decoding at most, \(number(workers?["spare"])) spare, at most \(number(workers?["max"])) processes), recycled after \(number(workers?["clips_per_worker"])) clips")
+        if let stalled = workers?["stalled"]?.intValue, stalled > 0 {
+            lines.append("  \(stalled) blocked in I/O (no CPU): their slots are lent to other clips until they resume or reach their deadline")
+        }
         if let error = workers?["last_start_error"]?.stringValue {
             lines.append("  last start failure: \(error) (\(number(workers?["consecutive_start_failures"])) in a row)")
         }
         if let sandbox = status["sandbox"], let line = sandboxLine(sandbox) { lines.append(line) }
         for worker in workers?["list"]?.arrayValue ?? [] {
             var line = "  pid \(number(worker["pid"]))  \(worker["state"]?.stringValue ?? "?")  clips \(number(worker["clips_done"]))"
-            if let clip = worker["clip"]?.stringValue { line += "  \(clip) (\(number(worker["busy_ms"])) ms)" }
+            if let clip = worker["clip"]?.stringValue {
+                line += "  \(clip) (\(number(worker["busy_ms"])) of \(number(worker["deadline_ms"])) ms, \(number(worker["cpu_s"])) CPU-s"
+                line += worker["stalled"]?.boolValue == true ? ", BLOCKED: slot lent)" : ")"
+            }
             lines.append(line)
         }
         let queue = status["queue"]

@@ -63,6 +63,13 @@ struct ServeCommand: ParsableCommand {
         """)
     var spareWorkers: Int?
 
+    @Option(help: """
+        Hard cap on worker processes. A worker blocked in I/O (a FIFO, a stalled network mount) uses no CPU, \
+        so its decode slot is lent to the next clip and a spare takes its place until its deadline; this \
+        bounds how many can pile up (default: 4 × --workers, at least --workers + --spare-workers).
+        """)
+    var maxWorkers: Int?
+
     @Option(help: "A worker is replaced after this many clips, bounding leaks in codecs (default: 100).")
     var clipsPerWorker: Int?
 
@@ -143,6 +150,7 @@ struct ServeCommand: ParsableCommand {
         put("worker", worker.map { .string($0) })
         put("workers", workers.map { .integer($0) })
         put("spare_workers", spareWorkers.map { .integer($0) })
+        put("max_workers", maxWorkers.map { .integer($0) })
         put("clips_per_worker", clipsPerWorker.map { .integer($0) })
         put("deadline", deadline.map { .number($0) })
         put("max_deadline", maxDeadline.map { .number($0) })

@@ -52,6 +52,7 @@ struct ConfigKey: Sendable {
         ConfigKey(name: "worker", flag: "--worker", kind: .path),
         ConfigKey(name: "workers", flag: "--workers", kind: .integer(1...1024)),
         ConfigKey(name: "spare_workers", flag: "--spare-workers", kind: .integer(0...64)),
+        ConfigKey(name: "max_workers", flag: "--max-workers", kind: .integer(1...4096)),
         ConfigKey(name: "clips_per_worker", flag: "--clips-per-worker", kind: .integer(1...1_000_000)),
         ConfigKey(name: "deadline", flag: "--deadline", kind: .seconds(lower: 0, lowerInclusive: false, upper: 86_400)),
         ConfigKey(name: "max_deadline", flag: "--max-deadline", kind: .seconds(lower: 0, lowerInclusive: false, upper: 86_400)),

@@ -57,6 +57,11 @@ struct ServeSettings {
     }
 
     private func checkCombination() throws(ConfigError) {
+        if let cap = configuration.maxWorkers, cap < configuration.workers {
+            throw ConfigError(problems: [
+                problem("max_workers", "the cap on worker processes (\(cap)) is below the decode workers (\(configuration.workers))")
+            ])
+        }
         let deadline = configuration.deadlineDefaultMs
         let maximum = configuration.deadlineMaxMs
         if deadline > maximum {
@@ -90,6 +95,7 @@ struct ServeSettings {
         case ("worker", .string(let path)): configuration.workerExecutable = path
         case ("workers", .integer(let count)): configuration.workers = count
         case ("spare_workers", .integer(let count)): configuration.spareWorkers = count
+        case ("max_workers", .integer(let count)): configuration.maxWorkers = count
         case ("clips_per_worker", .integer(let count)): configuration.clipsPerWorker = count
         case ("deadline", .number(let seconds)): configuration.deadlineDefaultMs = Self.milliseconds(seconds)
         case ("max_deadline", .number(let seconds)): configuration.deadlineMaxMs = Self.milliseconds(seconds)

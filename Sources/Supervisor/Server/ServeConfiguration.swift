@@ -18,6 +18,13 @@ struct ServeConfiguration: Sendable {
     /// the next clip goes to one of them at once instead of waiting 30–700 ms for a spawn. At
     /// most `workers` decode at the same time.
     var spareWorkers = 2
+    /// Hard cap on worker processes. A worker blocked in I/O lends its slot to the next clip
+    /// and a spare is started in its place, so hangs on a stalled mount never hold the pool; this
+    /// bounds how far that goes. Default: four per decode slot, at least `workers + spareWorkers`.
+    var maxWorkers: Int? = nil
+
+    var effectiveMaxWorkers: Int { maxWorkers ?? max(workers + spareWorkers, 4 * workers) }
+
     /// A worker exits and is replaced after this many clips (bounds leaks in codecs).
     var clipsPerWorker = 100
     var deadlineDefaultMs = 30_000

@@ -201,13 +201,13 @@ enum Filesystem {
         close(fd)
     }
 
-    /// The whole content of a small file, or nil.
-    static func read(_ path: String) -> [UInt8]? {
+    /// The whole content of a small file, or nil; `chunk` is the read size (small for /proc).
+    static func read(_ path: String, chunk: Int = 1 << 16) -> [UInt8]? {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { return nil }
         defer { close(fd) }
         var out: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 1 << 16)
+        var buffer = [UInt8](repeating: 0, count: chunk)
         while true {
             let n = Glibc.read(fd, &buffer, buffer.count)
             if n < 0, errno == EINTR { continue }

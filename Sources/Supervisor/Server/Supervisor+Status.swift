@@ -79,6 +79,9 @@ extension Supervisor {
             if case .busy(let jobID, _) = worker.state, let job = jobs[jobID] {
                 entry["clip"] = .string(job.path)
                 if case .running(_, let since) = job.state { entry["busy_ms"] = .number(Double(now.milliseconds(since: since))) }
+                entry["deadline_ms"] = .number(Double(job.deadlineMs))
+                entry["stalled"] = .bool(worker.isStalled)
+                if let cpu = worker.cpu { entry["cpu_s"] = .number((cpu.secondsOnClip * 1000).rounded() / 1000) }
             }
             workerList.append(.object(entry))
         }
@@ -94,7 +97,8 @@ extension Supervisor {
             "uptime_s": .number(Double(now.milliseconds(since: startedAt)) / 1000), "socket": .string(configuration.socketPath),
             "workers": [
                 "target": .number(Double(configuration.workers)), "spare": .number(Double(configuration.spareWorkers)),
-                "live": .number(Double(pool.census.live)),
+                "live": .number(Double(pool.census.live)), "max": .number(Double(configuration.effectiveMaxWorkers)),
+                "stalled": .number(Double(pool.census.stalled)),
                 "clips_per_worker": .number(Double(configuration.clipsPerWorker)), "list": .array(workerList),
                 "consecutive_start_failures": .number(Double(pool.consecutiveStartFailures)),
                 "last_start_error": pool.lastStartError.map { .string($0) } ?? .null,

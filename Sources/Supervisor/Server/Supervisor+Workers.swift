@@ -12,7 +12,9 @@ extension Supervisor {
     /// failures have armed the back-off (100 ms doubling to 30 s: the supervisor never spins).
     func maintainPool(now: Instant) {
         guard case .running = phase else { return }
-        for _ in 0..<pool.spawnsNeeded(target: configuration.workers + configuration.spareWorkers, now: now) {
+        // A stalled worker's slot is lent, so a spare is started in its place: up to the cap.
+        let target = configuration.workers + configuration.spareWorkers + pool.census.stalled
+        for _ in 0..<pool.spawnsNeeded(target: target, cap: configuration.effectiveMaxWorkers, now: now) {
             let worker: WorkerProcess
             do {
                 worker = try spawner.spawn(id: makeID(), startTimeoutMs: configuration.workerStartTimeoutMs)
@@ -165,6 +167,7 @@ extension Supervisor {
             return
         }
         worker.clipsDone += 1
+        worker.cpu = nil
         worker.state = message["exiting"]?.boolValue == true ? .retiring : .idle
         if case .retiring = worker.state { counters.recycles += 1 }
         guard let job = jobs[jobID] else {

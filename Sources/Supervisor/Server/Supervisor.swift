@@ -177,7 +177,9 @@ final class Supervisor {
         for worker in pool.workers.values {
             switch worker.state {
             case .starting(let deadline): consider(deadline)
-            case .busy(_, let deadline): consider(deadline)
+            case .busy(_, let deadline):
+                consider(deadline)
+                if let cpu = worker.cpu { consider(cpu.nextSampleAt) }
             default: break
             }
         }
@@ -201,12 +203,12 @@ final class Supervisor {
             switch worker.state {
             case .busy(let jobID, let deadline) where deadline <= now:
                 guard let job = jobs[jobID] else { continue }
+                _ = worker.cpu?.sample(pid: worker.pid, now: now)
                 worker.kill(reason: "deadline")
                 counters.timeouts += 1
-                answer(job, .failed(DecodeFailure(
-                    .timeout,
-                    "\(job.path): no answer within the \(job.deadlineMs) ms deadline; worker \(worker.pid) killed",
-                    path: job.path)))
+                answer(job, .failed(timeoutFailure(job, worker: worker)))
+            case .busy where worker.cpu.map { $0.nextSampleAt <= now } == true:
+                sampleCPU(of: worker, now: now)
             case .starting(let deadline) where deadline <= now:
                 worker.kill(reason: "start timeout")
                 recordStartFailure("worker \(worker.pid) did not say ready within \(configuration.workerStartTimeoutMs) ms")
@@ -228,6 +230,41 @@ final class Supervisor {
             listenerPausedUntil = nil
             try? poller.add(listener, .listener)
         }
+    }
+
+    /// Reads a busy worker's CPU time: one that stopped using the CPU lends its slot (dispatch
+    /// and the spare count follow the census), one that resumed takes it back.
+    private func sampleCPU(of worker: WorkerProcess, now: Instant) {
+        guard worker.cpu?.sample(pid: worker.pid, now: now) == true, let cpu = worker.cpu else { return }
+        let clip: String = if case .busy(let jobID, _) = worker.state { jobs[jobID]?.path ?? "?" } else { "?" }
+        if cpu.stalled {
+            logger.info(
+                "worker \(worker.pid) is blocked (\(Self.percent(cpu.lastShare)) of a CPU) on \(clip): its slot is lent until it resumes or its deadline",
+                metadata: ["worker.pid": "\(worker.pid)", "clip.path": "\(clip)"])
+        } else {
+            logger.info("worker \(worker.pid) resumed on \(clip)", metadata: ["worker.pid": "\(worker.pid)"])
+        }
+    }
+
+    static func percent(_ share: Double) -> String { "\(Int((share * 100).rounded()))%" }
+
+    /// `timeout`, saying whether the worker was blocked (storage: a FIFO, a stalled mount) or
+    /// computing (a codec stuck in a loop) when it was killed: operators fix the two differently.
+    func timeoutFailure(_ job: ClipJob, worker: WorkerProcess) -> DecodeFailure {
+        var message = "\(job.path): no answer within the \(job.deadlineMs) ms deadline; worker \(worker.pid) killed"
+        var detail: String?
+        if let cpu = worker.cpu {
+            let used = JSONValue.format((cpu.secondsOnClip * 100).rounded() / 100)
+            let seconds = JSONValue.format(Double(job.deadlineMs) / 1000)
+            if cpu.stalled {
+                message += "; it was blocked, not decoding (\(used) CPU-s in \(seconds) s): waiting on I/O such as a FIFO or a stalled mount"
+                detail = "stalled"
+            } else {
+                message += "; it was busy on the CPU (\(used) CPU-s in \(seconds) s): the decoder may be stuck in a loop"
+                detail = "busy"
+            }
+        }
+        return DecodeFailure(.timeout, message, path: job.path, detail: detail)
     }
 
     // MARK: - Queue
@@ -269,7 +306,7 @@ final class Supervisor {
     var freeDecodeSlots: Int {
         guard case .running = phase, roomForBlocks else { return 0 }
         let census = pool.census
-        return max(0, min(census.idle, configuration.workers - census.busy))
+        return max(0, min(census.idle, configuration.workers - census.decoding))
     }
 
     /// Hands queued clips to idle workers while the memory budget allows.
@@ -278,8 +315,9 @@ final class Supervisor {
         // Blocks are produced one per busy worker, so the budget is checked against what
         // clients have not read yet.
         guard roomForBlocks else { return }
-        // Spare workers stand by; no more than `workers` clips decode at once.
-        var busy = pool.census.busy
+        // Spare workers stand by; no more than `workers` clips decode at once. A stalled worker
+        // (blocked in I/O) holds no slot: its clip waits for I/O, not for the CPU.
+        var busy = pool.census.decoding
         for worker in pool.idle {
             guard busy < configuration.workers else { return }
             guard let jobID = queue.popNext() else { return }
@@ -334,6 +372,7 @@ final class Supervisor {
         let now = Instant.now()
         job.state = .running(worker: worker.id, since: now)
         worker.state = .busy(job: job.id, deadline: now.adding(milliseconds: job.deadlineMs))
+        worker.cpu = CPUWatch(pid: worker.pid, now: now)
         return .sent
     }
 

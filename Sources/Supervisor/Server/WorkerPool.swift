@@ -10,6 +10,9 @@ final class WorkerPool {
         var starting = 0
         var idle = 0
         var busy = 0
+        /// Busy workers that use no CPU (blocked in I/O): included in `busy`, but their slots
+        /// are lent to other clips.
+        var stalled = 0
         var retiring = 0
         var killed = 0
 
@@ -17,6 +20,10 @@ final class WorkerPool {
         var live: Int { starting + idle + busy }
         /// Said `ready` and not yet leaving: they can take (or have taken) a clip.
         var ready: Int { idle + busy }
+        /// Busy workers that hold a decode slot: those really on the CPU.
+        var decoding: Int { busy - stalled }
+        /// Processes, whatever their state: what the hard cap bounds.
+        var processes: Int { live + retiring + killed }
     }
 
     private(set) var workers: [UInt64: WorkerProcess] = [:]
@@ -44,7 +51,9 @@ final class WorkerPool {
             switch worker.state {
             case .starting: census.starting += 1
             case .idle: census.idle += 1
-            case .busy: census.busy += 1
+            case .busy:
+                census.busy += 1
+                if worker.isStalled { census.stalled += 1 }
             case .retiring: census.retiring += 1
             case .killed: census.killed += 1
             }
@@ -66,10 +75,12 @@ final class WorkerPool {
         workers.removeValue(forKey: worker.id)
     }
 
-    /// Workers to spawn now to hold `target` live ones: none while the back-off runs.
-    func spawnsNeeded(target: Int, now: Instant) -> Int {
+    /// Workers to spawn now to hold `target` live ones without more than `cap` processes:
+    /// none while the back-off runs.
+    func spawnsNeeded(target: Int, cap: Int = .max, now: Instant) -> Int {
         guard now >= nextSpawnAllowed else { return 0 }
-        return max(0, target - census.live)
+        let census = census
+        return max(0, min(target - census.live, cap - census.processes))
     }
 
     /// A worker said `ready`: starts work again, and the back-off is lifted.

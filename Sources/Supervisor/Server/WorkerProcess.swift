@@ -32,6 +32,9 @@ final class WorkerProcess {
     var landlockABI = 0
     /// Why the worker runs without the Landlock write ban, as it said in `ready`.
     var landlockProblem: String?
+    /// CPU use on the clip it decodes (set when it takes one): a worker that uses no CPU is
+    /// blocked in I/O, and its slot is lent (`WorkerPool.Census.stalled`).
+    var cpu: CPUWatch?
     /// Whether its control socket is still registered and open.
     var controlOpen = true
 
@@ -50,6 +53,12 @@ final class WorkerProcess {
         case .starting, .idle, .busy: true
         case .retiring, .killed: false
         }
+    }
+
+    /// Busy on a clip but using (almost) no CPU over the last window: blocked in I/O.
+    var isStalled: Bool {
+        guard case .busy = state else { return false }
+        return cpu?.stalled == true
     }
 
     var stateName: String {
