@@ -43,12 +43,18 @@ struct SkipsCommand: ParsableCommand {
     @Option(help: ArgumentHelp("The skip log (default: the supervisor's default location).", valueName: "path"))
     var skipLog: String?
 
+    @Option(parsing: .upToNextOption, help: ArgumentHelp(
+        "Merge several nodes' skip logs (files, directories of NODE.jsonl or NODE/skips.jsonl, or patterns) into one view: the same file skipped on several nodes is one entry with its nodes and counts (see docs/skip-log.md).",
+        valueName: "dir-or-glob"))
+    var merge: [String] = []
+
     @OptionGroup var connection: ConnectionOptions
 
     func validate() throws {
         if let reason, SkipReason(rawValue: reason) == nil { throw ValidationError("unknown reason \(reason)") }
         if let since, Timestamp.parseDuration(since) == nil { throw ValidationError("--since: \(since) is not a duration like 6h") }
         if forget != nil && all { throw ValidationError("give --forget PATH or --all, not both") }
+        if !merge.isEmpty && (forget != nil || all) { throw ValidationError("--merge shows gathered logs; --forget acts on this node") }
     }
 
     func run() throws {
@@ -62,6 +68,12 @@ struct SkipsCommand: ParsableCommand {
         filter.sinceMs = since.flatMap(Timestamp.parseDuration).map { Timestamp.nowMilliseconds() - $0 }
         filter.pathGlob = path.map(absolutePattern)
         filter.tag = tag
+        if !merge.isEmpty {
+            do { return try SkipLedger.show(arguments: merge, filter: filter, limit: limit, json: json) } catch {
+                ServeCommand.printError("clipvisor: \(error)")
+                throw ExitCode(66)  // EX_NOINPUT
+            }
+        }
         let records = SkipLogFiles.readAll(basePath: logPath).filter(filter.matches).reversed()
         if json {
             for record in records.prefix(limit) { print(record.json.jsonString) }

@@ -112,6 +112,7 @@ extension Supervisor {
             ],
             "connections": .number(Double(connections.count)), "counters": counters.json,
             "skip_log": skipLog?.statusJSON ?? .null,
+            "quarantine_import": quarantineImport?.statusJSON ?? .null,
         ]
     }
 }
