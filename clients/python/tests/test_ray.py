@@ -132,13 +132,13 @@ def skip_lines(skip_log: str) -> List[dict]:
 
 
 def test_concurrent_tasks_start_one_supervisor_per_node(ray_session: str, clips: Dict[str, str]) -> None:
-    @ray.remote(num_cpus=0.25)
+    @ray.remote(num_cpus=0.5)
     def ask(serve_args: List[str]) -> tuple:
         import clipvisor.ray
 
         return os.getpid(), clipvisor.ray.node_socket("private", serve_args=serve_args), clipvisor.__file__
 
-    answers = ray.get([ask.remote(["--skip-log", ray_session]) for _ in range(8)], timeout=90)
+    answers = ray.get([ask.remote(["--skip-log", ray_session]) for _ in range(4)], timeout=90)
     sockets = {socket for _, socket, _ in answers}
     assert len(sockets) == 1, answers
     assert len({pid for pid, _, _ in answers}) >= 2, "the tasks should have run in several worker processes"
@@ -219,6 +219,19 @@ def test_bad_arguments_are_refused_in_the_driver(ray_session: str, clips: Dict[s
         cray.read_videos(os.path.join(workdir, "missing.mp4"))
     with pytest.raises(ValueError, match="local paths only"):
         cray.read_videos("s3://bucket/x.mp4")
+
+
+def test_a_killed_node_supervisor_is_replaced_by_the_next_task(ray_session: str, clips: Dict[str, str]) -> None:
+    import signal
+
+    socket = cray.node_socket("private")
+    [old] = supervisor_processes(socket)
+    os.kill(old, signal.SIGKILL)  # the Ray workers' cached connections are now broken
+    rows = cray.read_videos([clips["a.mp4"], clips["b.mp4"], clips["d.mp4"]], override_num_blocks=3,
+                            **read_args(ray_session)).take_all()
+    assert sorted(r["path"] for r in rows) == sorted([clips["a.mp4"], clips["b.mp4"], clips["d.mp4"]])
+    pids = supervisor_processes(socket)
+    assert len(pids) == 1 and pids != [old], pids
 
 
 def test_ray_shutdown_stops_the_node_supervisor(ray_session: str, clips: Dict[str, str]) -> None:

@@ -138,12 +138,13 @@ def node_socket(supervisor: Optional[str] = None, binary: Optional[str] = None, 
     return slot.ensure()
 
 
-def _client(plan: _ReadPlan, fresh: bool = False) -> Client:
-    """This worker process's client of the node's supervisor (one per process, shared by its tasks)."""
+def _client(plan: _ReadPlan, broken: Optional[Client] = None) -> Client:
+    """This worker process's client of the node's supervisor (one per process, shared by its tasks
+    and their threads). With `broken`, that client is replaced, unless another thread already did."""
     key = repr((plan.supervisor, plan.binary, plan.serve_args))
     with _clients_lock:
         client = _clients.get(key)
-        if client is not None and not fresh:
+        if client is not None and (broken is None or client is not broken):
             return client
         if client is not None:
             client.close()
@@ -155,8 +156,9 @@ def _client(plan: _ReadPlan, fresh: bool = False) -> Client:
 
 def _decode(plan: _ReadPlan, path: str) -> Tuple[Any, Optional[ClipSkipped]]:
     """(result, None) or (None, skip). A supervisor that went away is looked for (or started) again once."""
+    broken: Optional[Client] = None
     for attempt in (0, 1):
-        client = _client(plan, fresh=attempt == 1)
+        client = _client(plan, broken)
         try:
             if plan.audio:
                 result = client.clip(path, video=plan.video, audio=plan.audio, audio_optional=True,
@@ -169,6 +171,7 @@ def _decode(plan: _ReadPlan, path: str) -> Tuple[Any, Optional[ClipSkipped]]:
         except SupervisorUnavailable:
             if attempt == 1:
                 raise
+            broken = client
     raise AssertionError("unreachable")
 
 

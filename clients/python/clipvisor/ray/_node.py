@@ -91,11 +91,24 @@ if code is None:
     shutil.rmtree(slot, ignore_errors=True)
     sys.exit(0)
 sys.stderr.write("clipvisor ray watchdog: supervisor exited with %s\n" % code)
-for name in ("supervisor.pid", "watchdog.pid"):
-    try:
-        os.unlink(os.path.join(slot, name))
-    except OSError:
-        pass
+# Forget our pid files, under the slot's lock and only if still ours: a task may already have
+# started a successor, which writes its own.
+import fcntl
+try:
+    lock = os.open(os.path.join(slot, "lock"), os.O_RDWR | os.O_CLOEXEC)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    for name, pid in (("watchdog.pid", os.getpid()), ("supervisor.pid", child.pid)):
+        path = os.path.join(slot, name)
+        try:
+            with open(path) as f:
+                mine = f.read().strip() == str(pid)
+            if mine:
+                os.unlink(path)
+        except OSError:
+            pass
+    os.close(lock)
+except OSError:
+    pass
 sys.exit(0)
 """
 
