@@ -14,14 +14,22 @@ Both read the same clips on one local Ray cluster (``ray.init(num_cpus=2)``) in 
 Reported per reader: clips per second (wall, from creating the dataset to having every row in
 the driver) and CPU seconds of everything involved (the driver, Ray's processes, the
 supervisor and its workers: /proc of each process tree, before and after). Then the FIFO case:
-one FIFO among good clips. clipvisor finishes after the FIFO's deadline; ``ray.data.read_videos``
-blocks in ``open()`` forever, so it runs in a child driver killed at ``--fifo-cap`` seconds and is
-reported as capped.
+the bad inputs, each among good clips:
+
+- a FIFO: clipvisor finishes after the FIFO's deadline with a ``timeout`` row. ``ray.data.read_videos``
+  (2.60) refuses the whole read at listing (``FileNotFoundError``: pyarrow does not call a FIFO a
+  file), and in a directory it leaves the FIFO out without a word.
+- a stalled mount: a FUSE file system whose ``read()`` never returns (a network mount whose server
+  stopped answering; needs /dev/fuse, ``apt-get install fuse3`` and ``pip install mfusepy``, else it is
+  skipped). clipvisor finishes after the deadline; ``ray.data.read_videos`` blocks in the read task,
+  so it runs in a child driver on the same cluster, killed at ``--fifo-cap`` seconds and reported
+  as CAPPED.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,12 +46,121 @@ sys.path.insert(0, str(HERE))
 import common  # noqa: E402
 import media  # noqa: E402
 
-FIFO_CHILD = r"""
+CHILD_DRIVER = r"""
 import sys, ray
 ray.init(address=sys.argv[1], log_to_driver=False, configure_logging=False)
 ds = ray.data.read_videos(sys.argv[2:], include_paths=True)
 print("rows", ds.count(), flush=True)
 """
+
+# A FUSE file system with one file whose read() never returns: a network mount whose server
+# stopped answering. Needs /dev/fuse, fusermount3 (apt fuse3) and mfusepy (pip).
+STALLED_FS = r"""
+import errno, stat, sys, threading
+import mfusepy as fuse
+
+class Stalled(fuse.Operations):
+    def getattr(self, path, fh=None):
+        if path == "/":
+            return dict(st_mode=stat.S_IFDIR | 0o755, st_nlink=2, st_mtime=1.7e9, st_ctime=1.7e9, st_atime=1.7e9)
+        if path == "/stalled.mp4":
+            return dict(st_mode=stat.S_IFREG | 0o644, st_nlink=1, st_size=1 << 20, st_mtime=1.7e9, st_ctime=1.7e9,
+                        st_atime=1.7e9)
+        raise fuse.FuseOSError(errno.ENOENT)
+
+    def readdir(self, path, fh):
+        return [".", "..", "stalled.mp4"]
+
+    def open(self, path, flags):
+        return 0
+
+    def read(self, path, size, offset, fh):
+        threading.Event().wait()
+
+fuse.FUSE(Stalled(), sys.argv[1], foreground=True, allow_other=True)
+"""
+
+
+def capped_ray_read(ray, paths: List[str], cap: float) -> str:
+    """ray.data.read_videos(paths).count() in a child driver on the same cluster, killed after `cap` s."""
+    gcs = ray.get_runtime_context().gcs_address
+    child = subprocess.Popen([sys.executable, "-c", CHILD_DRIVER, gcs] + paths, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, start_new_session=True)
+    t0 = time.monotonic()
+    try:
+        out, err = child.communicate(timeout=cap)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+        return f"CAPPED: no result after {cap:.0f} s (Ray has no per-task timeout); killed"
+    last = (err.decode().strip().splitlines() or [""])[-1]
+    return f"exited {child.returncode} after {time.monotonic() - t0:.1f} s: {out.decode().strip() or last}"
+
+
+def clipvisor_case(cray, label: str, mixed: List[str], bad: str, args, serve_args) -> bool:
+    t0 = time.monotonic()
+    got = cray.read_videos(mixed, frames=args.frames, deadline=3.0, on_skip="row", supervisor="private",
+                           serve_args=serve_args).take_all()
+    wall = time.monotonic() - t0
+    reasons = {r["path"]: r["skip_reason"] for r in got}
+    ok = len(got) == len(mixed) and reasons.get(bad) in ("timeout", "quarantined") and \
+        all(reasons[p] is None for p in mixed if p != bad)
+    print(f"{label}, clipvisor (deadline 3 s): {'finished' if ok else 'WRONG RESULT'} in {wall:.1f} s, "
+          f"{len(got)} rows; the bad one: skip_reason={reasons.get(bad)}")
+    return ok
+
+
+def fifo_case(cray, ray, clips: List[str], args, serve_args) -> bool:
+    fifo_dir = tempfile.mkdtemp(prefix="cv-bench-fifo-")
+    fifo = os.path.join(fifo_dir, "fifo.mp4")
+    os.mkfifo(fifo)
+    mixed = clips[:3] + [fifo] + clips[3:6]
+    print()
+    try:
+        ok = clipvisor_case(cray, f"FIFO among {len(mixed) - 1} good clips", mixed, fifo, args, serve_args)
+        print(f"FIFO among {len(mixed) - 1} good clips, ray.data.read_videos: {capped_ray_read(ray, mixed, args.fifo_cap)}")
+        for clip in clips[:3]:
+            os.symlink(clip, os.path.join(fifo_dir, os.path.basename(clip)))
+        listed = ray.data.read_videos(fifo_dir, include_paths=True).select_columns(["path"]).take_all()
+        print(f"directory of 3 clips and the FIFO, ray.data.read_videos: rows from "
+              f"{len({r['path'] for r in listed})} files; the FIFO is left out without a word")
+        return ok
+    finally:
+        shutil.rmtree(fifo_dir, ignore_errors=True)
+
+
+def stalled_mount_case(cray, ray, clips: List[str], args, serve_args) -> bool:
+    fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
+    try:
+        import mfusepy  # noqa: F401
+    except ImportError:
+        mfusepy = None
+    if not (os.path.exists("/dev/fuse") and fusermount and mfusepy):
+        print("stalled mount: skipped (needs /dev/fuse, fusermount3 from apt fuse3, and pip mfusepy)")
+        return True
+    mount = tempfile.mkdtemp(prefix="cv-bench-stalled-")
+    daemon = subprocess.Popen([sys.executable, "-c", STALLED_FS, mount], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        stalled = os.path.join(mount, "stalled.mp4")
+        for _ in range(100):
+            if os.path.exists(stalled):
+                break
+            time.sleep(0.05)
+        else:
+            print("stalled mount: skipped (the FUSE file system did not mount)")
+            return True
+        mixed = clips[:3] + [stalled] + clips[3:6]
+        ok = clipvisor_case(cray, "stalled mount (FUSE read never returns)", mixed, stalled, args, serve_args)
+        print(f"stalled mount, ray.data.read_videos: {capped_ray_read(ray, mixed, args.fifo_cap)}")
+        return ok
+    finally:
+        subprocess.run([fusermount, "-u", "-z", mount], stderr=subprocess.DEVNULL)
+        os.killpg(daemon.pid, signal.SIGKILL)
+        daemon.wait()
+        os.rmdir(mount)
+
+
 
 
 def process_tree_cpu(roots: Set[int]) -> float:
@@ -155,38 +272,11 @@ def main() -> int:
         for m in (rd, cv):
             print(f"{m['label']:34} {count / m['wall']:8.1f} {m['wall']:7.2f} {m['cpu']:7.2f} {m['cpu'] / count:11.3f}")
         print(f"clipvisor / ray.data: {rd['wall'] / cv['wall']:.2f}x clips/s, {rd['cpu'] / max(cv['cpu'], 1e-9):.2f}x less CPU; "
-              f"same frames (shapes equal; mean |pixel difference| {np.mean(diffs):.2f} of 255: decord vs swscale colour conversion)")
+              f"same frames: shapes equal, mean |pixel difference| {np.mean(diffs):.3f} of 255")
 
-        # -- the FIFO case ----------------------------------------------------------------------
-        fifo_dir = tempfile.mkdtemp(prefix="cv-bench-fifo-")
-        fifo = os.path.join(fifo_dir, "stalled.mp4")
-        os.mkfifo(fifo)
-        mixed = clips[:3] + [fifo] + clips[3:6]
-        print()
-        t0 = time.monotonic()
-        got = cray.read_videos(mixed, frames=args.frames, deadline=3.0, on_skip="row", supervisor="private",
-                               serve_args=serve_args).take_all()
-        wall = time.monotonic() - t0
-        reasons = {r["path"]: r["skip_reason"] for r in got}
-        ok = len(got) == len(mixed) and reasons[fifo] in ("timeout", "quarantined") and \
-            all(reasons[p] is None for p in mixed if p != fifo)
-        print(f"FIFO among {len(mixed) - 1} good clips, clipvisor (deadline 3 s): "
-              f"{'finished' if ok else 'WRONG RESULT'} in {wall:.1f} s; FIFO row skip_reason={reasons.get(fifo)}")
-        gcs = ray.get_runtime_context().gcs_address
-        child = subprocess.Popen([sys.executable, "-c", FIFO_CHILD, gcs] + mixed, stdout=subprocess.PIPE,
-                                 stderr=subprocess.DEVNULL, start_new_session=True)
-        t0 = time.monotonic()
-        try:
-            out, _ = child.communicate(timeout=args.fifo_cap)
-            print(f"FIFO, ray.data.read_videos: exited {child.returncode} after {time.monotonic() - t0:.1f} s: "
-                  f"{out.decode().strip()!r}")
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
-            print(f"FIFO, ray.data.read_videos: CAPPED: no result after {args.fifo_cap:.0f} s (the read task blocks in "
-                  f"open() of the FIFO; Ray has no per-task timeout); killed")
-        os.unlink(fifo)
-        os.rmdir(fifo_dir)
+        # -- a FIFO, and a stalled mount -------------------------------------------------------
+        ok = fifo_case(cray, ray, clips, args, serve_args)
+        ok = stalled_mount_case(cray, ray, clips, args, serve_args) and ok
         return 0 if ok else 1
     finally:
         ray.shutdown()
