@@ -91,6 +91,7 @@ def ray_session(workdir: str) -> Iterator[str]:
     os.environ.pop("CLIPVISOR_SERVE_ARGS", None)
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(clipvisor.__file__)))
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, saved["PYTHONPATH"]) if p)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # CI has no network to report to
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         yield skip_log
