@@ -15,7 +15,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 from ray.data.extensions import ArrowTensorArray
 
-from clipvisor import Client, ClipSkipped, SupervisorUnavailable
+from clipvisor import Client, Clip, ClipSkipped, SupervisorUnavailable, Video
 
 from . import _node
 
@@ -160,6 +160,7 @@ def _decode(plan: _ReadPlan, path: str) -> Tuple[Any, Optional[ClipSkipped]]:
     for attempt in (0, 1):
         client = _client(plan, broken)
         try:
+            result: Union[Clip, Video]
             if plan.audio:
                 result = client.clip(path, video=plan.video, audio=plan.audio, audio_optional=True,
                                      deadline=plan.deadline)
