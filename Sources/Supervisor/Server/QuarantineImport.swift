@@ -107,12 +107,19 @@ final class QuarantineImport: Sendable {
     private func check(force: Bool) {
         var info = stat()
         guard stat(path, &info) == 0 else {
-            let problem = "cannot read the quarantine import \(path): \(Errno(rawValue: errno))"
+            let code = errno
+            let problem = "cannot read the quarantine import \(path): \(Errno(rawValue: code))"
             let changed = state.withLock { state in
                 defer { state.problem = problem; state.identity = nil }
                 return state.problem != problem
             }
-            if changed { logger.warning("\(problem); keeping the \(state.withLock { $0.entries.count }) entries read before") }
+            let kept = state.withLock { $0.entries.count }
+            // A ledger not gathered yet is normal on a fresh node; anything else is worth a warning.
+            if changed, code == ENOENT, kept == 0 {
+                logger.info("\(problem); nothing imported until it appears")
+            } else if changed {
+                logger.warning("\(problem); keeping the \(kept) entries read before")
+            }
             return
         }
         let identity = [
