@@ -58,6 +58,7 @@ struct SkipsCommand: ParsableCommand {
     }
 
     func run() throws {
+        if !merge.isEmpty { return try showMerged() }  // SkipLedger.swift
         let logPath = skipLog ?? SkipLog.defaultPath
         if forget != nil || all {
             try lift(logPath: logPath)
@@ -68,12 +69,6 @@ struct SkipsCommand: ParsableCommand {
         filter.sinceMs = since.flatMap(Timestamp.parseDuration).map { Timestamp.nowMilliseconds() - $0 }
         filter.pathGlob = path.map(absolutePattern)
         filter.tag = tag
-        if !merge.isEmpty {
-            do { return try SkipLedger.show(arguments: merge, filter: filter, limit: limit, json: json) } catch {
-                ServeCommand.printError("clipvisor: \(error)")
-                throw ExitCode(66)  // EX_NOINPUT
-            }
-        }
         let records = SkipLogFiles.readAll(basePath: logPath).filter(filter.matches).reversed()
         if json {
             for record in records.prefix(limit) { print(record.json.jsonString) }

@@ -1,3 +1,4 @@
+import ArgumentParser
 import Shared
 
 #if canImport(Glibc)
@@ -261,5 +262,23 @@ enum SkipLedger {
             if name != ".", name != "..", !name.hasPrefix(".") { names.append(name) }
         }
         return names
+    }
+}
+
+extension SkipsCommand {
+    /// `clipvisor skips --merge`: the gathered logs, with this command's filters; an argument that
+    /// names no log exits 66 (EX_NOINPUT) with a message naming it.
+    func showMerged() throws {
+        var filter = SkipFilter()
+        filter.reason = reason.flatMap(SkipReason.init(rawValue:))
+        filter.sinceMs = since.flatMap(Timestamp.parseDuration).map { Timestamp.nowMilliseconds() - $0 }
+        filter.pathGlob = path.map { $0.hasPrefix("/") || $0.hasPrefix("*") ? $0 : absolutePath($0) }
+        filter.tag = tag
+        do {
+            try SkipLedger.show(arguments: merge, filter: filter, limit: limit, json: json)
+        } catch {
+            ServeCommand.printError("clipvisor: \(error)")
+            throw ExitCode(66)
+        }
     }
 }
