@@ -48,3 +48,5 @@ if [ "${CLIPVISOR_SKIP_TORCH:-0}" != 1 ]; then
     python3 -c "import torch, torchvision" 2>/dev/null || pip_install torch torchvision
     python3 -c "import qwen_vl_utils, decord, librosa" 2>/dev/null || pip_install "qwen-vl-utils==0.0.11" decord librosa
 fi
+# clipvisor.ray (a Ray Data datasource) and its tests/benchmark; ray[data] brings pyarrow and pandas.
+python3 -c "import ray.data, pyarrow" 2>/dev/null || pip_install "ray[data]==2.60.0"

@@ -133,6 +133,11 @@ struct ServeCommand: ParsableCommand {
     @Option(help: ArgumentHelp("How long quarantine lasts, e.g. 7d, 12h (default: 7d).", valueName: "duration"))
     var quarantineExpiry: String?
 
+    @Option(help: ArgumentHelp(
+        "A merged skip ledger of the cluster (clipvisor skips --merge ... --json) on shared storage: clips it shows crashing or hanging are answered `quarantined` at once; re-read when it changes and on SIGHUP.",
+        valueName: "path"))
+    var quarantineImport: String?
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical (default: info).")
     var logLevel: String?
 
@@ -167,6 +172,7 @@ struct ServeCommand: ParsableCommand {
         put("skip_log", skipLog.map { .string($0) })
         put("quarantine_timeouts", quarantineTimeouts.map { .integer($0) })
         put("quarantine_expiry", quarantineExpiry.map { .string($0) })
+        put("quarantine_import", quarantineImport.map { .string($0) })
         put("log_level", logLevel.map { .string($0) })
         put("log_target", logTarget.map { .string($0) })
         return values
@@ -229,6 +235,10 @@ struct ServeCommand: ParsableCommand {
             configuration: configuration, listener: listener, ownsSocketFile: ownsSocket, skipLog: log, logger: logger)
         lifecycle.attach(to: supervisor)
         if useJournal { supervisor.skipAnnouncer = JournalSkipAnnouncer.announce }
+        if let path = settings.quarantineImportPath {
+            supervisor.quarantineImport = QuarantineImport(path: absolutePath(path), policy: settings.quarantine, logger: logger)
+            supervisor.quarantineImport?.start()
+        }
         let roots = configuration.roots.isEmpty ? "no data roots" : "data roots \(configuration.roots.joined(separator: ", "))"
         logger.info(
             "clipvisor \(ClipvisorVersion.string) serving on \(configuration.socketPath)\(ownsSocket ? "" : " (passed by systemd)") with \(configuration.workers) workers; skip log \(log.path); \(roots)",

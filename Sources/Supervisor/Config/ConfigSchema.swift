@@ -69,6 +69,7 @@ struct ConfigKey: Sendable {
         ConfigKey(name: "skip_log", flag: "--skip-log", kind: .path),
         ConfigKey(name: "quarantine_timeouts", flag: "--quarantine-timeouts", kind: .integer(1...1_000)),
         ConfigKey(name: "quarantine_expiry", flag: "--quarantine-expiry", kind: .duration),
+        ConfigKey(name: "quarantine_import", flag: "--quarantine-import", kind: .path),
         ConfigKey(name: "log_level", flag: "--log-level", kind: .choice(Logger.Level.allCases.map(\.rawValue))),
         ConfigKey(name: "log_target", flag: "--log-target", kind: .choice(LogTarget.allCases.map(\.rawValue))),
     ]

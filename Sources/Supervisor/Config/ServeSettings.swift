@@ -8,6 +8,8 @@ struct ServeSettings {
     /// The skip log; nil for the default (`SkipLog.defaultPath`).
     var skipLogPath: String?
     var quarantine = QuarantinePolicy()
+    /// A merged skip ledger of other nodes to quarantine from (`QuarantineImport`); nil for none.
+    var quarantineImportPath: String?
     var logLevel: Logger.Level = .info
     var logTarget: LogTarget = .auto
     /// Where each knob that is not a default came from: a flag, or the file and line.
@@ -113,6 +115,7 @@ struct ServeSettings {
         case ("quarantine_timeouts", .integer(let count)): quarantine.timeoutsToQuarantine = count
         case ("quarantine_expiry", .string(let text)):
             quarantine.expiryMs = Timestamp.parseDuration(text) ?? quarantine.expiryMs
+        case ("quarantine_import", .string(let path)): quarantineImportPath = path
         case ("log_level", .string(let text)): logLevel = Logger.Level(rawValue: text) ?? logLevel
         case ("log_target", .string(let text)): logTarget = LogTarget(rawValue: text) ?? logTarget
         default:

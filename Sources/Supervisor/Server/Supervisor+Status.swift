@@ -117,6 +117,7 @@ extension Supervisor {
             "sandbox": sandboxJSON,
             "connections": .number(Double(connections.count)), "counters": counters.json,
             "skip_log": skipLog?.statusJSON ?? .null,
+            "quarantine_import": quarantineImport?.statusJSON ?? .null,
         ]
     }
 }

@@ -61,6 +61,8 @@ final class Supervisor {
     var announcedReady = false
     /// Announces each skip to the operator: a stderr line, or a journal entry under systemd.
     var skipAnnouncer: (SkipRecord, DecodeFailure) -> Void
+    /// Quarantine learnt from other nodes (`serve --quarantine-import`), consulted after the local one.
+    var quarantineImport: QuarantineImport?
     var receiveBuffer = [UInt8](repeating: 0, count: WorkerMessage.maxSize)
     let skipLog: SkipLog?
 
@@ -163,6 +165,7 @@ final class Supervisor {
             case SIGHUP:
                 logger.info("SIGHUP: reopening the skip log")
                 skipLog?.reopen()
+                quarantineImport?.requestReload()
             default:
                 beginShutdown(reason: signalName(signal))
             }
@@ -343,7 +346,7 @@ final class Supervisor {
     }
 
     private func send(_ job: ClipJob, to worker: WorkerProcess) -> SendOutcome {
-        job.quarantine = skipLog?.quarantine(for: job.path)
+        job.quarantine = skipLog?.quarantine(for: job.path) ?? quarantineImport?.entry(for: job.path)
         let bytes = job.workerMessage(roots: configuration.roots).serialized()
         let result = bytes.withUnsafeBytes { raw in
             Result { () throws(Errno) in try SocketIO.send(worker.control, raw, passing: job.clipFD, nonBlocking: true) }
