@@ -66,7 +66,7 @@ struct ServeCommand: ParsableCommand {
     @Option(help: """
         Hard cap on worker processes. A worker blocked in I/O (a FIFO, a stalled network mount) uses no CPU, \
         so its decode slot is lent to the next clip and a spare takes its place until its deadline; this \
-        bounds how many can pile up (default: 4 × --workers, at least --workers + --spare-workers).
+        bounds how many can pile up (default: 4 × --workers and at least 16, never below --workers + --spare-workers).
         """)
     var maxWorkers: Int?
 

@@ -20,10 +20,11 @@ struct ServeConfiguration: Sendable {
     var spareWorkers = 2
     /// Hard cap on worker processes. A worker blocked in I/O lends its slot to the next clip
     /// and a spare is started in its place, so hangs on a stalled mount never hold the pool; this
-    /// bounds how far that goes. Default: four per decode slot, at least `workers + spareWorkers`.
+    /// bounds how far that goes. Default: four per decode slot and at least 16 (a handful of
+    /// clips on one stalled mount must not stop a small node), never below `workers + spareWorkers`.
     var maxWorkers: Int? = nil
 
-    var effectiveMaxWorkers: Int { maxWorkers ?? max(workers + spareWorkers, 4 * workers) }
+    var effectiveMaxWorkers: Int { maxWorkers ?? max(16, 4 * workers, workers + spareWorkers) }
 
     /// A worker exits and is replaced after this many clips (bounds leaks in codecs).
     var clipsPerWorker = 100
