@@ -273,12 +273,13 @@ enum SocketClaim {
     static let listenFDsStart: Int32 = 3
 
     static func claim(configuration: ServeConfiguration) throws -> Claim {
-        if let pidText = SocketDiscovery.environment("LISTEN_PID"), pid_t(pidText) == getpid(),
-            let countText = SocketDiscovery.environment("LISTEN_FDS"), let count = Int32(countText), count >= 1
-        {
-            unsetenv("LISTEN_PID")
-            unsetenv("LISTEN_FDS")
-            unsetenv("LISTEN_FDNAMES")
+        // sd_listen_fds(3) checks LISTEN_PID, unsets the variables (workers must not see them)
+        // and marks the fds close-on-exec.
+        let count = sd_listen_fds(1)
+        if count < 0 {
+            throw Refusal(description: "systemd passed sockets that cannot be used: sd_listen_fds: \(Errno(rawValue: -count))")
+        }
+        if count >= 1 {
             // One ListenStream= is all we serve; anything else passed is closed, not inherited by workers.
             for extra in (listenFDsStart + 1)..<(listenFDsStart + count) { close(extra) }
             guard sd_is_socket_unix(listenFDsStart, cv_sock_stream(), 1, nil, 0) > 0 else {
