@@ -35,6 +35,8 @@ struct ConfigKey: Sendable {
         case choice([String])
         /// A list of absolute paths.
         case paths
+        /// An IP literal and a port (`MetricsAddress`).
+        case listenAddress
     }
 
     let name: String
@@ -66,6 +68,9 @@ struct ConfigKey: Sendable {
         ConfigKey(name: "quarantine_expiry", flag: "--quarantine-expiry", kind: .duration),
         ConfigKey(name: "log_level", flag: "--log-level", kind: .choice(Logger.Level.allCases.map(\.rawValue))),
         ConfigKey(name: "log_target", flag: "--log-target", kind: .choice(LogTarget.allCases.map(\.rawValue))),
+        ConfigKey(name: "metrics_listen", flag: "--metrics-listen", kind: .listenAddress),
+        ConfigKey(name: "metrics_textfile", flag: "--metrics-textfile", kind: .path),
+        ConfigKey(name: "metrics_interval", flag: "--metrics-interval", kind: .seconds(lower: 0, lowerInclusive: false, upper: 3_600)),
     ]
 
     static let byName: [String: ConfigKey] = Dictionary(uniqueKeysWithValues: all.map { ($0.name, $0) })
@@ -81,6 +86,7 @@ struct ConfigKey: Sendable {
         case .duration: "a duration like \"90s\", \"15m\", \"12h\", \"7d\" or \"2w\""
         case .choice(let options): "one of " + options.map { "\"\($0)\"" }.joined(separator: ", ")
         case .paths: "a list of absolute paths"
+        case .listenAddress: "an address like \"127.0.0.1:9464\", \"[::1]:9464\" or a port"
         }
     }
 
@@ -107,6 +113,9 @@ struct ConfigKey: Sendable {
             for path in paths where !path.hasPrefix("/") {
                 return "every entry must be an absolute path, got \"\(path)\""
             }
+            return nil
+        case (.listenAddress, .string(let text)):
+            if case .failure(let error) = MetricsAddress.parse(text) { return "must be \(expectation): \(error)" }
             return nil
         default:
             return "must be \(expectation), got \(value)"

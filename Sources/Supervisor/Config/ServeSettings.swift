@@ -9,6 +9,10 @@ struct ServeSettings {
     var quarantine = QuarantinePolicy()
     var logLevel: Logger.Level = .info
     var logTarget: LogTarget = .auto
+    /// Metrics: the HTTP listener (off by default), the textfile and how often it is written.
+    var metricsListen: MetricsAddress?
+    var metricsTextfile: String?
+    var metricsIntervalMs = 15_000
     /// Where each knob that is not a default came from: a flag, or the file and line.
     private(set) var origins: [String: Origin] = [:]
 
@@ -108,6 +112,9 @@ struct ServeSettings {
             quarantine.expiryMs = Timestamp.parseDuration(text) ?? quarantine.expiryMs
         case ("log_level", .string(let text)): logLevel = Logger.Level(rawValue: text) ?? logLevel
         case ("log_target", .string(let text)): logTarget = LogTarget(rawValue: text) ?? logTarget
+        case ("metrics_listen", .string(let text)): metricsListen = try? MetricsAddress.parse(text).get()
+        case ("metrics_textfile", .string(let path)): metricsTextfile = path
+        case ("metrics_interval", .number(let seconds)): metricsIntervalMs = Self.milliseconds(seconds)
         default:
             // The schema and this switch disagree: a programming error, never user input.
             preconditionFailure("config key \(name) with value \(value) has no setting")

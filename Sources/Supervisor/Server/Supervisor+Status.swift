@@ -23,7 +23,7 @@ extension Supervisor {
             record.clientPID = Int(connection.peer.pid)
             record.clientUID = Int(connection.peer.uid)
         }
-        skipLog?.append(record)
+        if skipLog?.append(record) == false { metrics.skipLogWriteErrors.increment() }
         skipAnnouncer(record, failure)
     }
 
@@ -76,8 +76,10 @@ extension Supervisor {
                 "clips_done": .number(Double(worker.clipsDone)), "landlock": .number(Double(worker.landlockABI)),
                 "age_ms": .number(Double(now.milliseconds(since: worker.spawnedAt))),
             ]
+            if let stat = ProcStat.read(pid: worker.pid) { entry["cpu_s"] = .number(stat.cpuSeconds) }
             if case .busy(let jobID, _) = worker.state, let job = jobs[jobID] {
                 entry["clip"] = .string(job.path)
+                entry["deadline_ms"] = .number(Double(job.deadlineMs))
                 if case .running(_, let since) = job.state { entry["busy_ms"] = .number(Double(now.milliseconds(since: since))) }
             }
             workerList.append(.object(entry))
@@ -111,8 +113,30 @@ extension Supervisor {
                 "blocks_unread": .number(Double(connections.values.reduce(0) { $0 + $1.unreadBlockCount })),
             ],
             "connections": .number(Double(connections.count)), "counters": counters.json,
+            "clients": .array(clientsJSON()), "metrics": .object(metricsEndpoints),
             "skip_log": skipLog?.statusJSON ?? .null,
         ]
+    }
+}
+
+extension Supervisor {
+    /// Per connection: who it is and how many of its clips wait and decode (`clipvisor top`).
+    func clientsJSON() -> [JSONValue] {
+        var queued: [UInt64: Int] = [:]
+        var running: [UInt64: Int] = [:]
+        for job in jobs.values {
+            switch job.state {
+            case .queued: queued[job.connectionID, default: 0] += 1
+            case .running: running[job.connectionID, default: 0] += 1
+            case .answered: break
+            }
+        }
+        return connections.values.sorted { $0.id < $1.id }.map { connection in
+            [
+                "pid": .number(Double(connection.peer.pid)), "uid": .number(Double(connection.peer.uid)),
+                "queued": .number(Double(queued[connection.id] ?? 0)), "running": .number(Double(running[connection.id] ?? 0)),
+            ]
+        }
     }
 }
 

@@ -30,6 +30,7 @@ extension Supervisor {
             }
             workers[worker.id] = worker
             counters.spawns += 1
+            metrics.spawns.increment()
             live += 1
         }
     }
@@ -38,6 +39,7 @@ extension Supervisor {
     func recordStartFailure(_ reason: String) {
         consecutiveStartFailures += 1
         counters.spawnFailures += 1
+        metrics.spawnFailures.increment()
         lastSpawnError = reason
         let delay = min(30_000, 100 << min(consecutiveStartFailures - 1, 9))
         nextSpawnAllowed = Instant.now().adding(milliseconds: delay)
@@ -158,7 +160,10 @@ extension Supervisor {
         }
         worker.clipsDone += 1
         worker.state = message["exiting"]?.boolValue == true ? .retiring : .idle
-        if case .retiring = worker.state { counters.recycles += 1 }
+        if case .retiring = worker.state {
+            counters.recycles += 1
+            metrics.recycles.increment()
+        }
         guard let job = jobs[jobID] else {
             try? fd?.close()
             return
@@ -220,6 +225,7 @@ extension Supervisor {
             guard let job = jobs[jobID] else { return }
             answer(job, .failed(classify(exit, of: worker, job: job)))
         case .killed(let reason, let at):
+            metrics.workerKilled(reason: reason)
             let waited = Instant.now().milliseconds(since: at)
             if waited > 1000 {
                 logger.warning("worker \(worker.pid) took \(waited) ms to die after SIGKILL (\(reason))")

@@ -50,6 +50,11 @@ final class Supervisor {
     var queueHead = 0
     var queuedCount = 0
     var counters = Counters()
+    /// Prometheus metrics: recorded here, read by the scrape threads (Metrics/).
+    let metrics = SupervisorMetrics()
+    var metricsQuarantineRefreshed = Instant(nanoseconds: 0)
+    /// Where metrics are served (`http://127.0.0.1:9464/metrics`) and written, for `status`.
+    var metricsEndpoints: [String: JSONValue] = [:]
     var nextID: UInt64 = 1
     var consecutiveStartFailures = 0
     var nextSpawnAllowed = Instant(nanoseconds: 0)
@@ -124,6 +129,7 @@ final class Supervisor {
                 onReady?(self)
             }
             onTick?(self)
+            publishMetrics(now: after)
         }
         cleanUpAtExit()
         return 0
@@ -372,6 +378,7 @@ final class Supervisor {
         job.clipFD = nil
         let now = Instant.now()
         job.state = .running(worker: worker.id, since: now)
+        recordDispatch(of: job, at: now)
         worker.state = .busy(job: job.id, deadline: now.adding(milliseconds: job.deadlineMs))
         return .sent
     }

@@ -1,0 +1,84 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What /proc says about one process (proc(5), `/proc/PID/stat`): CPU time, memory, threads,
+/// start time. Read by the metrics scrape and by `status` (per-worker CPU for `clipvisor top`).
+struct ProcStat {
+    var cpuSeconds: Double
+    var residentBytes: Int
+    var virtualBytes: Int
+    var threads: Int
+    var startTimeSeconds: Double
+
+    static let ticksPerSecond = Double(sysconf(Int32(_SC_CLK_TCK)))
+    static let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
+
+    /// `/proc/self/stat` for nil. Nil when the process is gone or /proc is not readable.
+    static func read(pid: Int32?) -> ProcStat? {
+        guard let bytes = readSmallFile(pid.map { "/proc/\($0)/stat" } ?? "/proc/self/stat"),
+            let close = bytes.lastIndex(of: UInt8(ascii: ")"))
+        else { return nil }
+        // The command name (field 2) may hold spaces and parentheses: fields count from its end.
+        let fields = bytes[(close + 1)...].split(separator: UInt8(ascii: " ")).map { String(decoding: $0, as: UTF8.self) }
+        // fields[0] is field 3 (state): field N is fields[N - 3].
+        func field(_ n: Int) -> Double { n - 3 < fields.count ? Double(fields[n - 3]) ?? 0 : 0 }
+        return ProcStat(
+            cpuSeconds: (field(14) + field(15)) / ticksPerSecond,
+            residentBytes: Int(field(24)) * pageSize,
+            virtualBytes: Int(field(23)),
+            threads: Int(field(20)),
+            startTimeSeconds: bootTime + field(22) / ticksPerSecond)
+    }
+
+    /// Seconds since the epoch at boot (`btime` in /proc/stat).
+    static let bootTime: Double = {
+        guard let bytes = readSmallFile("/proc/stat") else { return 0 }
+        for line in bytes.split(separator: UInt8(ascii: "\n")) where line.starts(with: Array("btime ".utf8)) {
+            return Double(String(decoding: line.dropFirst(6), as: UTF8.self)) ?? 0
+        }
+        return 0
+    }()
+
+    /// CPU time of reaped children (getrusage RUSAGE_CHILDREN): every worker that has exited.
+    static func reapedChildrenCPUSeconds() -> Double {
+        var usage = rusage()
+        guard getrusage(RUSAGE_CHILDREN.rawValue, &usage) == 0 else { return 0 }
+        func seconds(_ t: timeval) -> Double { Double(t.tv_sec) + Double(t.tv_usec) / 1e6 }
+        return seconds(usage.ru_utime) + seconds(usage.ru_stime)
+    }
+
+    /// Open fds of this process (entries of /proc/self/fd, less the one reading it).
+    static func openFileCount() -> Int {
+        guard let directory = opendir("/proc/self/fd") else { return 0 }
+        defer { closedir(directory) }
+        var count = 0
+        while let entry = readdir(directory) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { $0.first }
+            if name != UInt8(ascii: ".") { count += 1 }
+        }
+        return max(0, count - 1)
+    }
+
+    static func maxFileCount() -> Int {
+        var limit = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return 0 }
+        return limit.rlim_cur == rlim_t.max ? -1 : Int(clamping: limit.rlim_cur)
+    }
+
+    /// A /proc file (its size reads as 0, so read until EOF), at most 64 KiB.
+    static func readSmallFile(_ path: String) -> [UInt8]? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var out: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while out.count < 65_536 {
+            let n = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+            if n < 0, errno == EINTR { continue }
+            guard n > 0 else { break }
+            out.append(contentsOf: buffer[0..<n])
+        }
+        return out
+    }
+}
