@@ -112,8 +112,8 @@ struct ServeSettings {
             quarantine.expiryMs = Timestamp.parseDuration(text) ?? quarantine.expiryMs
         case ("log_level", .string(let text)): logLevel = Logger.Level(rawValue: text) ?? logLevel
         case ("log_target", .string(let text)): logTarget = LogTarget(rawValue: text) ?? logTarget
-        case ("metrics_listen", .string(let text)): metricsListen = try? MetricsAddress.parse(text).get()
-        case ("metrics_textfile", .string(let path)): metricsTextfile = path
+        case ("metrics_listen", .string(let text)): metricsListen = text == "off" ? nil : try? MetricsAddress.parse(text).get()
+        case ("metrics_textfile", .string(let path)): metricsTextfile = path == "off" ? nil : path
         case ("metrics_interval", .number(let seconds)): metricsIntervalMs = Self.milliseconds(seconds)
         default:
             // The schema and this switch disagree: a programming error, never user input.

@@ -31,14 +31,16 @@ struct ProcStat {
             startTimeSeconds: bootTime + field(22) / ticksPerSecond)
     }
 
-    /// Seconds since the epoch at boot (`btime` in /proc/stat).
-    static let bootTime: Double = {
-        guard let bytes = readSmallFile("/proc/stat") else { return 0 }
-        for line in bytes.split(separator: UInt8(ascii: "\n")) where line.starts(with: Array("btime ".utf8)) {
-            return Double(String(decoding: line.dropFirst(6), as: UTF8.self)) ?? 0
-        }
-        return 0
-    }()
+    /// Seconds since the epoch at boot: the wall clock less CLOCK_BOOTTIME (which counts
+    /// suspend too, as the start time in /proc does). Not `btime` from /proc/stat: the service's
+    /// ProcSubset=pid hides that file.
+    static var bootTime: Double {
+        var wall = timespec()
+        var boot = timespec()
+        clock_gettime(CLOCK_REALTIME, &wall)
+        clock_gettime(CLOCK_BOOTTIME, &boot)
+        return Double(wall.tv_sec - boot.tv_sec) + Double(wall.tv_nsec - boot.tv_nsec) / 1e9
+    }
 
     /// CPU time of reaped children (getrusage RUSAGE_CHILDREN): every worker that has exited.
     static func reapedChildrenCPUSeconds() -> Double {
