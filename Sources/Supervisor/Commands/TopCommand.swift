@@ -248,7 +248,7 @@ final class RawTerminal {
         write("\u{1B}[H\u{1B}[2J" + lines.joined(separator: "\r\n"))
     }
 
-    /// Waits up to `seconds` for a key; true when the user asked to quit (q, Q, Ctrl-C, Esc) or
+    /// Waits up to `seconds` for a key; true when the user asked to quit (q, Q, Ctrl-C) or
     /// a signal did.
     func waitForQuit(seconds: Double) -> Bool {
         let until = Instant.now().adding(milliseconds: Int(seconds * 1000))
@@ -262,7 +262,7 @@ final class RawTerminal {
             var byte: UInt8 = 0
             let n = Glibc.read(0, &byte, 1)
             if n == 0 { return true }  // the terminal went away
-            if n == 1, [UInt8(ascii: "q"), UInt8(ascii: "Q"), 3, 27].contains(byte) { return true }
+            if n == 1, [UInt8(ascii: "q"), UInt8(ascii: "Q"), 3].contains(byte) { return true }
         }
         return true
     }
