@@ -174,6 +174,11 @@ final class ScrapeTimeMetrics: Sendable {
         }
         openFDs.set(Double(ProcStat.openFileCount()))
         maxFDs.set(Double(ProcStat.maxFileCount()))
+        // /proc is read outside the mutex: the event loop takes it to publish worker pids and
+        // must never wait for file reads.
+        let pids = state.withLock { $0.workerPIDs }
+        var workers = ProcStat.reapedChildrenCPUSeconds()
+        for pid in pids { workers += ProcStat.read(pid: pid)?.cpuSeconds ?? 0 }
         state.withLock { state in
             if let own, own.cpuSeconds > state.cpuSeconds {
                 cpu.increment(by: own.cpuSeconds - state.cpuSeconds)
@@ -181,8 +186,6 @@ final class ScrapeTimeMetrics: Sendable {
             }
             // A worker reaped between the two reads is briefly missing from both sums; the
             // counter then waits until the total passes its old value instead of going back.
-            var workers = ProcStat.reapedChildrenCPUSeconds()
-            for pid in state.workerPIDs { workers += ProcStat.read(pid: pid)?.cpuSeconds ?? 0 }
             if workers > state.workerCPUSeconds {
                 workerCPU.increment(by: workers - state.workerCPUSeconds)
                 state.workerCPUSeconds = workers

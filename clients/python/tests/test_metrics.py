@@ -374,3 +374,44 @@ def test_top_without_a_terminal_prints_plain_snapshots(served: MetricsSupervisor
     # Without a supervisor it says so and exits cleanly.
     proc = subprocess.run([BINARY, "top", "--socket", served.path + ".none"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0 and "no supervisor answers" in proc.stdout, proc
+
+
+def test_text_passes_promtool_lint(served: MetricsSupervisor) -> None:
+    """Prometheus' own linter (naming, units, help text), when promtool is installed."""
+    import shutil
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
+    text = scrape(served.address)[1]
+    lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def test_metrics_op_refuses_unknown_fields(served: MetricsSupervisor) -> None:
+    import json
+    import struct
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(served.path)
+
+        def call(message: dict) -> dict:
+            body = json.dumps(message).encode()
+            s.sendall(struct.pack("<I", len(body)) + body)
+            header = b""
+            while len(header) < 4:
+                header += s.recv(4 - len(header))
+            (size,) = struct.unpack("<I", header)
+            data = b""
+            while len(data) < size:
+                data += s.recv(size - len(data))
+            return json.loads(data)
+
+        assert call({"op": "hello", "protocol": 1})["ok"] is True
+        answer = call({"op": "metrics", "id": 1})
+        assert answer["ok"] is True and answer["content_type"].startswith("text/plain; version=0.0.4")
+        assert value(parse(answer["text"]), "clipvisor_requests_total", kind="metrics") == 1
+        refused = call({"op": "metrics", "id": 2, "format": "json"})
+        assert refused["ok"] is False and refused["error"]["reason"] == "invalid_request", refused
+        assert "format" in refused["error"]["message"], refused
