@@ -103,8 +103,37 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
 
 
 def test_counters_and_histograms_equal_the_outcomes_sent(served: MetricsSupervisor, clips: Dict[str, str]) -> None:
+    # A scraper runs throughout: every scrape parses and no counter ever goes back.
+    scrapes: List[Samples] = []
+    stop = threading.Event()
+    failures: List[str] = []
+
+    def scraper() -> None:
+        while not stop.is_set():
+            try:
+                scrapes.append(parse(scrape(served.address)[1]))
+            except Exception as error:  # noqa: BLE001  (reported below)
+                failures.append(repr(error))
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=scraper)
+    thread.start()
+    try:
+        run_outcomes(served, clips)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not failures, failures[:3]
+    assert len(scrapes) >= 10, len(scrapes)
+    for earlier, later in zip(scrapes, scrapes[1:]):
+        for key, count in earlier.items():
+            if key[0].endswith(("_total", "_count", "_sum", "_bucket")) and key in later:
+                assert later[key] >= count, (key, count, later[key])
+    check_outcomes(served, clips)
+
+
+def run_outcomes(served: MetricsSupervisor, clips: Dict[str, str]) -> None:
     with clipvisor.Client(served.path, spawn=False, margin=15.0) as c:
-        block_bytes = 0
         for _ in range(3):
             c.video(clips["good"], frames=4)
         with pytest.raises(clipvisor.ClipCorrupt):
@@ -114,9 +143,12 @@ def test_counters_and_histograms_equal_the_outcomes_sent(served: MetricsSupervis
         results = c.sample([clips["good"], clips["good"]], frames=2)
         assert not any(isinstance(r, clipvisor.ClipSkipped) for r in results), results
         c.probe(clips["good"])
-        status = c.status()
-        live = status["workers"]["live"]
 
+
+def check_outcomes(served: MetricsSupervisor, clips: Dict[str, str]) -> None:
+    with clipvisor.Client(served.path, spawn=False) as c:
+        status = c.status()
+    live = status["workers"]["live"]
     content_type, text = scrape(served.address)
     assert content_type.startswith("text/plain; version=0.0.4"), content_type
     s = parse(text)
@@ -415,3 +447,39 @@ def test_metrics_op_refuses_unknown_fields(served: MetricsSupervisor) -> None:
         refused = call({"op": "metrics", "id": 2, "format": "json"})
         assert refused["ok"] is False and refused["error"]["reason"] == "invalid_request", refused
         assert "format" in refused["error"]["message"], refused
+
+
+def test_top_on_a_terminal_quits_on_q_and_restores_it(served: MetricsSupervisor) -> None:
+    """`clipvisor top` on a pseudo-terminal: draws on the alternate screen, quits on q, and leaves
+    the terminal's modes as it found them; Ctrl-C (SIGINT from the line discipline) likewise."""
+    import pty  # noqa: F401  (os.openpty needs it on some platforms)
+    import select
+    import termios
+
+    for key in (b"q", b"\x03"):
+        master, slave = os.openpty()
+        try:
+            before = termios.tcgetattr(slave)
+            proc = subprocess.Popen([BINARY, "top", "--socket", served.path, "--interval", "0.2"],
+                                    stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                                    preexec_fn=lambda: __import__("fcntl").ioctl(0, termios.TIOCSCTTY, 0))
+            out = b""
+            deadline = time.monotonic() + 20
+            while b"recent skips:" not in out and time.monotonic() < deadline:
+                if select.select([master], [], [], 0.2)[0]:
+                    out += os.read(master, 65536)
+            assert b"\x1b[?1049h" in out and b"workers:" in out, out[-2000:]
+            during = termios.tcgetattr(slave)
+            assert not during[3] & termios.ECHO and not during[3] & termios.ICANON, "raw mode while running"
+            os.write(master, key)
+            assert proc.wait(10) == 0, key
+            while select.select([master], [], [], 0.2)[0]:
+                try:
+                    out += os.read(master, 65536)
+                except OSError:
+                    break
+            assert out.rstrip(b"\r\n").endswith(b"\x1b[?25h\x1b[?1049l"), out[-200:]
+            assert termios.tcgetattr(slave) == before, f"terminal modes not restored after {key!r}"
+        finally:
+            os.close(master)
+            os.close(slave)
