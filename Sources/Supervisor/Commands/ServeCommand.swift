@@ -226,6 +226,8 @@ struct ServeCommand: ParsableCommand {
         let log = SkipLog(path: settings.skipLogPath ?? SkipLog.defaultPath, policy: settings.quarantine, logger: logger)
         let supervisor = try Supervisor(
             configuration: configuration, listener: listener, ownsSocketFile: ownsSocket, skipLog: log, logger: logger)
+        // After the Supervisor exists: its signalfd has blocked SIGTERM/SIGINT/SIGHUP in this
+        // thread, and the metrics threads started here inherit that mask.
         do {
             try MetricsServing.start(settings, supervisor: supervisor, logger: logger)
         } catch {

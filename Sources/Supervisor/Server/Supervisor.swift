@@ -337,8 +337,9 @@ final class Supervisor {
                 queue.insert(job.id, at: queueHead)
                 queuedCount += 1
             case .jobRefused(let failure):
-                // The job itself cannot travel; the worker is fine and stays idle.
-                answer(job, .failed(failure))
+                // The job itself cannot travel; the worker is fine and stays idle. It was
+                // already taken off the queue count (popQueuedJob).
+                answer(job, .failed(failure), alreadyDequeued: true)
             }
         }
     }
