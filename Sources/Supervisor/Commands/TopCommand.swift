@@ -15,7 +15,8 @@ struct TopCommand: ParsableCommand {
         discussion: """
             On a terminal it redraws every --interval seconds until you press q or Ctrl-C (the terminal \
             is restored either way). When standard output is not a terminal it prints plain-text \
-            snapshots instead, one by default (--iterations for more), for logs and scripts.
+            snapshots instead, one by default (--iterations for more), for logs and scripts; it \
+            exits 1 when the last one found no supervisor.
 
             Everything shown comes from the `status` and `skips` operations; CPU% is the worker's \
             CPU time over the last refresh, and throughput counts clips answered and bytes delivered \
@@ -48,6 +49,8 @@ struct TopCommand: ParsableCommand {
                 print(TopView.render(snapshot, previous: previous, width: 200).joined(separator: "\n"))
                 previous = snapshot
             }
+            // Scripts and cron jobs learn from the exit status that nothing answered.
+            if previous?.status == nil { throw ExitCode(1) }
             return
         }
         let terminal = RawTerminal()

@@ -403,9 +403,9 @@ def test_top_without_a_terminal_prints_plain_snapshots(served: MetricsSupervisor
     assert "throughput: -" in snapshots[0] and "clips/s" in snapshots[1], out
     shown = {int(line.split()[0]) for line in out.splitlines() if line[:1].isdigit()}
     assert set(pids) & shown, (pids, out)
-    # Without a supervisor it says so and exits cleanly.
+    # Without a supervisor it says so, and the exit status tells scripts.
     proc = subprocess.run([BINARY, "top", "--socket", served.path + ".none"], capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 0 and "no supervisor answers" in proc.stdout, proc
+    assert proc.returncode == 1 and "no supervisor answers" in proc.stdout, proc
 
 
 def test_text_passes_promtool_lint(served: MetricsSupervisor) -> None:
