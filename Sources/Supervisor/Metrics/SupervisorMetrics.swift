@@ -4,7 +4,7 @@ import Synchronization
 
 /// The supervisor's Prometheus metrics (docs/operations.md lists them all).
 ///
-/// Two threads meet here and nothing else: the event loop records events and publishes its
+/// Two sides meet here and nothing else: the event loop records events and publishes its
 /// gauges; the scrape threads (HTTP listener, textfile writer) emit text. swift-prometheus'
 /// `Counter`, `Gauge` and `Histogram` are `Sendable` (atomics and locks), so the loop writes them
 /// without waiting on a scraper for longer than one short lock; the values computed at scrape
