@@ -334,7 +334,7 @@ def test_stuck_scrapers_do_not_delay_answers(served: MetricsSupervisor, clips: D
     # Wide margins (a loaded 2-core machine): the kill latency stays where it was, and
     # the event loop answers at once.
     print(f"kill latency past the deadline: {before:.3f} s before, {after:.3f} s with 40 stuck scrapers; good clip {good:.3f} s, status {status:.3f} s")
-    assert after < 0.5 and after < before + 0.4, (before, after)
+    assert after < 1.0 and after < before + 0.5, (before, after)
     assert good < 5 and status < 1, (good, status)
 
 
