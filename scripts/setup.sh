@@ -41,6 +41,7 @@ pip_install() {
     }
 }
 python3 -c "import numpy, zstandard, pytest" 2>/dev/null || pip_install numpy zstandard pytest
+python3 -c "import prometheus_client" 2>/dev/null || pip_install prometheus_client  # test-only: parses the metrics text
 pip_install --no-deps -e clients/python
 if [ "${CLIPVISOR_SKIP_TORCH:-0}" != 1 ]; then
     # The DataLoader tests need torch (large; pip caches it); the compatibility tests compare

@@ -266,3 +266,11 @@ int cv_unread_output_bytes(int fd) {
     if (ioctl(fd, SIOCOUTQ, &queued) != 0) return -1;
     return queued;
 }
+
+int cv_terminal_size(int fd, int *rows, int *columns) {
+    struct winsize size;
+    if (ioctl(fd, TIOCGWINSZ, &size) != 0) return -1;
+    *rows = size.ws_row;
+    *columns = size.ws_col;
+    return 0;
+}

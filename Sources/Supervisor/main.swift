@@ -11,7 +11,10 @@ struct Clipvisor: ParsableCommand {
             per-user socket), and `decode`/`probe` start an embedded one for the call when none answers.
             """,
         version: "0.1.0",
-        subcommands: [ServeCommand.self, DecodeCommand.self, ProbeCommand.self, StatusCommand.self, SkipsCommand.self])
+        subcommands: [
+            ServeCommand.self, DecodeCommand.self, ProbeCommand.self, StatusCommand.self, SkipsCommand.self,
+            MetricsCommand.self, TopCommand.self,
+        ])
 }
 
 Clipvisor.main()

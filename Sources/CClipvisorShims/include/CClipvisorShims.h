@@ -139,5 +139,9 @@ int cv_cld_exited(void);
 /// The process environment (`environ` is declared only under _GNU_SOURCE), for posix_spawn.
 char *_Nullable *_Nonnull cv_environ(void);
 
+/// ioctl(TIOCGWINSZ): the terminal's rows and columns (`clipvisor top`); ioctl is variadic and
+/// does not import into Swift. Returns 0, or -1 with errno when `fd` is not a terminal.
+int cv_terminal_size(int fd, int *rows, int *columns);
+
 #pragma clang assume_nonnull end
 #endif

@@ -80,6 +80,10 @@ enum StatusReport {
             let health = log["healthy"]?.boolValue == true ? "ok" : "NOT WRITABLE: \(log["problem"]?.stringValue ?? "?")"
             lines.append("skip log: \(log["path"]?.stringValue ?? "?") (\(health)), \(number(log["quarantined"])) quarantined")
         }
+        var metrics: [String] = []
+        if let listen = status["metrics"]?["listen"]?.stringValue { metrics.append("http://\(listen)/metrics") }
+        if let file = status["metrics"]?["textfile"]?.stringValue { metrics.append("textfile \(file)") }
+        lines.append("metrics: " + (metrics.isEmpty ? "`clipvisor metrics` (no listener or textfile configured)" : metrics.joined(separator: ", ")))
         return lines.joined(separator: "\n")
     }
 }

@@ -146,6 +146,19 @@ struct ServeCommand: ParsableCommand {
         valueName: "target"))
     var logTarget: String?
 
+    @Option(help: ArgumentHelp(
+        "Serve Prometheus metrics over HTTP at ADDRESS/metrics, e.g. 127.0.0.1:9464 or [::1]:9464; a bare port means 127.0.0.1 (default: off). See docs/operations.md.",
+        valueName: "address"))
+    var metricsListen: String?
+
+    @Option(help: ArgumentHelp(
+        "Also write the metrics to this file (atomically, for node_exporter's textfile collector) every --metrics-interval (default: off).",
+        valueName: "path"))
+    var metricsTextfile: String?
+
+    @Option(help: ArgumentHelp("How often --metrics-textfile is rewritten, seconds (default: 15).", valueName: "seconds"))
+    var metricsInterval: Double?
+
     /// The flags that were given, keyed by config-file key (`ConfigKey`).
     var flagValues: [String: ConfigValue] {
         var values: [String: ConfigValue] = [:]
@@ -175,6 +188,9 @@ struct ServeCommand: ParsableCommand {
         put("quarantine_import", quarantineImport.map { .string($0) })
         put("log_level", logLevel.map { .string($0) })
         put("log_target", logTarget.map { .string($0) })
+        put("metrics_listen", metricsListen.map { .string($0) })
+        put("metrics_textfile", metricsTextfile.map { .string($0) })
+        put("metrics_interval", metricsInterval.map { .number($0) })
         return values
     }
 
@@ -233,6 +249,15 @@ struct ServeCommand: ParsableCommand {
         let log = SkipLog(path: settings.skipLogPath ?? SkipLog.defaultPath, policy: settings.quarantine, logger: logger)
         let supervisor = try Supervisor(
             configuration: configuration, listener: listener, ownsSocketFile: ownsSocket, skipLog: log, logger: logger)
+        // After the Supervisor exists: its signalfd has blocked SIGTERM/SIGINT/SIGHUP in this
+        // thread, and the metrics threads started here inherit that mask.
+        do {
+            try MetricsServing.start(settings, supervisor: supervisor, logger: logger)
+        } catch {
+            lifecycle.startFailed(error.description)
+            Self.printError("clipvisor: \(error)")
+            throw ExitCode(Self.configurationExitCode)
+        }
         lifecycle.attach(to: supervisor)
         if useJournal { supervisor.skipAnnouncer = JournalSkipAnnouncer.announce }
         if let path = settings.quarantineImportPath {

@@ -102,7 +102,7 @@ struct ConfigFile: Equatable {
             .failure(WrongType(message: "expected \(key.expectation), got \(describe(node))"))
         }
         switch key.kind {
-        case .path, .duration, .choice:
+        case .path, .duration, .choice, .listenAddress, .pathOrOff:
             guard let string = node.string else { return wrong() }
             return .success(.string(string))
         case .integer:

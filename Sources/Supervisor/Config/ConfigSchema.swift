@@ -39,6 +39,10 @@ struct ConfigKey: Sendable {
         case mode([String])
         /// A list of absolute paths.
         case paths
+        /// An IP literal and a port (`MetricsAddress`), or "off".
+        case listenAddress
+        /// A path (absolute in the file), or "off".
+        case pathOrOff
     }
 
     let name: String
@@ -72,6 +76,9 @@ struct ConfigKey: Sendable {
         ConfigKey(name: "quarantine_import", flag: "--quarantine-import", kind: .path),
         ConfigKey(name: "log_level", flag: "--log-level", kind: .choice(Logger.Level.allCases.map(\.rawValue))),
         ConfigKey(name: "log_target", flag: "--log-target", kind: .choice(LogTarget.allCases.map(\.rawValue))),
+        ConfigKey(name: "metrics_listen", flag: "--metrics-listen", kind: .listenAddress),
+        ConfigKey(name: "metrics_textfile", flag: "--metrics-textfile", kind: .pathOrOff),
+        ConfigKey(name: "metrics_interval", flag: "--metrics-interval", kind: .seconds(lower: 0, lowerInclusive: false, upper: 3_600)),
     ]
 
     static let byName: [String: ConfigKey] = Dictionary(uniqueKeysWithValues: all.map { ($0.name, $0) })
@@ -88,6 +95,8 @@ struct ConfigKey: Sendable {
         case .choice(let options): "one of " + options.map { "\"\($0)\"" }.joined(separator: ", ")
         case .mode(let options): "true, false or one of " + options.map { "\"\($0)\"" }.joined(separator: ", ")
         case .paths: "a list of absolute paths"
+        case .listenAddress: "an address like \"127.0.0.1:9464\", \"[::1]:9464\", a port, or \"off\""
+        case .pathOrOff: "a path or \"off\""
         }
     }
 
@@ -115,6 +124,11 @@ struct ConfigKey: Sendable {
                 return "every entry must be an absolute path, got \"\(path)\""
             }
             return nil
+        case (.listenAddress, .string(let text)):
+            if text != "off", case .failure(let error) = MetricsAddress.parse(text) { return "must be \(expectation): \(error)" }
+            return nil
+        case (.pathOrOff, .string(let text)):
+            return text == "off" ? nil : ConfigKey(name: name, flag: flag, kind: .path).problem(with: value, fromFile: fromFile)
         default:
             return "must be \(expectation), got \(value)"
         }

@@ -12,6 +12,10 @@ struct ServeSettings {
     var quarantineImportPath: String?
     var logLevel: Logger.Level = .info
     var logTarget: LogTarget = .auto
+    /// Metrics: the HTTP listener (off by default), the textfile and how often it is written.
+    var metricsListen: MetricsAddress?
+    var metricsTextfile: String?
+    var metricsIntervalMs = 15_000
     /// Where each knob that is not a default came from: a flag, or the file and line.
     private(set) var origins: [String: Origin] = [:]
 
@@ -118,6 +122,9 @@ struct ServeSettings {
         case ("quarantine_import", .string(let path)): quarantineImportPath = path
         case ("log_level", .string(let text)): logLevel = Logger.Level(rawValue: text) ?? logLevel
         case ("log_target", .string(let text)): logTarget = LogTarget(rawValue: text) ?? logTarget
+        case ("metrics_listen", .string(let text)): metricsListen = text == "off" ? nil : try? MetricsAddress.parse(text).get()
+        case ("metrics_textfile", .string(let path)): metricsTextfile = path == "off" ? nil : path
+        case ("metrics_interval", .number(let seconds)): metricsIntervalMs = Self.milliseconds(seconds)
         default:
             // The schema and this switch disagree: a programming error, never user input.
             preconditionFailure("config key \(name) with value \(value) has no setting")

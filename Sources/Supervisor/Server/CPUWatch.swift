@@ -25,7 +25,7 @@ struct CPUWatch {
 
     /// Starts watching `pid` as it takes a clip; nil when its /proc entry cannot be read.
     init?(pid: pid_t, now: Instant) {
-        guard let seconds = Self.read(pid)?.cpuSeconds else { return nil }
+        guard let seconds = ProcStat.read(pid: pid)?.cpuSeconds else { return nil }
         lastSeconds = seconds
         startSeconds = seconds
         lastAt = now
@@ -38,7 +38,7 @@ struct CPUWatch {
     /// Reads the CPU time again once a window has passed; returns whether `stalled` changed.
     mutating func sample(pid: pid_t, now: Instant) -> Bool {
         let elapsedMs = now.milliseconds(since: lastAt)
-        guard elapsedMs >= Self.sampleIntervalMs, let reading = Self.read(pid) else { return false }
+        guard elapsedMs >= Self.sampleIntervalMs, let reading = ProcStat.read(pid: pid) else { return false }
         lastShare = max(0, reading.cpuSeconds - lastSeconds) / (Double(elapsedMs) / 1000)
         lastSeconds = reading.cpuSeconds
         lastAt = now
@@ -51,24 +51,4 @@ struct CPUWatch {
 
     /// CPU seconds used on the current clip so far (as of the last sample).
     var secondsOnClip: Double { max(0, lastSeconds - startSeconds) }
-
-    /// The scheduler state (`R`, `S`, `D`...) and utime + stime of a process, all threads
-    /// (`/proc/PID/stat` fields 3, 14 and 15).
-    static func read(_ pid: pid_t) -> (state: UInt8, cpuSeconds: Double)? {
-        guard let bytes = Filesystem.read("/proc/\(pid)/stat", chunk: 1024),
-            let close = bytes.lastIndex(of: UInt8(ascii: ")"))
-        else { return nil }
-        // After "pid (comm) " come field 3, the state, ... and fields 14 and 15, utime and stime.
-        let fields = bytes[(close + 1)...].split(separator: UInt8(ascii: " "))
-        guard fields.count > 12, let state = fields[0].first,
-            let user = UInt64(String(decoding: fields[11], as: UTF8.self)),
-            let system = UInt64(String(decoding: fields[12], as: UTF8.self))
-        else { return nil }
-        return (state, Double(user + system) / Double(ticksPerSecond))
-    }
-
-    static let ticksPerSecond: Int = {
-        let ticks = sysconf(Int32(_SC_CLK_TCK))
-        return ticks > 0 ? ticks : 100
-    }()
 }

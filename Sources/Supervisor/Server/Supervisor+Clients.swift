@@ -45,6 +45,7 @@ extension Supervisor {
             }
             connections[connection.id] = connection
             counters.connections += 1
+            metrics.connectionsAccepted.increment()
         }
     }
 
@@ -139,6 +140,7 @@ extension Supervisor {
             return
         }
         counters.requests += 1
+        metrics.request(op)
         if op == "hello" {
             handleHello(fields, from: connection)
             return
@@ -174,8 +176,10 @@ extension Supervisor {
                 connection.enqueue(JSONValue.object(["id": idValue, "ok": true]).merging(try skipsResponse(fields)))
             case "forget":
                 connection.enqueue(JSONValue.object(["id": idValue, "ok": true]).merging(try forgetResponse(fields)))
+            case "metrics":
+                connection.enqueue(JSONValue.object(["id": idValue, "ok": true]).merging(try metricsResponse(fields)))
             default:
-                throw FieldReader.invalid("op", "unknown operation \"\(op)\" (decode, sample, probe, cancel, status, skips, forget)")
+                throw FieldReader.invalid("op", "unknown operation \"\(op)\" (decode, sample, probe, cancel, status, skips, forget, metrics)")
             }
         } catch {
             reply(connection, id: idValue, failure: error)
@@ -391,6 +395,7 @@ extension Supervisor {
         if case .queued = job.state { queue.remove(job.id) }
         let previousState = job.state
         job.state = .answered
+        recordMetrics(answering: job, previousState: previousState, outcome: outcome)
         jobs.removeValue(forKey: job.id)
         try? job.clipFD?.close()
         job.clipFD = nil
@@ -416,6 +421,7 @@ extension Supervisor {
                 }
             }
             if let done = next.done {
+                metrics.sample(failure: sample.firstFailure?.failure.reason)
                 connection.pending.removeValue(forKey: job.requestID)
                 connection.enqueue(done)
             }

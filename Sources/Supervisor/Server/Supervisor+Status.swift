@@ -23,7 +23,7 @@ extension Supervisor {
             record.clientPID = Int(connection.peer.pid)
             record.clientUID = Int(connection.peer.uid)
         }
-        skipLog?.append(record)
+        if skipLog?.append(record) == false { metrics.skipLogWriteErrors.increment() }
         skipAnnouncer(record, failure)
     }
 
@@ -76,12 +76,13 @@ extension Supervisor {
                 "clips_done": .number(Double(worker.clipsDone)), "landlock": .number(Double(worker.landlockABI)),
                 "age_ms": .number(Double(now.milliseconds(since: worker.spawnedAt))),
             ]
+            if let stat = ProcStat.read(pid: worker.pid) { entry["cpu_s"] = .number(stat.cpuSeconds) }
             if case .busy(let jobID, _) = worker.state, let job = jobs[jobID] {
                 entry["clip"] = .string(job.path)
-                if case .running(_, let since) = job.state { entry["busy_ms"] = .number(Double(now.milliseconds(since: since))) }
                 entry["deadline_ms"] = .number(Double(job.deadlineMs))
+                if case .running(_, let since) = job.state { entry["busy_ms"] = .number(Double(now.milliseconds(since: since))) }
                 entry["stalled"] = .bool(worker.isStalled)
-                if let cpu = worker.cpu { entry["cpu_s"] = .number((cpu.secondsOnClip * 1000).rounded() / 1000) }
+                if let cpu = worker.cpu { entry["clip_cpu_s"] = .number((cpu.secondsOnClip * 1000).rounded() / 1000) }
             }
             workerList.append(.object(entry))
         }
@@ -105,7 +106,7 @@ extension Supervisor {
             ],
             "queue": [
                 "length": .number(Double(queue.count)), "limit": .number(Double(configuration.queueLimit)),
-                "wait_limit_ms": .number(Double(configuration.queueWaitMs)), "clients": queueByClient,
+                "wait_limit_ms": .number(Double(configuration.queueWaitMs)),
             ],
             "deadlines": [
                 "default_ms": .number(Double(configuration.deadlineDefaultMs)), "max_ms": .number(Double(configuration.deadlineMaxMs)),
@@ -116,6 +117,7 @@ extension Supervisor {
             ],
             "sandbox": sandboxJSON,
             "connections": .number(Double(connections.count)), "counters": counters.json,
+            "clients": .array(clientsJSON()), "metrics": .object(metricsEndpoints),
             "skip_log": skipLog?.statusJSON ?? .null,
             "quarantine_import": quarantineImport?.statusJSON ?? .null,
         ]
@@ -123,17 +125,23 @@ extension Supervisor {
 }
 
 extension Supervisor {
-    /// Clips waiting per client, deepest first: which DataLoader worker (pid) has work queued.
-    var queueByClient: JSONValue {
-        let rows = queue.depths.sorted { ($0.value, $1.key) > ($1.value, $0.key) }.map { client, depth -> JSONValue in
-            var row: [String: JSONValue] = ["connection": .number(Double(client)), "queued": .number(Double(depth))]
-            if let connection = connections[client] {
-                row["pid"] = .number(Double(connection.peer.pid))
-                row["uid"] = .number(Double(connection.peer.uid))
+    /// Per connection: who it is and how many of its clips wait and decode (`clipvisor top`).
+    func clientsJSON() -> [JSONValue] {
+        var queued: [UInt64: Int] = [:]
+        var running: [UInt64: Int] = [:]
+        for job in jobs.values {
+            switch job.state {
+            case .queued: queued[job.connectionID, default: 0] += 1
+            case .running: running[job.connectionID, default: 0] += 1
+            case .answered: break
             }
-            return .object(row)
         }
-        return .array(rows)
+        return connections.values.sorted { $0.id < $1.id }.map { connection in
+            [
+                "pid": .number(Double(connection.peer.pid)), "uid": .number(Double(connection.peer.uid)),
+                "queued": .number(Double(queued[connection.id] ?? 0)), "running": .number(Double(running[connection.id] ?? 0)),
+            ]
+        }
     }
 
     /// Which sandbox layers the workers run with, and why one is missing (docs/protocol.md, `status`).

@@ -31,12 +31,14 @@ extension Supervisor {
             }
             pool.insert(worker)
             counters.spawns += 1
+            metrics.spawns.increment()
         }
     }
 
     /// A worker could not be started or died before `ready`: log it clearly and back off.
     func recordStartFailure(_ reason: String) {
         counters.spawnFailures += 1
+        metrics.spawnFailures.increment()
         let delay = pool.noteStartFailure(reason, now: Instant.now())
         logger.error(
             "decode worker failed to start (\(pool.consecutiveStartFailures) in a row): \(reason); next try in \(delay) ms",
@@ -169,7 +171,10 @@ extension Supervisor {
         worker.clipsDone += 1
         worker.cpu = nil
         worker.state = message["exiting"]?.boolValue == true ? .retiring : .idle
-        if case .retiring = worker.state { counters.recycles += 1 }
+        if case .retiring = worker.state {
+            counters.recycles += 1
+            metrics.recycles.increment()
+        }
         guard let job = jobs[jobID] else {
             try? fd?.close()
             return
@@ -231,6 +236,7 @@ extension Supervisor {
             guard let job = jobs[jobID] else { return }
             answer(job, .failed(classify(exit, of: worker, job: job)))
         case .killed(let reason, let at):
+            metrics.workerKilled(reason: reason)
             let waited = Instant.now().milliseconds(since: at)
             if waited > 1000 {
                 logger.warning("worker \(worker.pid) took \(waited) ms to die after SIGKILL (\(reason))")

@@ -50,6 +50,11 @@ final class Supervisor {
     /// Clips waiting for a worker, one lane per client, served round-robin.
     var queue = JobQueue()
     var counters = Counters()
+    /// Prometheus metrics: recorded here, read by the scrape threads (Metrics/).
+    let metrics = SupervisorMetrics()
+    var metricsQuarantineRefreshed = Instant(nanoseconds: 0)
+    /// Where metrics are served (`http://127.0.0.1:9464/metrics`) and written, for `status`.
+    var metricsEndpoints: [String: JSONValue] = [:]
     var nextID: UInt64 = 1
     /// The Landlock state the newest ready worker reported; nil before any was ready.
     var workerLandlock: (abi: Int, problem: String?)?
@@ -125,6 +130,7 @@ final class Supervisor {
                 onReady?(self)
             }
             onTick?(self)
+            publishMetrics(now: after)
         }
         cleanUpAtExit()
         return 0
@@ -374,6 +380,7 @@ final class Supervisor {
         job.clipFD = nil
         let now = Instant.now()
         job.state = .running(worker: worker.id, since: now)
+        recordDispatch(of: job, at: now)
         worker.state = .busy(job: job.id, deadline: now.adding(milliseconds: job.deadlineMs))
         worker.cpu = CPUWatch(pid: worker.pid, now: now)
         return .sent
