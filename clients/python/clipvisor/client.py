@@ -139,6 +139,10 @@ def _clip_from_detail(detail: Any) -> Optional[int]:
     return None
 
 
+def _is_clip_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _ms(seconds: float) -> int:
     return max(1, int(round(seconds * 1000)))
 
@@ -822,8 +826,9 @@ class Client:
                     # own deadline once a worker takes it.
                     _, reply, fd = self._next(s, [rid], time.monotonic() + wait + s.margin)
                     if reply.get("done") is True or ("clip" not in reply and reply.get("ok") is False):
-                        # The end of the sample; or an answer to the request as a whole (it was
-                        # refused: overloaded, invalid_request), which comes without "done".
+                        # The end of the sample; or its refusal as a whole (overloaded,
+                        # invalid_request, shutting down): `done` without `clip` (docs/protocol.md),
+                        # or, from supervisors before 0.1.0, neither `done` nor `clip`.
                         _close_fd(fd)
                         final = reply
                         break
@@ -850,10 +855,14 @@ class Client:
                 self._abandon(s, [rid])
                 raise
             self._finish(s, rid)
-            if "done" not in final and final.get("ok") is False:
+            if final.get("ok") is not True and not _is_clip_index(final.get("clip")):
+                # Refused as a whole: no clip was started.
                 error = _error_of(final)
                 if error.get("reason") != "overloaded":
-                    raise skip_from_error(error, clip=_clip_from_detail(error.get("detail")))
+                    local = _clip_from_detail(error.get("detail"))
+                    culprit = todo[local] if local is not None and 0 <= local < len(todo) else None
+                    raise skip_from_error(error, path=specs[culprit][1] if culprit is not None else None,
+                                          clip=culprit)
                 overloaded = list(todo)
                 last_error = error
             elif all_or_nothing and final.get("ok") is not True:

@@ -9,6 +9,9 @@ Behaviour is chosen by the request's path, one directive per path component, e.g
   delay-X              sleep X seconds first
   error-REASON         answer error REASON (timeout, decode_error, ...)
   overloaded-N         answer overloaded N times (per path), then go on
+  sample-invalid, sample-invalidafter-N, sample-overloaded-N, sample-shutdown
+                       in a sample: refuse the whole sample (an invalid field of this clip,
+                       always or after N times; overloaded the first N times; shutting down)
   hang                 never answer (until cancelled or the client disconnects)
   die                  close the connection at once
   unsealed / tampered / nofd / partialseal   a broken block
@@ -224,18 +227,32 @@ class FakeServer:
     def _sample(self, peer: Peer, msg: Dict[str, Any]) -> None:
         rid = msg["id"]
         clips = msg.get("clips") or []
-        # Refusals of the request as a whole come as one answer without "done" (as the real
-        # supervisor does): sample-invalid (invalid_request naming the clip), sample-overloaded-N.
+        # Refusals of the request as a whole come as the final answer alone, `done` without `clip`
+        # (docs/protocol.md, as the real supervisor sends them): more than 256 clips,
+        # sample-invalid[after-N] (an invalid field of that clip), sample-overloaded-N (the first N
+        # times), sample-shutdown (the supervisor is shutting down).
+        if not clips or len(clips) > 256:
+            peer.send({"id": rid, "done": True, "ok": False, "error": {
+                "reason": "invalid_request", "detail": "clips",
+                "message": f"invalid field 'clips': must hold 1 to 256 clips, got {len(clips)}"}})
+            return
         for i, clip in enumerate(clips):
             for part in str(clip.get("path")).strip("/").split("/"):
                 bits = part.split("-")
-                if part == "sample-invalid":
-                    peer.send({"id": rid, "ok": False, "error": {
+                if part == "sample-invalid" or (bits[:2] == ["sample", "invalidafter"]
+                                                and self._count("sample:" + part) > int(bits[2])):
+                    peer.send({"id": rid, "done": True, "ok": False, "error": {
                         "reason": "invalid_request", "detail": f"clips[{i}].width",
                         "message": f"clips[{i}]: invalid field 'width': must be in [1, 65536], got 0"}})
                     return
                 if bits[:2] == ["sample", "overloaded"] and self._count("sample:" + part) <= int(bits[2]):
-                    peer.send({"id": rid, "ok": False, "error": {"reason": "overloaded", "message": "queue full"}})
+                    peer.send({"id": rid, "done": True, "ok": False, "error": {
+                        "reason": "overloaded", "retry_after_ms": 10,
+                        "message": "3 clips are queued (limit 2); retry later"}})
+                    return
+                if part == "sample-shutdown":
+                    peer.send({"id": rid, "done": True, "ok": False, "error": {
+                        "reason": "cancelled", "message": "the supervisor is shutting down"}})
                     return
         results: "queue.Queue[Tuple[int, Optional[Dict[str, Any]], Optional[int]]]" = queue.Queue()
         for i, clip in enumerate(clips):

@@ -398,14 +398,41 @@ def test_sample_all_or_nothing(client: clipvisor.Client, fake_server: FakeServer
     assert client.sample([]) == []
 
 
-def test_sample_refused_as_a_whole(client: clipvisor.Client, fake_server: FakeServer) -> None:
+@pytest.mark.parametrize("all_or_nothing", [True, False])
+def test_sample_refused_as_a_whole(client: clipvisor.Client, fake_server: FakeServer, all_or_nothing: bool) -> None:
+    """A refusal of the whole sample is its final answer alone, `done` without `clip`
+    (docs/protocol.md), with or without all-or-nothing."""
+    aon = {"all_or_nothing": all_or_nothing}
     with pytest.raises(clipvisor.InvalidRequest) as info:
-        client.sample(["/fake/video-1-2-2", "/fake/sample-invalid"])
-    assert info.value.clip == 1 and info.value.detail == "clips[1].width"
-    out = client.sample(["/fake/video-1-2-2", "/fake/sample-overloaded-2/video-1-2-4"])
+        client.sample(["/fake/video-1-2-2", "/fake/sample-invalid"], **aon)
+    assert info.value.clip == 1 and info.value.detail == "clips[1].width" and info.value.path == "/fake/sample-invalid"
+    assert info.value.reason == "invalid_request" and "clips[1]" in info.value.message
+    with pytest.raises(clipvisor.InvalidRequest) as info:
+        client.sample(["/fake/video-1-2-2"] * 257, **aon)
+    assert info.value.detail == "clips" and info.value.clip is None and "257" in info.value.message
+    # overloaded: the whole sample again, with back-off, until it goes through or the deadline passes
+    before = len(fake_server.requests)
+    out = client.sample(["/fake/video-1-2-2", f"/fake/sample-overloaded-2/x{all_or_nothing}/video-1-2-4"], **aon)
     assert [v.frames.shape for v in out] == [(1, 3, 2, 2), (1, 3, 2, 4)]
-    with pytest.raises(clipvisor.Overloaded):
-        client.sample(["/fake/sample-overloaded-1000/video-1-2-4"], deadline=0.3)
+    assert len(fake_server.requests) - before == 3
+    t0 = time.monotonic()
+    with pytest.raises(clipvisor.Overloaded) as overloaded:
+        client.sample(["/fake/sample-overloaded-1000/video-1-2-4"], deadline=0.3, **aon)
+    assert time.monotonic() - t0 < 2.0 and "overloaded" in str(overloaded.value)
+    with pytest.raises(clipvisor.ClipCancelled) as cancelled:
+        client.sample(["/fake/video-1-2-2", "/fake/sample-shutdown"], **aon)
+    assert "shutting down" in str(cancelled.value)
+    # the connection is fine after every refusal
+    assert client.video("/fake/video-1-2-2").frames.shape == (1, 3, 2, 2) and fake_server.connections == 1
+
+
+def test_sample_refused_on_retry_names_the_clip_of_the_whole_list(client: clipvisor.Client) -> None:
+    """After an overloaded clip, only the clips left are sent again: a refusal's `clips[i]`
+    counts within that shorter list, and the exception names the clip of the caller's list."""
+    clips = ["/fake/video-1-2-2", "/fake/video-1-2-4", "/fake/overloaded-1/sample-invalidafter-1/video-1-2-2"]
+    with pytest.raises(clipvisor.InvalidRequest) as info:
+        client.sample(clips, all_or_nothing=False)
+    assert info.value.clip == 2 and info.value.path == clips[2] and info.value.detail == "clips[0].width"
 
 
 def test_default_margin_follows_the_queue_bound(fake_server: FakeServer) -> None:

@@ -382,6 +382,65 @@ def test_sample_clip_deadline_longer_than_the_samples(supervisor: Supervisor, sh
     assert isinstance(out[1], clipvisor.Video) and out[1].frames.shape[0] == 2
 
 
+@pytest.mark.parametrize("all_or_nothing", [True, False])
+def test_sample_refused_as_a_whole(cv: clipvisor.Client, all_or_nothing: bool) -> None:
+    """The real supervisor refuses a whole sample with `done` and no `clip` (docs/protocol.md):
+    an invalid field of one clip, or more than 256 clips, is InvalidRequest naming the clip."""
+    good = media("jcodec__big_buck_bunny_160x90_ltr.mp4")
+    other = media("imageio-test_images__realshort.mp4")
+    with pytest.raises(clipvisor.InvalidRequest) as info:
+        cv.sample([good, good, {"path": other, "fps": -1.0}], all_or_nothing=all_or_nothing)
+    assert info.value.clip == 2 and info.value.path == other and info.value.detail == "clips[2].fps"
+    assert info.value.reason == "invalid_request" and "fps" in info.value.message
+    with pytest.raises(clipvisor.InvalidRequest) as info:
+        cv.sample([{"path": good, "frames": 2}] * 257, all_or_nothing=all_or_nothing)
+    assert info.value.detail == "clips" and "257" in info.value.message and info.value.clip is None
+    # the connection is fine afterwards
+    out = cv.sample([{"path": good, "frames": 2}, other], all_or_nothing=all_or_nothing)
+    assert [type(r) for r in out] == [clipvisor.Video, clipvisor.Video]
+
+
+def test_sample_overloaded_as_a_whole(short_dir: str) -> None:
+    """One worker, busy on a FIFO until its 6 s deadline, and a queue limit of 1: a sample of two
+    clips is refused `overloaded` as a whole. The client retries it; with a short deadline it
+    raises Overloaded (either mode), with a long one it goes through once the worker is free."""
+    s = Supervisor(short_dir)
+    s.start(args=["--workers", "1", "--spare-workers", "0", "--queue-limit", "1"])
+    fifo = os.path.join(short_dir, "busy.mp4")
+    os.mkfifo(fifo)
+    good = media("jcodec__big_buck_bunny_160x90_ltr.mp4")
+    outcome: List[BaseException] = []
+    try:
+        with clipvisor.Client(s.path, spawn=False, margin=15.0) as c:
+            assert c.video(good, frames=2).frames.shape[0] == 2  # the worker is up
+
+            def hang() -> None:
+                try:
+                    c.video(fifo, deadline=6.0)
+                except BaseException as exc:
+                    outcome.append(exc)
+
+            t = threading.Thread(target=hang)
+            t.start()
+            until = time.monotonic() + 10
+            while not any(w.get("state") == "busy" for w in c.status()["workers"]["list"]):
+                assert time.monotonic() < until, c.status()["workers"]
+                time.sleep(0.05)
+            for all_or_nothing in (True, False):
+                t0 = time.monotonic()
+                with pytest.raises(clipvisor.Overloaded) as info:
+                    c.sample([{"path": good, "frames": 2}] * 2, deadline=1.0, all_or_nothing=all_or_nothing)
+                assert time.monotonic() - t0 < 3.0 and "queued" in str(info.value)
+                assert not isinstance(info.value, clipvisor.ClipSkipped)
+            assert t.is_alive()  # still busy: the refusals were the queue's, not a free worker's
+            out = c.sample([{"path": good, "frames": 2}] * 2, deadline=30.0, all_or_nothing=False)
+            assert [v.frames.shape[0] for v in out] == [2, 2]  # retried until the FIFO's deadline freed the worker
+            t.join(30)
+            assert len(outcome) == 1 and isinstance(outcome[0], clipvisor.ClipTimeout), outcome
+    finally:
+        s.stop()
+
+
 def test_pass_fd(cv: clipvisor.Client) -> None:
     v = cv.video(media("imageio-test_images__realshort.mp4"), fps=2.0, pass_fd=True)
     assert v.frames.shape == (4, 3, 240, 320)
