@@ -23,6 +23,7 @@ from . import block as _block
 from . import spawn as _spawn
 from .block import read_block_fd
 from .errors import (
+    ClipFailure,
     ClipNotFound,
     ClipPermission,
     ClipSkipped,
@@ -800,7 +801,7 @@ class Client:
 
     def _sample(self, specs: List[Tuple[str, str, Dict[str, Any]]], all_or_nothing: bool,
                 deadline: Optional[float], tag: Optional[str]) -> List[Union[Result, ClipSkipped]]:
-        results: List[Optional[Union[Result, ClipSkipped]]] = [None] * len(specs)
+        results: List[Optional[Union[Result, ClipFailure]]] = [None] * len(specs)
         todo = list(range(len(specs)))
         tag = tag if tag is not None else self.tag
         start = time.monotonic()
@@ -874,7 +875,7 @@ class Client:
                     last_error = error or last_error
                 else:
                     answered = results[culprit] if culprit is not None else None
-                    if isinstance(answered, ClipSkipped):
+                    if isinstance(answered, ClipFailure):
                         raise answered
                     culprit_path = specs[culprit][1] if culprit is not None else None
                     raise skip_from_error(error, path=culprit_path, clip=culprit)
@@ -886,6 +887,9 @@ class Client:
                 missing = [i for i, r in enumerate(results) if r is None]
                 if missing:
                     raise ProtocolError(f"the sample ended without answers for clips {missing}")
+                for r in results:
+                    if isinstance(r, ClipFailure) and not isinstance(r, ClipSkipped):
+                        raise r  # not about the clip (cancelled at shutdown): not a skip to list
                 return list(results)  # type: ignore[arg-type]
             time.sleep(self._retry_pause(last_error, attempt, start, dl, None))
             attempt += 1
@@ -942,7 +946,7 @@ class Client:
                     retry.append(index)
                     continue
                 failed = skip_from_error(error, path=name, clip=index, elapsed_ms=reply.get("elapsed_ms"))
-                if all_or_nothing:
+                if all_or_nothing or not isinstance(failed, ClipSkipped):
                     raise failed
                 results[index] = failed
         except SupervisorTimeout:

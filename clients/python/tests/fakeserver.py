@@ -7,7 +7,9 @@ Behaviour is chosen by the request's path, one directive per path component, e.g
   audio-C-S            ok with C channels x S samples
   clip-T-H-W-C-S       ok with both
   delay-X              sleep X seconds first
-  error-REASON         answer error REASON (timeout, decode_error, ...)
+  error-REASON         answer error REASON (timeout, decode_error, ...) about the clip;
+                       error-invalid_request: the request refused as wrong (no path)
+  unfit                invalid_request naming the clip (it cannot give what was asked)
   overloaded-N         answer overloaded N times (per path), then go on
   sample-invalid, sample-invalidafter-N, sample-overloaded-N, sample-shutdown
                        in a sample: refuse the whole sample (an invalid field of this clip,
@@ -313,6 +315,15 @@ class FakeServer:
             bits = part.split("-")
             if bits[0] == "delay":
                 time.sleep(float(bits[1]))
+            elif bits[0] == "error" and bits[1:] == ["invalid_request"]:
+                # the request itself is wrong: refused before any worker, no path (docs/protocol.md)
+                return ({"id": rid, "ok": False, "error": {
+                    "reason": "invalid_request", "detail": "fsp", "message": "invalid field 'fsp': unknown field"}}, None)
+            elif bits[0] == "unfit":
+                # the request does not fit this clip: a worker found it, the error names the clip
+                return ({"id": rid, "ok": False, "elapsed_ms": 5, "error": {
+                    "reason": "invalid_request", "path": path, "detail": "frames",
+                    "message": f"{path}: 1 frame(s) in range give 4 frames to sample"}}, None)
             elif bits[0] == "error":
                 reason = "-".join(bits[1:])
                 return ({"id": rid, "ok": False, "elapsed_ms": 5,

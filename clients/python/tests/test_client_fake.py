@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import select
 import signal
 import subprocess
@@ -72,17 +73,53 @@ def test_thwc_audio_clip(client: clipvisor.Client, fake_server: FakeServer) -> N
     ("out_of_memory", clipvisor.ClipOutOfMemory), ("decode_error", clipvisor.ClipCorrupt),
     ("unsupported", clipvisor.ClipUnsupported), ("too_large", clipvisor.ClipTooLarge),
     ("not_found", clipvisor.ClipNotFound), ("permission", clipvisor.ClipPermission),
-    ("quarantined", clipvisor.ClipQuarantined), ("cancelled", clipvisor.ClipCancelled),
-    ("invalid_request", clipvisor.InvalidRequest),
+    ("quarantined", clipvisor.ClipQuarantined),
 ])
 def test_skips_raise_their_subclass(client: clipvisor.Client, reason: str, cls) -> None:
     path = f"/fake/error-{reason}"
     with pytest.raises(cls) as info:
         client.video(path)
+    assert isinstance(info.value, clipvisor.ClipSkipped) and not isinstance(info.value, clipvisor.ClipvisorError)
     assert info.value.reason == reason and info.value.path == path and path in info.value.message
     assert info.value.detail == "fake detail" and info.value.elapsed_ms == 5
     # the connection is still fine
     assert client.video("/fake/video-1-2-2").frames.shape == (1, 3, 2, 2)
+
+
+def test_skips_are_about_the_clip_not_the_caller(client: clipvisor.Client) -> None:
+    """invalid_request naming the clip (a worker found it cannot give what was asked) is a skip;
+    a request wrong whatever the clip, and a cancellation, are not: they are ClipvisorErrors."""
+    with pytest.raises(clipvisor.ClipIncompatible) as unfit:
+        client.video("/fake/unfit", frames=4)
+    assert isinstance(unfit.value, clipvisor.ClipSkipped) and isinstance(unfit.value, ValueError)
+    assert unfit.value.reason == "invalid_request" and unfit.value.path == "/fake/unfit"
+    assert unfit.value.detail == "frames" and unfit.value.elapsed_ms == 5
+    with pytest.raises(clipvisor.InvalidRequest) as wrong:
+        client.video("/fake/error-invalid_request")
+    assert not isinstance(wrong.value, clipvisor.ClipSkipped)
+    assert isinstance(wrong.value, clipvisor.ClipvisorError) and isinstance(wrong.value, ValueError)
+    assert wrong.value.reason == "invalid_request" and wrong.value.detail == "fsp"
+    assert wrong.value.path == "/fake/error-invalid_request" and "fsp" in str(wrong.value)
+    with pytest.raises(clipvisor.ClipCancelled) as cancelled:
+        client.video("/fake/error-cancelled")
+    assert not isinstance(cancelled.value, clipvisor.ClipSkipped)
+    assert isinstance(cancelled.value, clipvisor.ClipvisorError) and cancelled.value.reason == "cancelled"
+    # in a sample without all-or-nothing: the clip that does not fit is listed, a wrong request raises
+    out = client.sample(["/fake/video-1-2-2", "/fake/unfit"], all_or_nothing=False)
+    assert isinstance(out[0], clipvisor.Video) and isinstance(out[1], clipvisor.ClipIncompatible) and out[1].clip == 1
+    with pytest.raises(clipvisor.InvalidRequest) as wrong:
+        client.sample(["/fake/video-1-2-2", "/fake/error-invalid_request"], all_or_nothing=False)
+    assert wrong.value.clip == 1
+    with pytest.raises(clipvisor.ClipCancelled):
+        client.sample(["/fake/error-cancelled", "/fake/video-1-2-2"], all_or_nothing=False, pass_fd=False)
+    # each keeps its type and attributes through pickling and through the one-argument form
+    # torch's DataLoader uses to raise a worker's exception again in the main process
+    for exc in (unfit.value, wrong.value, cancelled.value):
+        again = pickle.loads(pickle.dumps(exc))
+        assert type(again) is type(exc) and (again.reason, again.path, again.detail, again.clip) == \
+            (exc.reason, exc.path, exc.detail, exc.clip)
+        rebuilt = type(exc)("Caught it in DataLoader worker process 0")
+        assert rebuilt.reason == exc.reason and rebuilt.path is None and "worker process 0" in str(rebuilt)
 
 
 def test_overloaded_is_retried_then_infrastructure(client: clipvisor.Client, fake_server: FakeServer) -> None:

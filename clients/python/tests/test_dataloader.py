@@ -293,3 +293,45 @@ def test_dataloader_spawned_workers(served: Tuple[clipvisor.Client, Dict[str, st
     seen = [int(i) for batch in loader if batch is not None for i in batch["id"]]
     assert sorted(seen) == [0, 1, 2]
     assert data.skipped_paths == {bad["missing"], bad["corrupt"]}
+
+
+class CallerMistakes:
+    """Item 0 a good clip, item 1 the corrupt file, item 2 a good clip asked for wrongly (`wrong`:
+    a misspelled option or an out-of-range value), item 3 good again."""
+
+    def __init__(self, client: clipvisor.Client, good: str, corrupt: str, wrong: Dict[str, Any]):
+        self.client = client
+        self.paths = [good, corrupt, good, good]
+        self.wrong = wrong
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Any:
+        import torch
+
+        options: Dict[str, Any] = dict(frames=2, width=56, height=56)
+        if i == 2:
+            options.update(self.wrong)
+        return torch.from_numpy(self.client.video(self.paths[i], deadline=10.0, **options).frames)
+
+
+@pytest.mark.parametrize("wrong", [{"options": {"fsp": 2}}, {"frames": None, "fps": -1.0}],
+                         ids=["misspelled_option", "out_of_range"])
+def test_dataloader_raises_a_callers_mistake_and_skips_a_corrupt_clip(
+        served: Tuple[clipvisor.Client, Dict[str, str]], wrong: Dict[str, Any]) -> None:
+    """A request the caller got wrong is not a skip: it raises out of the DataLoader (as
+    InvalidRequest, from a worker process) instead of every sample being dropped, while the corrupt
+    clip before it is still skipped."""
+    from torch.utils.data import DataLoader
+
+    client, bad = served
+    data = SkippingDataset(CallerMistakes(client, media(GOOD[1]), bad["corrupt"], wrong), log=False)
+    loader = DataLoader(data, batch_size=1, num_workers=2, collate_fn=skip_collate)
+    got: List[Any] = []
+    with pytest.raises(clipvisor.InvalidRequest) as info:
+        for batch in loader:
+            got.append(batch)
+    assert len(got) == 2 and tuple(got[0].shape) == (1, 2, 3, 56, 56) and got[1] is None  # sample 1 skipped
+    assert "fsp" in str(info.value) or "fps" in str(info.value)
+    assert data.skipped_paths == {bad["corrupt"]} and data.skip_counts in ({"decode_error": 1}, {"unsupported": 1})

@@ -325,6 +325,25 @@ def test_missing_and_corrupt(cv: clipvisor.Client, short_dir: str) -> None:
         cv.video(media("jcodec__big_buck_bunny_160x90_ltr.mp4"), width=64)  # width without height
 
 
+def test_a_wrong_request_is_not_a_skip_a_clip_that_cannot_satisfy_it_is(cv: clipvisor.Client) -> None:
+    """The supervisor answers both `invalid_request`; only the one a worker found on the clip
+    names the clip, and only that one is a skip (ClipIncompatible)."""
+    good, one_frame = media("jcodec__big_buck_bunny_160x90_ltr.mp4"), media("jcodec__37.mp4")
+    for wrong in ({"options": {"fsp": 2}}, {"fps": -1.0}, {"options": {"level": "high"}}):
+        with pytest.raises(clipvisor.InvalidRequest) as info:
+            cv.video(good, **wrong)
+        assert not isinstance(info.value, clipvisor.ClipSkipped) and isinstance(info.value, clipvisor.ClipvisorError)
+        assert info.value.path == good and info.value.detail in ("fsp", "fps", "level")
+    with pytest.raises(clipvisor.ClipIncompatible) as unfit:
+        cv.video(one_frame, frames=4)
+    assert isinstance(unfit.value, clipvisor.ClipSkipped) and unfit.value.path == one_frame
+    assert unfit.value.reason == "invalid_request" and unfit.value.detail == "frames"
+    with pytest.raises(clipvisor.ClipIncompatible):
+        cv.video(good, timestamps=[100.0])  # past the end of this clip
+    out = cv.sample([{"path": good, "frames": 2}, {"path": one_frame, "frames": 4}], all_or_nothing=False)
+    assert isinstance(out[0], clipvisor.Video) and isinstance(out[1], clipvisor.ClipIncompatible) and out[1].clip == 1
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
 def test_permission(cv: clipvisor.Client, short_dir: str) -> None:
     locked = os.path.join(short_dir, "locked.mp4")

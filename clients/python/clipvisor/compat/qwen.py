@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 import numpy as np
 
 from ..client import Client
-from ..errors import ClipCorrupt, ClipUnsupported, InvalidRequest
+from ..errors import ClipCorrupt, ClipIncompatible, ClipUnsupported, InvalidRequest
 from ..results import Video
 from . import default_client
 
@@ -92,11 +92,12 @@ _WORKER_MAX_FRAMES = 10_000  # the worker's per-clip frame limit (DecodeOptions.
 _UNSET: Any = object()
 
 
-class QwenValueError(InvalidRequest):
+class QwenValueError(ClipIncompatible):
     """What qwen-vl-utils raises as ``ValueError`` for an input that cannot work with this clip
     (fewer than ``FRAME_FACTOR`` frames, an empty ``video_start``/``video_end`` range, an aspect
     ratio above ``MAX_RATIO``). ``str()`` is qwen-vl-utils' message; also a
-    :class:`~clipvisor.ClipSkipped` with reason ``invalid_request`` and the clip's ``path``."""
+    :class:`~clipvisor.ClipIncompatible` (so a :class:`~clipvisor.ClipSkipped`: the clip, not
+    the caller, is at fault) with reason ``invalid_request`` and the clip's ``path``."""
 
     def __str__(self) -> str:
         return self.message
@@ -476,7 +477,7 @@ def _decode(client: Client, path: str, ele: Mapping[str, Any], s: QwenSettings,
         return _decode_planned(client, path, ele, s, deadline)
     try:
         video = client.video(path, deadline=deadline, **opts)
-    except InvalidRequest:
+    except (ClipIncompatible, InvalidRequest):
         # The clip cannot give what was asked (too few frames, an extreme aspect ratio): the
         # planned path computes qwen-vl-utils' own error (or, should the worker have been wrong,
         # decodes anyway).
