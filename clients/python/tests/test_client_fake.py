@@ -258,7 +258,7 @@ def test_close_wakes_the_reading_thread_and_disconnects(fake_server: FakeServer)
     t.start()
     # that thread has sent its request and is the one reading the socket
     assert _wait_for(lambda: any(r.get("path") == "/fake/hang" for r in fake_server.requests)
-                     and c._session is not None and c._session.reading)
+                     and c._mux.current is not None and c._mux.current.reading)
     c.close()
     t.join(20)  # the request's own bound is 62 s
     assert not t.is_alive(), "close() did not wake the thread reading the connection"
@@ -283,7 +283,7 @@ def test_timeout_in_another_thread_wakes_the_reader(fake_server: FakeServer) -> 
 
     t = threading.Thread(target=reader, daemon=True)
     t.start()
-    assert _wait_for(lambda: c._session is not None and c._session.reading
+    assert _wait_for(lambda: c._mux.current is not None and c._mux.current.reading
                      and any(r.get("path") == "/fake/hang" for r in fake_server.requests))
     with pytest.raises(clipvisor.SupervisorTimeout):
         c.video("/fake/hang", deadline=0.2)  # waits while the other thread reads, then gives up
@@ -475,10 +475,10 @@ def test_sample_refused_on_retry_names_the_clip_of_the_whole_list(client: clipvi
 def test_default_margin_follows_the_queue_bound(fake_server: FakeServer) -> None:
     with clipvisor.Client(fake_server.path, spawn=False) as c:
         c.status()
-        assert c._session.margin == pytest.approx(11.5)
+        assert c._mux.current.margin == pytest.approx(11.5)
     with clipvisor.Client(fake_server.path, spawn=False, margin=3) as c:
         c.status()
-        assert c._session.margin == 3
+        assert c._mux.current.margin == 3
 
 
 def test_sample_not_all_or_nothing(client: clipvisor.Client) -> None:
@@ -532,24 +532,24 @@ def test_default_tag_from_job_ids(monkeypatch: pytest.MonkeyPatch, fake_server: 
 def test_context_manager_closes(fake_server: FakeServer) -> None:
     with clipvisor.Client(fake_server.path, spawn=False) as c:
         c.status()
-        assert c._session is not None
-    assert c._session is None
+        assert c._mux.current is not None
+    assert c._mux.current is None
 
 
 def test_fork_never_reuses_the_connection(client: clipvisor.Client, fake_server: FakeServer) -> None:
     client.video("/fake/video-1-2-2")
-    parent_session = client._session
+    parent_session = client._mux.current
 
     def child() -> bool:
         v = client.video("/fake/video-2-2-2")
-        return v.frames.shape == (2, 3, 2, 2) and client._session is not parent_session
+        return v.frames.shape == (2, 3, 2, 2) and client._mux.current is not parent_session
 
     assert status_in_child(child) == 0
     assert fake_server.connections == 2
     pids = {p.hello["pid"] for p in fake_server.peers}
     assert os.getpid() in pids and len(pids) == 2
     # the parent's connection is untouched by the child's exit
-    assert client._session is parent_session
+    assert client._mux.current is parent_session
     assert client.video("/fake/video-1-2-4").frames.shape == (1, 3, 2, 4)
     assert fake_server.connections == 2
 
@@ -589,7 +589,8 @@ def _servers(slot_socket: str) -> list:
                     continue
         except OSError:
             continue
-        if b"serve" in argv and slot_socket.encode() in argv and not any(b"-c" == a for a in argv):
+        watchdog = any(a.endswith(b"_watchdog.py") or a == b"clipvisor._watchdog" for a in argv)
+        if b"serve" in argv and slot_socket.encode() in argv and not watchdog:
             out.append(int(pid))
     return out
 
@@ -619,7 +620,7 @@ def test_spawn_private_supervisor(isolated_env: str, fake_binary: str) -> None:
     # Wait until our idle connection sees the other end closed (all of the killed process's
     # threads are gone: its pid turns zombie before that).
     poller = select.poll()
-    poller.register(c._session.conn.fileno(), select.POLLIN | select.POLLHUP)
+    poller.register(c._mux.current.conn.fileno(), select.POLLIN | select.POLLHUP)
     assert poller.poll(20_000), "the killed supervisor's end of the connection did not close"
     deadline = time.monotonic() + 20
     while not _exited(first) and time.monotonic() < deadline:

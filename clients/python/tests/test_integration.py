@@ -23,7 +23,7 @@ import pytest
 
 import clipvisor
 from clipvisor import block as B
-from clipvisor import client as client_module
+from clipvisor import results as results_module
 from clipvisor import spawn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -495,7 +495,7 @@ def test_no_fd_leak_and_threads(cv: clipvisor.Client, short_dir: str) -> None:
 def test_real_block_sealed_and_tamper_rejected(cv: clipvisor.Client, monkeypatch: pytest.MonkeyPatch) -> None:
     captured: List[bytes] = []
     seals: List[int] = []
-    original = client_module.read_block_fd
+    original = results_module.read_block_fd
 
     def spy(fd: int, **kwargs):
         seals.append(fcntl.fcntl(fd, B.F_GET_SEALS))
@@ -503,7 +503,7 @@ def test_real_block_sealed_and_tamper_rejected(cv: clipvisor.Client, monkeypatch
         captured.append(os.pread(fd, size, 0))
         return original(fd, **kwargs)
 
-    monkeypatch.setattr(client_module, "read_block_fd", spy)
+    monkeypatch.setattr(results_module, "read_block_fd", spy)
     v = cv.video(media("imageio-test_images__realshort.mp4"), fps=2.0)
     blob = captured[0]
     assert seals[0] & B.REQUIRED_SEALS == B.REQUIRED_SEALS
