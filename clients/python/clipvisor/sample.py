@@ -79,7 +79,7 @@ def run_sample(mux: Multiplexer, specs: Sequence[ClipSpec], *, all_or_nothing: b
                     final = reply
                     break
                 local = reply.get("clip")
-                if not _is_clip_index(local) or not 0 <= local < len(todo):
+                if not isinstance(local, int) or isinstance(local, bool) or not 0 <= local < len(todo):
                     close_fd(fd)
                     raise ProtocolError(f"sample answer for an unknown clip {local!r}")
                 index = todo[local]
@@ -158,7 +158,7 @@ def run_sample_with_fds(mux: Multiplexer, specs: Sequence[ClipSpec], *, all_or_n
     # A clip's own deadline may exceed the sample's: wait for the longest one.
     wait = max([dl] + [clip_deadline_seconds(spec.fields, s.hello) for spec in specs])
     try:
-        for index, (kind, name, fields) in enumerate(specs):
+        for index, (_, name, fields) in enumerate(specs):
             message = {"op": "decode", "path": name, "fd": True, **fields}
             message.setdefault("deadline_ms", ms(dl))
             if tag is not None:

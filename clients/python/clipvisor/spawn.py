@@ -147,7 +147,8 @@ class PrivateSupervisor:
                 if time.monotonic() >= deadline:
                     os.close(fd)
                     raise SupervisorUnavailable(
-                        f"timed out waiting for another process to start the private supervisor in {self.dir}") from None
+                        "timed out waiting for another process to start the private supervisor in "
+                        + self.dir) from None
                 time.sleep(0.01)
 
     # -- starting ------------------------------------------------------------------------------

@@ -250,7 +250,7 @@ def _default_collate() -> Callable[[List[Any]], Any]:
         from torch.utils.data import default_collate  # torch >= 1.11
     except ImportError:
         try:
-            from torch.utils.data._utils.collate import default_collate  # type: ignore[no-redef]
+            from torch.utils.data._utils.collate import default_collate
         except ImportError as exc:
             raise ImportError("skip_collate() without collate_fn= needs PyTorch: pip install torch "
                               "(or pass collate_fn=)") from exc

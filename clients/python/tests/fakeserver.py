@@ -34,7 +34,7 @@ import struct
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -177,12 +177,14 @@ class FakeServer:
             if first:
                 first = False
                 if msg.get("op") != "hello":
-                    peer.send({"id": None, "ok": False, "error": {"reason": "invalid_request", "message": "hello first"}})
+                    peer.send({"id": None, "ok": False,
+                               "error": {"reason": "invalid_request", "message": "hello first"}})
                     peer.close()
                     return
                 peer.hello = msg
-                peer.send({"op": "hello", "ok": True, "protocol": self.protocol, "server": "fake 0.1", "pid": os.getpid(),
-                           "max_message_bytes": 1 << 20, "deadline_ms_default": 30000, "deadline_ms_max": 600000})
+                peer.send({"op": "hello", "ok": True, "protocol": self.protocol, "server": "fake 0.1",
+                           "pid": os.getpid(), "max_message_bytes": 1 << 20, "deadline_ms_default": 30000,
+                           "deadline_ms_max": 600000})
                 continue
             with self.lock:
                 self.requests.append(dict(msg, _pid=(peer.hello or {}).get("pid")))
@@ -297,7 +299,8 @@ class FakeServer:
                         if j not in answered:
                             answered[j] = False
                             peer.send({"id": rid, "clip": j, "ok": False, "error": {
-                                "reason": "cancelled", "message": f"clip {j}: cancelled", "path": clips[j].get("path")}})
+                                "reason": "cancelled", "message": f"clip {j}: cancelled",
+                                "path": clips[j].get("path")}})
         if failure is None:
             peer.send({"id": rid, "done": True, "ok": True, "clips": len(clips)})
         else:
@@ -318,7 +321,8 @@ class FakeServer:
             elif bits[0] == "error" and bits[1:] == ["invalid_request"]:
                 # the request itself is wrong: refused before any worker, no path (docs/protocol.md)
                 return ({"id": rid, "ok": False, "error": {
-                    "reason": "invalid_request", "detail": "fsp", "message": "invalid field 'fsp': unknown field"}}, None)
+                    "reason": "invalid_request", "detail": "fsp",
+                    "message": "invalid field 'fsp': unknown field"}}, None)
             elif bits[0] == "unfit":
                 # the request does not fit this clip: a worker found it, the error names the clip
                 return ({"id": rid, "ok": False, "elapsed_ms": 5, "error": {

@@ -63,7 +63,8 @@ def test_thwc_audio_clip(client: clipvisor.Client, fake_server: FakeServer) -> N
     req = fake_server.requests[-1]
     assert req["no_video"] is True and req["audio"] is True and req["channels"] == 2 and "fps" not in req
     c = client.clip("/fake/clip-2-4-4-1-16000", video={"fps": 1.0}, audio={"sample_rate": 16000}, audio_optional=True)
-    assert isinstance(c, clipvisor.Clip) and c.video.frames.shape == (2, 3, 4, 4) and c.audio.samples.shape == (1, 16000)
+    assert isinstance(c, clipvisor.Clip) and c.video.frames.shape == (2, 3, 4, 4)
+    assert c.audio.samples.shape == (1, 16000)
     req = fake_server.requests[-1]
     assert req["audio"] is True and req["fps"] == 1.0 and req["audio_optional"] is True and "no_video" not in req
 

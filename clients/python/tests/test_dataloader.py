@@ -55,9 +55,11 @@ class FakeClips:
 
     def __getitem__(self, i: int) -> Any:
         if i in (3, 7):
-            raise clipvisor.ClipTimeout("timeout", f"/data/hang-{i}.mp4", f"/data/hang-{i}.mp4: no answer within 1000 ms")
+            raise clipvisor.ClipTimeout("timeout", f"/data/hang-{i}.mp4",
+                                        f"/data/hang-{i}.mp4: no answer within 1000 ms")
         if i == 5:
-            return {"id": i, "clips": [np.zeros(2), clipvisor.ClipCorrupt("decode_error", "/data/bad.mp4", "/data/bad.mp4: bad")]}
+            bad = clipvisor.ClipCorrupt("decode_error", "/data/bad.mp4", "/data/bad.mp4: bad")
+            return {"id": i, "clips": [np.zeros(2), bad]}
         if i == 9:
             raise clipvisor.SupervisorUnavailable("no supervisor")
         return {"id": i, "clips": [np.full(2, i)]}
@@ -84,7 +86,8 @@ def test_skipping_dataset_numpy(caplog: pytest.LogCaptureFixture) -> None:
     logged = [r.getMessage() for r in caplog.records if r.name == "clipvisor.torch"]
     assert len(logged) == 2 and any("hang-3.mp4" in m for m in logged)  # each path once per process
     marker = pickle.loads(pickle.dumps(items[3]))
-    assert isinstance(marker, Skipped) and (marker.index, marker.path, marker.reason) == (3, "/data/hang-3.mp4", "timeout")
+    assert isinstance(marker, Skipped)
+    assert (marker.index, marker.path, marker.reason) == (3, "/data/hang-3.mp4", "timeout")
 
 
 def stack(batch: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -166,7 +169,8 @@ def test_records_from_worker_processes(method: str) -> None:
     context = multiprocessing.get_context(method)
     with context.Pool(2) as pool:
         results = pool.starmap(read_items, [(data, [0, 3, 5]), (data, [7, 8, 3])])
-    assert [type(x).__name__ for x in results[0] + results[1]] == ["dict", "Skipped", "Skipped", "Skipped", "dict", "Skipped"]
+    assert [type(x).__name__ for x in results[0] + results[1]] == \
+        ["dict", "Skipped", "Skipped", "Skipped", "dict", "Skipped"]
     records = data.skipped
     assert sorted(r.index for r in records) == [3, 3, 5, 7]
     assert os.getpid() not in {r.pid for r in records}
@@ -242,7 +246,7 @@ def make_samples(bad: Dict[str, str]) -> Tuple[List[Tuple[int, List[str]]], List
         samples.append((k, [a, b]))
         good_ids.append(k)
     # each bad clip shares its sample with a good one: the whole sample goes
-    for k, (kind, path) in enumerate(sorted(bad.items()), start=100):
+    for k, (_, path) in enumerate(sorted(bad.items()), start=100):
         pair = [good[k % len(good)], path] if k % 2 else [path, good[k % len(good)]]
         samples.insert((k - 100) * 4 + 1, (k, pair))
         bad_ids[k] = path
@@ -287,7 +291,8 @@ def test_dataloader_spawned_workers(served: Tuple[clipvisor.Client, Dict[str, st
 
     client, bad = served
     samples, good_ids, bad_ids = make_samples(bad)
-    keep = [s for s in samples if s[0] in (0, 1, 2) or (s[0] in bad_ids and bad_ids[s[0]] in (bad["missing"], bad["corrupt"]))]
+    keep = [s for s in samples
+            if s[0] in (0, 1, 2) or (s[0] in bad_ids and bad_ids[s[0]] in (bad["missing"], bad["corrupt"]))]
     data = SkippingDataset(Conversations(keep, client, deadline=5.0))
     loader = DataLoader(data, batch_size=2, num_workers=2, collate_fn=skip_collate, multiprocessing_context="spawn")
     seen = [int(i) for batch in loader if batch is not None for i in batch["id"]]

@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -71,7 +70,8 @@ class Supervisor:
         env = dict(os.environ)
         for name in ("state", "run", "cache", "home"):
             os.makedirs(os.path.join(self.workdir, name), exist_ok=True)
-        env.update(XDG_STATE_HOME=os.path.join(self.workdir, "state"), XDG_RUNTIME_DIR=os.path.join(self.workdir, "run"),
+        env.update(XDG_STATE_HOME=os.path.join(self.workdir, "state"),
+                   XDG_RUNTIME_DIR=os.path.join(self.workdir, "run"),
                    XDG_CACHE_HOME=os.path.join(self.workdir, "cache"), HOME=os.path.join(self.workdir, "home"))
         env.pop("CLIPVISOR_SOCKET", None)
         env.pop("NOTIFY_SOCKET", None)

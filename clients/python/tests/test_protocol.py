@@ -13,8 +13,8 @@ import time
 import pytest
 
 from clipvisor import errors as E
-from clipvisor.protocol import MAX_MESSAGE_BYTES, Connection, ConnectionClosed, encode
 from clipvisor.errors import ProtocolError, SupervisorUnavailable
+from clipvisor.protocol import MAX_MESSAGE_BYTES, Connection, ConnectionClosed, encode
 from conftest import open_fds
 
 
