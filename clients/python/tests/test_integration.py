@@ -621,7 +621,8 @@ def _serving(sock: str) -> List[int]:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if b"serve" in argv and sock.encode() in argv and b"-c" not in argv:
+        watchdog = any(a.endswith(b"_watchdog.py") or a == b"clipvisor._watchdog" for a in argv)
+        if b"serve" in argv and sock.encode() in argv and not watchdog:
             out.append(int(pid))
     return out
 
