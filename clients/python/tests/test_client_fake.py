@@ -502,6 +502,14 @@ def test_sample_with_fds(client: clipvisor.Client, fake_server: FakeServer, tmp_
     assert info.value.clip == 2
     out = client.sample(paths, pass_fd=True, all_or_nothing=False)
     assert isinstance(out[2], clipvisor.ClipTimeout)
+    # not about the clip: raised without all-or-nothing too; a clip that cannot satisfy it is listed
+    for name in ("error-invalid_request", "unfit"):
+        (tmp_path / name).write_bytes(b"data")
+    out = client.sample([paths[0], str(tmp_path / "unfit")], pass_fd=True, all_or_nothing=False)
+    assert isinstance(out[0], clipvisor.Video) and isinstance(out[1], clipvisor.ClipIncompatible) and out[1].clip == 1
+    with pytest.raises(clipvisor.InvalidRequest):
+        client.sample([paths[0], str(tmp_path / "error-invalid_request")], pass_fd=True, all_or_nothing=False)
+    assert client.video(paths[0]).frames.shape == (1, 3, 2, 2) and fake_server.connections == 1
 
 
 def test_probe_status_skips(client: clipvisor.Client, fake_server: FakeServer) -> None:
