@@ -420,9 +420,10 @@ def test_sample_refused_as_a_whole(cv: clipvisor.Client, all_or_nothing: bool) -
 
 
 def test_sample_overloaded_as_a_whole(short_dir: str) -> None:
-    """One worker, busy on a FIFO until its 6 s deadline, and a queue limit of 1: a sample of two
-    clips is refused `overloaded` as a whole. The client retries it; with a short deadline it
-    raises Overloaded (either mode), with a long one it goes through once the worker is free."""
+    """One decode slot and a queue limit of 1: a sample of 3 clips would leave at least 2 waiting,
+    so the supervisor refuses it `overloaded` as a whole, every time; the client retries it
+    until the deadline and raises Overloaded, in either mode. A sample of 2 clips while the slot is
+    held by a FIFO (until its 4 s deadline) is refused too, and goes through once it is free."""
     s = Supervisor(short_dir)
     s.start(args=["--workers", "1", "--spare-workers", "0", "--queue-limit", "1"])
     fifo = os.path.join(short_dir, "busy.mp4")
@@ -432,10 +433,16 @@ def test_sample_overloaded_as_a_whole(short_dir: str) -> None:
     try:
         with clipvisor.Client(s.path, spawn=False, margin=15.0) as c:
             assert c.video(good, frames=2).frames.shape[0] == 2  # the worker is up
+            for all_or_nothing in (True, False):
+                t0 = time.monotonic()
+                with pytest.raises(clipvisor.Overloaded) as info:
+                    c.sample([{"path": good, "frames": 2}] * 3, deadline=1.0, all_or_nothing=all_or_nothing)
+                assert 0.5 < time.monotonic() - t0 < 3.0 and "queued (limit 1)" in str(info.value)
+                assert not isinstance(info.value, clipvisor.ClipSkipped)
 
             def hang() -> None:
                 try:
-                    c.video(fifo, deadline=6.0)
+                    c.video(fifo, deadline=4.0)
                 except BaseException as exc:
                     outcome.append(exc)
 
@@ -445,15 +452,8 @@ def test_sample_overloaded_as_a_whole(short_dir: str) -> None:
             while not any(w.get("state") == "busy" for w in c.status()["workers"]["list"]):
                 assert time.monotonic() < until, c.status()["workers"]
                 time.sleep(0.05)
-            for all_or_nothing in (True, False):
-                t0 = time.monotonic()
-                with pytest.raises(clipvisor.Overloaded) as info:
-                    c.sample([{"path": good, "frames": 2}] * 2, deadline=1.0, all_or_nothing=all_or_nothing)
-                assert time.monotonic() - t0 < 3.0 and "queued" in str(info.value)
-                assert not isinstance(info.value, clipvisor.ClipSkipped)
-            assert t.is_alive()  # still busy: the refusals were the queue's, not a free worker's
             out = c.sample([{"path": good, "frames": 2}] * 2, deadline=30.0, all_or_nothing=False)
-            assert [v.frames.shape[0] for v in out] == [2, 2]  # retried until the FIFO's deadline freed the worker
+            assert [v.frames.shape[0] for v in out] == [2, 2]
             t.join(30)
             assert len(outcome) == 1 and isinstance(outcome[0], clipvisor.ClipTimeout), outcome
     finally:
