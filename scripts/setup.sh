@@ -43,6 +43,10 @@ pip_install() {
 python3 -c "import numpy, zstandard, pytest" 2>/dev/null || pip_install numpy zstandard pytest
 python3 -c "import prometheus_client" 2>/dev/null || pip_install prometheus_client  # test-only: parses the metrics text
 pip_install --no-deps -e clients/python
+# The Python client's linter and type checker (scripts/test.sh), pinned: a new release's rules
+# must not fail CI on code that did not change.
+{ python3 -m ruff --version 2>/dev/null | grep -qx "ruff 0.17.6" &&
+  python3 -m mypy --version 2>/dev/null | grep -q "^mypy 2.4.1 "; } || pip_install "ruff==0.17.6" "mypy==2.4.1"
 if [ "${CLIPVISOR_SKIP_TORCH:-0}" != 1 ]; then
     # The DataLoader tests need torch (large; pip caches it); the compatibility tests compare
     # against qwen-vl-utils (with decord and torchvision) and librosa themselves.
