@@ -10,7 +10,6 @@ import errno
 import os
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 import urllib.request
@@ -22,7 +21,8 @@ import pytest
 import clipvisor
 from test_integration import BINARY, Supervisor
 
-prometheus_parser = pytest.importorskip("prometheus_client.parser", reason="prometheus_client is installed by scripts/setup.sh")
+prometheus_parser = pytest.importorskip(
+    "prometheus_client.parser", reason="prometheus_client is installed by scripts/setup.sh")
 
 pytestmark = [
     pytest.mark.integration,
@@ -34,7 +34,8 @@ Samples = Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]
 
 def make_clip(path: str, seconds: float = 1.0) -> str:
     subprocess.run(["ffmpeg", "-nostdin", "-y", "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=160x120:rate=15",
-                    "-t", str(seconds), "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", path], check=True)
+                    "-t", str(seconds), "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", path],
+                   check=True)
     return path
 
 
@@ -189,9 +190,11 @@ def check_outcomes(served: MetricsSupervisor, clips: Dict[str, str]) -> None:
     def settled() -> Optional[Samples]:
         now = parse(scrape(served.address)[1])
         states = sum(v for (n, _), v in now.items() if n == "clipvisor_workers")
-        alive = sum(v for (n, labels), v in now.items() if n == "clipvisor_workers" and ("state", "killed") not in labels
+        alive = sum(v for (n, labels), v in now.items()
+                    if n == "clipvisor_workers" and ("state", "killed") not in labels
                     and ("state", "retiring") not in labels)
-        return now if value(now, "clipvisor_worker_kills_total", reason="deadline") == 1 and states >= alive == live else None
+        killed_once = value(now, "clipvisor_worker_kills_total", reason="deadline") == 1
+        return now if killed_once and states >= alive == live else None
 
     assert wait_for(settled), scrape(served.address)[1]
 
@@ -240,7 +243,8 @@ def test_listener_binds_only_what_is_configured(served: MetricsSupervisor, short
     # Names are not resolved; the flag is named in the error.
     proc = subprocess.run([BINARY, "serve", "--socket", second.path, "--metrics-listen", "example.com:9464"],
                           capture_output=True, text=True, timeout=60, env=second.env())
-    assert proc.returncode != 0 and "--metrics-listen" in proc.stderr and "not an IP address" in proc.stderr, proc.stderr
+    assert proc.returncode != 0, proc.stderr
+    assert "--metrics-listen" in proc.stderr and "not an IP address" in proc.stderr, proc.stderr
     # The same key in the config file, with its line.
     config = os.path.join(short_dir, "c.toml")
     with open(config, "w") as f:
@@ -333,7 +337,8 @@ def test_stuck_scrapers_do_not_delay_answers(served: MetricsSupervisor, clips: D
                 s.close()
     # Wide margins (a loaded 2-core machine): the kill latency stays where it was, and
     # the event loop answers at once.
-    print(f"kill latency past the deadline: {before:.3f} s before, {after:.3f} s with 40 stuck scrapers; good clip {good:.3f} s, status {status:.3f} s")
+    print(f"kill latency past the deadline: {before:.3f} s before, {after:.3f} s with 40 stuck scrapers; "
+          f"good clip {good:.3f} s, status {status:.3f} s")
     assert after < 1.0 and after < before + 0.5, (before, after)
     assert good < 5 and status < 1, (good, status)
 
@@ -404,7 +409,8 @@ def test_top_without_a_terminal_prints_plain_snapshots(served: MetricsSupervisor
     shown = {int(line.split()[0]) for line in out.splitlines() if line[:1].isdigit()}
     assert set(pids) & shown, (pids, out)
     # Without a supervisor it says so, and the exit status tells scripts.
-    proc = subprocess.run([BINARY, "top", "--socket", served.path + ".none"], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run([BINARY, "top", "--socket", served.path + ".none"],
+                          capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1 and "no supervisor answers" in proc.stdout, proc
 
 

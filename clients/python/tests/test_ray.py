@@ -62,7 +62,8 @@ def clips(workdir: str) -> Dict[str, str]:
     out = {name: os.path.join(data, name) for name in GOOD}
     out["d.mp4"] = os.path.join(data, "sub", "d.mp4")
     ffmpeg("-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25", "-t", "2", "-pix_fmt", "yuv420p", out["a.mp4"])
-    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=128x96:rate=30", "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100",
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=128x96:rate=30",
+           "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100",
            "-t", "3", "-pix_fmt", "yuv420p", "-shortest", out["b.mp4"])
     ffmpeg("-f", "lavfi", "-i", "mandelbrot=size=96x96:rate=10", "-t", "2", "-c:v", "libvpx", out["c.mkv"])
     ffmpeg("-f", "lavfi", "-i", "testsrc2=size=200x100:rate=24", "-t", "1", "-pix_fmt", "yuv420p", out["d.mp4"])
@@ -154,7 +155,8 @@ def test_concurrent_tasks_start_one_supervisor_per_node(ray_session: str, clips:
 
 def test_rows_match_client_video_and_bad_clips_become_rows(ray_session: str, clips: Dict[str, str]) -> None:
     t0 = time.monotonic()
-    ds = cray.read_videos(os.path.dirname(clips["a.mp4"]), on_skip="row", override_num_blocks=3, **read_args(ray_session))
+    ds = cray.read_videos(os.path.dirname(clips["a.mp4"]), on_skip="row", override_num_blocks=3,
+                          **read_args(ray_session))
     rows = {row["path"]: row for row in ds.take_all()}
     elapsed = time.monotonic() - t0
     assert sorted(rows) == sorted(clips.values()), "one row per clip (notes.txt filtered out)"
@@ -194,7 +196,8 @@ def test_drop_leaves_bad_clips_out_and_logs_them(ray_session: str, clips: Dict[s
     assert "skip_reason" not in rows[0]
     new = skip_lines(ray_session)[before:]
     # corrupt and truncated again; the FIFO's second timeout quarantines it (logged once more)
-    assert sorted(r["path"] for r in new) == sorted([clips["corrupt.mp4"], clips["truncated.mp4"], clips["fifo.mp4"]]), new
+    expected = [clips["corrupt.mp4"], clips["truncated.mp4"], clips["fifo.mp4"]]
+    assert sorted(r["path"] for r in new) == sorted(expected), new
 
 
 def test_quarantined_fifo_is_answered_at_once_and_audio_rows(ray_session: str, clips: Dict[str, str]) -> None:

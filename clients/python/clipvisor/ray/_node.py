@@ -234,7 +234,8 @@ class NodeSupervisor:
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
                         raise SupervisorUnavailable(
-                            f"timed out waiting for another task to start the node's supervisor in {self.dir}") from None
+                            "timed out waiting for another task to start the node's supervisor "
+                            f"in {self.dir}") from None
                     time.sleep(0.02)
             if answers(self.socket_path):
                 return self.socket_path
