@@ -139,9 +139,14 @@ final class SystemdTests {
             environment: ["CLIPVISOR_SOCKET": directory.file("not-this-one.sock")], serve: false)
         defer { service.kill() }
         // systemd-socket-activate listens first and execs clipvisor on the first connection.
+        // It binds (the file appears) before it listens: a connection in between is refused.
         let until = Date().addingTimeInterval(10)
-        while !FileManager.default.fileExists(atPath: socketPath), Date() < until { usleep(20_000) }
-        let client = try SupervisorClient.connect(candidates: [socketPath], timeoutMs: 10_000)
+        var connected: SupervisorClient?
+        while connected == nil, Date() < until {
+            connected = try? SupervisorClient.connect(candidates: [socketPath], timeoutMs: 10_000)
+            if connected == nil { usleep(20_000) }
+        }
+        let client = try #require(connected, "\(service.stderr)")
         #expect(try client.decode(goodClip).0["ok"]?.boolValue == true)
         let status = try client.call(["op": "status"], timeoutMs: 5000).0["status"]
         #expect(status?["socket"]?.stringValue == socketPath)

@@ -251,8 +251,9 @@ struct ServeCommand: ParsableCommand {
             configuration: configuration, listener: listener, ownsSocketFile: ownsSocket, skipLog: log, logger: logger)
         // After the Supervisor exists: its signalfd has blocked SIGTERM/SIGINT/SIGHUP in this
         // thread, and the metrics threads started here inherit that mask.
+        let metricsServing: MetricsServing.Running
         do {
-            try MetricsServing.start(settings, supervisor: supervisor, logger: logger)
+            metricsServing = try MetricsServing.start(settings, supervisor: supervisor, logger: logger)
         } catch {
             lifecycle.startFailed(error.description)
             Self.printError("clipvisor: \(error)")
@@ -269,6 +270,7 @@ struct ServeCommand: ParsableCommand {
             "clipvisor \(ClipvisorVersion.string) serving on \(configuration.socketPath)\(ownsSocket ? "" : " (passed by systemd)") with \(configuration.workers) workers; skip log \(log.path); \(roots)",
             metadata: config.map { ["config.file": "\($0)"] })
         let code = supervisor.run()
+        metricsServing.stop()
         if code != 0 { throw ExitCode(code) }
     }
 

@@ -8,7 +8,15 @@ enum MetricsServing {
         var description: String
     }
 
-    static func start(_ settings: ServeSettings, supervisor: Supervisor, logger: Logger) throws(Failure) {
+    /// What runs, for `stop` at exit.
+    struct Running {
+        var textfile: MetricsTextfile?
+
+        func stop() { textfile?.stop() }
+    }
+
+    static func start(_ settings: ServeSettings, supervisor: Supervisor, logger: Logger) throws(Failure) -> Running {
+        var running = Running()
         if let address = settings.metricsListen {
             let bound: MetricsAddress
             do {
@@ -24,11 +32,13 @@ enum MetricsServing {
         }
         if let path = settings.metricsTextfile {
             do {
-                try MetricsTextfile.start(path: path, intervalMs: settings.metricsIntervalMs, metrics: supervisor.metrics, logger: logger)
+                running.textfile = try MetricsTextfile.start(
+                    path: path, intervalMs: settings.metricsIntervalMs, metrics: supervisor.metrics, logger: logger)
             } catch {
                 throw Failure(description: error.description)
             }
             supervisor.metricsEndpoints["textfile"] = .string(path)
         }
+        return running
     }
 }

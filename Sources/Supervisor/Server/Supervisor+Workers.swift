@@ -127,41 +127,44 @@ extension Supervisor {
     }
 
     private func handleWorkerMessage(_ message: JSONValue, fd: FileDescriptor?, from worker: WorkerProcess) {
-        switch message["op"]?.stringValue {
-        case "ready":
+        let reply: WorkerReply
+        do {
+            reply = try WorkerReply(json: message)
+        } catch {
+            try? fd?.close()
+            protocolViolation(by: worker, "sent a malformed message: \(error)")
+            return
+        }
+        switch reply {
+        case .ready(let ready):
             try? fd?.close()
             guard case .starting = worker.state else {
                 protocolViolation(by: worker, "said ready twice")
                 return
             }
-            guard message["protocol"]?.intValue == ClipvisorVersion.workerProtocol else {
+            guard ready.protocolVersion == ClipvisorVersion.workerProtocol else {
                 worker.kill(reason: "protocol mismatch")
-                recordStartFailure("worker speaks protocol \(message["protocol"]?.jsonString ?? "?"), supervisor \(ClipvisorVersion.workerProtocol): reinstall both from one build")
+                recordStartFailure("worker \(ready.version) speaks protocol \(ready.protocolVersion), supervisor \(ClipvisorVersion.string) speaks \(ClipvisorVersion.workerProtocol): reinstall both from one build")
                 return
             }
-            worker.landlockABI = message["landlock"]?.intValue ?? 0
-            worker.landlockProblem = message["landlock_problem"]?.stringValue.map { String($0.prefix(500)) }
+            worker.landlockABI = ready.landlockABI
+            worker.landlockProblem = ready.landlockProblem
             noteSandbox(of: worker)
             worker.state = .idle
             pool.noteReady()
-        case "started":
+        case .started(let jobID, let size, let mtime):
             try? fd?.close()
-            if case .busy(let jobID, _) = worker.state, message["job"]?.intValue == Int(jobID), let job = jobs[jobID] {
-                // Worker messages are untrusted (a worker may be compromised by its media):
-                // out-of-range numbers are dropped, never trapped on.
-                job.fileSize = message["size"]?.doubleValue.flatMap { Int64(exactly: $0) }
-                job.fileMtime = message["mtime"]?.doubleValue.flatMap { $0.isFinite ? $0 : nil }
+            if case .busy(let busyWith, _) = worker.state, jobID == busyWith, let job = jobs[jobID] {
+                job.fileSize = size
+                job.fileMtime = mtime
             }
-        case "done":
-            handleDone(message, fd: fd, from: worker)
-        default:
-            try? fd?.close()
-            protocolViolation(by: worker, "sent an unknown message \(message["op"]?.jsonString ?? "without op")")
+        case .done(let jobID, let outcome, let exiting):
+            handleDone(job: jobID, outcome: outcome, exiting: exiting, fd: fd, from: worker)
         }
     }
 
-    private func handleDone(_ message: JSONValue, fd: FileDescriptor?, from worker: WorkerProcess) {
-        guard case .busy(let jobID, _) = worker.state, message["job"]?.intValue == Int(jobID) else {
+    private func handleDone(job jobID: JobID, outcome: WorkerReply.Outcome, exiting: Bool, fd: FileDescriptor?, from worker: WorkerProcess) {
+        guard case .busy(let busyWith, _) = worker.state, jobID == busyWith else {
             try? fd?.close()
             // A reply racing a kill (deadline, cancel) is expected; anything else is a bug.
             if case .killed = worker.state { return }
@@ -170,38 +173,42 @@ extension Supervisor {
         }
         worker.clipsDone += 1
         worker.cpu = nil
-        worker.state = message["exiting"]?.boolValue == true ? .retiring : .idle
-        if case .retiring = worker.state {
-            counters.recycles += 1
-            metrics.recycles.increment()
-        }
+        worker.state = exiting ? .retiring : .idle
+        if exiting { counters.recycles += 1 }
         guard let job = jobs[jobID] else {
             try? fd?.close()
             return
         }
-        if message["ok"]?.boolValue == true {
-            switch job.kind {
-            case .decode:
-                guard let fd, let bytes = message["block_bytes"]?.intValue, let result = message["result"] else {
-                    try? fd?.close()
-                    protocolViolation(by: worker, "sent a result without its block", job: job)
-                    return
-                }
-                guard SharedMemory.isSealed(fd), (try? SharedMemory.size(of: fd)) == bytes else {
-                    try? fd.close()
-                    protocolViolation(by: worker, "sent a block that is not sealed or not \(bytes) bytes", job: job)
-                    return
-                }
-                answer(job, .decoded(result: result, block: fd, bytes: bytes))
-            case .probe:
-                try? fd?.close()
-                answer(job, .probed(message["probe"] ?? .null))
+        switch (outcome, job.kind) {
+        case (.decoded(let bytes), .decode):
+            guard let fd else {
+                protocolViolation(by: worker, "sent a result without its block", job: job)
+                return
             }
-        } else {
+            guard SharedMemory.isSealed(fd), (try? SharedMemory.size(of: fd)) == bytes else {
+                try? fd.close()
+                protocolViolation(by: worker, "sent a block that is not sealed or not \(bytes) bytes", job: job)
+                return
+            }
+            // The result travels once, in the block's header.
+            let header: BlockHeader
+            do {
+                header = try BlockReader.header(of: fd, blockBytes: bytes)
+            } catch {
+                try? fd.close()
+                protocolViolation(by: worker, "sent a block whose header cannot be read: \(error)", job: job)
+                return
+            }
+            answer(job, .decoded(result: header.result, block: fd, bytes: bytes))
+        case (.probed(let probe), .probe):
             try? fd?.close()
-            let failure = message["error"].flatMap(DecodeFailure.init(json:))
-                ?? DecodeFailure(.crashed, "\(job.path): the decode worker sent an unreadable error", path: job.path)
+            answer(job, .probed(probe))
+        case (.failed(let failure), _):
+            try? fd?.close()
             answer(job, .failed(failure))
+        default:
+            try? fd?.close()
+            protocolViolation(by: worker, "answered a \(job.kind) job with the wrong kind of result", job: job)
         }
     }
 

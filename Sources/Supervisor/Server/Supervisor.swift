@@ -353,7 +353,7 @@ final class Supervisor {
 
     private func send(_ job: ClipJob, to worker: WorkerProcess) -> SendOutcome {
         job.quarantine = skipLog?.quarantine(for: job.path) ?? quarantineImport?.entry(for: job.path)
-        let bytes = job.workerMessage(roots: configuration.roots).serialized()
+        let bytes = job.workerJob(roots: configuration.roots).json.serialized()
         let result = bytes.withUnsafeBytes { raw in
             Result { () throws(Errno) in try SocketIO.send(worker.control, raw, passing: job.clipFD, nonBlocking: true) }
         }
