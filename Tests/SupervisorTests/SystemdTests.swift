@@ -194,7 +194,7 @@ final class SystemdTests {
         #expect(entry["CLIENT_UID"] == String(getuid()))
         #expect(entry["PRIORITY"] == "4")
         #expect(entry["SYSLOG_IDENTIFIER"] == "clipvisor")
-        #expect(entry["MESSAGE_ID"] == JournalSkipAnnouncer.messageID)
+        #expect(entry["MESSAGE_ID"] == SkipRecord.journalMessageID)
         #expect(entry["MESSAGE"]?.contains(missing) == true, "\(entry)")
         #expect(journal.messages.filter { $0.journal["SKIP_REASON"] != nil }.count == 1)
 
@@ -245,8 +245,7 @@ final class SystemdTests {
         record.clientUID = 1000
         record.size = 123
         let fields = Dictionary(
-            JournalSkipAnnouncer.fields(record, DecodeFailure(.timeout, "/d/x.mp4: no answer", path: "/d/x.mp4")),
-            uniquingKeysWith: { a, _ in a })
+            record.logMetadata.map { (Journal.fieldName($0.key), "\($0.value)") }, uniquingKeysWith: { a, _ in a })
         #expect(fields["SKIP_REASON"] == "timeout" && fields["CLIP_PATH"] == "/d/x.mp4")
         #expect(fields["ELAPSED_MS"] == "5004" && fields["DEADLINE_MS"] == "5000" && fields["REQUEST_ID"] == "7")
         #expect(fields["CLIENT_PID"] == "42" && fields["CLIENT_UID"] == "1000" && fields["CLIP_SIZE"] == "123")

@@ -112,13 +112,10 @@ final class EmbeddedSupervisor {
         directory = String(cString: made)
         socketPath = "\(directory)/clipvisor.sock"
         let executable = ServeConfiguration.siblingWorker().replacingSuffix("clipvisor-worker", with: "clipvisor")
-        let argv = [executable, "serve", "--socket", socketPath, "--log-level", "warning"] + extraArguments
-        var cArguments: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
-        defer { for pointer in cArguments { free(pointer) } }
-        var child: pid_t = 0
-        let rc = posix_spawn(&child, executable, nil, nil, &cArguments, cv_environ())
-        guard rc == 0 else { throw SupervisorClient.Failure("cannot start an embedded supervisor: \(Errno(rawValue: rc))") }
-        pid = child
+        switch Spawn.start(executable, ["serve", "--socket", socketPath, "--log-level", "warning"] + extraArguments) {
+        case .success(let child): pid = child
+        case .failure(let error): throw SupervisorClient.Failure("cannot start an embedded supervisor: \(error)")
+        }
     }
 
     /// Connects once the embedded supervisor accepts (within `timeoutMs`).

@@ -231,7 +231,6 @@ struct ServeCommand: ParsableCommand {
             throw ExitCode(Self.configurationExitCode)
         }
         lifecycle.attach(to: supervisor)
-        if useJournal { supervisor.skipAnnouncer = JournalSkipAnnouncer.announce }
         if let path = settings.quarantineImportPath {
             supervisor.quarantineImport = QuarantineImport(path: absolutePath(path), policy: settings.quarantine, logger: logger)
             supervisor.quarantineImport?.start()

@@ -159,7 +159,7 @@ struct TOMLKeyLocator {
         var openMultiline: String?
         for rawLine in text.split(separator: "\n", omittingEmptySubsequences: false) {
             lineNumber += 1
-            let line = String(rawLine).trimmingCharacters(in: " \t\r")
+            let line = rawLine.trimming(" \t\r")
             if let delimiter = openMultiline {
                 if Self.count(delimiter, in: line) % 2 == 1 { openMultiline = nil }
                 continue

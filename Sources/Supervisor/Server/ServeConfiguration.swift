@@ -111,17 +111,7 @@ enum CPUBudget {
 
     static func readSmallFile(_ path: String) -> String? {
         guard let bytes = Filesystem.read(path, chunk: 256), !bytes.isEmpty else { return nil }
-        return String(decoding: bytes, as: UTF8.self).trimmingCharacters(in: " \n\t")
+        return String(decoding: bytes, as: UTF8.self).trimming()
     }
 }
 
-extension String {
-    /// Drops leading and trailing characters in `set` (no Foundation in the supervisor's hot path).
-    func trimmingCharacters(in set: String) -> String {
-        let drop = Set(set)
-        var slice = Substring(self)
-        while let first = slice.first, drop.contains(first) { slice = slice.dropFirst() }
-        while let last = slice.last, drop.contains(last) { slice = slice.dropLast() }
-        return String(slice)
-    }
-}

@@ -7,8 +7,10 @@ import Glibc
 
 /// Skip records, quarantine answers and the `status` report.
 extension Supervisor {
-    /// Records a clip-level skip durably before the answer goes out, with one readable line on
-    /// stderr. Caller outcomes and quarantine repeats are only counted.
+    /// Records a clip-level skip durably before the answer goes out, and logs it through the
+    /// logger with every field of the record as metadata: a stderr line, or under systemd one
+    /// journal entry that `journalctl SKIP_REASON=timeout` finds. Caller outcomes and
+    /// quarantine repeats are only counted.
     func recordSkip(_ job: ClipJob, _ failure: DecodeFailure, elapsedMs: Int) {
         guard failure.reason.isClipLevel else { return }
         var record = SkipRecord(path: job.path, reason: failure.reason)
@@ -24,7 +26,7 @@ extension Supervisor {
             record.clientUID = Int(connection.peer.uid)
         }
         if skipLog?.append(record) == false { metrics.skipLogWriteErrors.increment() }
-        skipAnnouncer(record, failure)
+        logger.warning("skipped, \(failure.reason): \(failure.message)", metadata: record.logMetadata)
     }
 
     /// The `skips` operation: recent records, newest first, filtered like `clipvisor skips`.

@@ -64,8 +64,6 @@ final class Supervisor {
     /// Called once when the listener accepts and the pool is warm (systemd READY=1).
     var onReady: ((Supervisor) -> Void)?
     var announcedReady = false
-    /// Announces each skip to the operator: a stderr line, or a journal entry under systemd.
-    var skipAnnouncer: (SkipRecord, DecodeFailure) -> Void
     /// Quarantine learnt from other nodes (`serve --quarantine-import`), consulted after the local one.
     var quarantineImport: QuarantineImport?
     var receiveBuffer = [UInt8](repeating: 0, count: WorkerMessage.maxSize)
@@ -81,11 +79,6 @@ final class Supervisor {
         self.ownsSocketFile = ownsSocketFile
         self.socketFileIdentity = ownsSocketFile ? Self.fileIdentity(configuration.socketPath) : nil
         self.skipLog = skipLog
-        self.skipAnnouncer = { record, failure in
-            logger.warning(
-                "skipped \(record.path ?? "?"): \(failure.reason): \(failure.message)",
-                metadata: ["clip.path": "\(record.path ?? "")", "skip.reason": "\(failure.reason)"])
-        }
         self.poller = try Poller()
         self.spawner = WorkerSpawner(executable: configuration.workerExecutable, arguments: configuration.workerArguments)
         let signalFD = cv_signalfd_for_lifecycle()

@@ -138,7 +138,7 @@ struct ServiceFaults: Equatable, Sendable {
     static func parse(_ text: String) -> ServiceFaults {
         var faults = ServiceFaults()
         for item in text.split(separator: ",") {
-            let parts = item.split(separator: "=", maxSplits: 1).map { String($0).trimmingCharacters(in: " ") }
+            let parts = item.split(separator: "=", maxSplits: 1).map { $0.trimming(" ") }
             if parts.count == 2, parts[0] == "wedge-loop-after-ms", let ms = Int(parts[1]), ms >= 0 {
                 faults.wedgeLoopAfterMs = ms
             }
