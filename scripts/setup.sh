@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(libavformat-dev libavcodec-dev libswscale-dev libswresample-dev libavutil-dev
-          libzstd-dev libsystemd-dev pkg-config ffmpeg zstd util-linux systemd)
+          libzstd-dev libsystemd-dev pkg-config ffmpeg zstd util-linux systemd chromium)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
@@ -41,6 +41,8 @@ pip_install() {
     }
 }
 python3 -c "import numpy, zstandard, pytest" 2>/dev/null || pip_install numpy zstandard pytest
+# clipvisor-scan: progress bar, report plots, Parquet; its browser test renders the report in chromium.
+python3 -c "import tqdm, matplotlib, pyarrow" 2>/dev/null || pip_install tqdm matplotlib pyarrow
 pip_install --no-deps -e clients/python
 if [ "${CLIPVISOR_SKIP_TORCH:-0}" != 1 ]; then
     # The DataLoader tests need torch (large; pip caches it); the compatibility tests compare
