@@ -223,6 +223,7 @@ def scan(args: argparse.Namespace) -> int:
     for i in options["inputs"]:
         if not os.path.exists(i):
             raise ScanError(f"{i}: no such file or directory")
+        next(iter(read_samples(i, options.get("base"))), None)  # a manifest without a path column fails here
     with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
         json.dump({"options": options, "shard": list(shard), "started": time.time()}, f, indent=1)
     os.replace(meta_path + ".tmp", meta_path)
