@@ -77,6 +77,7 @@ def facts_of_probe(probe: Mapping[str, Any]) -> Dict[str, Any]:
         header = _int(video.get("container_frame_count"))
         fps = _num(video.get("avg_fps")) or _num((probe.get("source") or {}).get("fps"))
         row.update({
+            "video_stream": _int(video.get("index")),
             "video_codec": video.get("codec"),
             "width": w, "height": h,
             "stored_width": _int(video.get("width")), "stored_height": _int(video.get("height")),

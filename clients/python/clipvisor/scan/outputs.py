@@ -23,7 +23,7 @@ __all__ = ["OPEN_SORA_COLUMNS", "COLUMNS", "RowLog", "read_rows", "sort_rows", "
 OPEN_SORA_COLUMNS = ["path", "num_frames", "fps", "height", "width", "aspect_ratio", "resolution"]
 COLUMNS = OPEN_SORA_COLUMNS + [
     "sample", "sample_id", "clip", "sample_clips", "kind", "status", "reason", "detail",
-    "container", "video_codec", "pixel_format", "rotation", "stored_width", "stored_height",
+    "container", "video_stream", "video_codec", "pixel_format", "rotation", "stored_width", "stored_height",
     "header_frames", "frame_count_source", "frames_disagree", "duration", "video_duration", "start_time",
     "bit_rate", "video_bit_rate", "has_video", "has_audio", "audio_codec", "audio_sample_rate", "audio_channels",
     "audio_duration", "size_bytes", "mtime",
@@ -32,7 +32,7 @@ COLUMNS = OPEN_SORA_COLUMNS + [
     "bucket_resolution", "bucket_frames", "bucket_aspect_ratio", "bucket_reason", "note",
 ]
 _INT = {"num_frames", "height", "width", "resolution", "sample", "clip", "sample_clips", "rotation", "stored_width",
-        "stored_height", "header_frames", "bit_rate", "video_bit_rate", "audio_sample_rate", "audio_channels",
+        "stored_height", "video_stream", "header_frames", "bit_rate", "video_bit_rate", "audio_sample_rate", "audio_channels",
         "size_bytes", "verify_frames", "verify_break_frame", "qwen_frames", "qwen_height", "qwen_width", "qwen_tokens",
         "qwen_sample_tokens", "bucket_frames"}
 _FLOAT = {"fps", "aspect_ratio", "duration", "video_duration", "start_time", "audio_duration", "mtime",
