@@ -241,6 +241,7 @@ def scan(args: argparse.Namespace) -> int:
     if show:
         total = sum(1 for s in _samples(options) if s.index % shard[1] == shard[0] and s.index not in done)
     bar = _progress(total, show)
+    t_start = time.monotonic()
     scanner = _Scanner(client, options, args.deadline, args.tag)
     log = outputs.RowLog(rows_path)
     window = max(8, jobs * 8)
@@ -284,7 +285,9 @@ def scan(args: argparse.Namespace) -> int:
         log.close()
         if bar is not None:
             bar.close()
+    scanned = time.monotonic() - t_start
     summary = finalize(out)
+    t_outputs = time.monotonic() - t_start - scanned
     if interrupted:
         print(f"clipvisor scan: interrupted; {summary['samples']} samples are in {out} — run again with --resume "
               f"to continue", file=sys.stderr)
@@ -295,7 +298,7 @@ def scan(args: argparse.Namespace) -> int:
         return 1
     print(f"clipvisor scan: {summary['samples']} samples, {summary['clips']} clips, {summary['failed']} failed"
           + (f", {summary['verify_bad']} damaged" if options.get("verify") else "")
-          + f" -> {os.path.join(out, 'report.html')}", file=sys.stderr)
+          + f" -> {os.path.join(out, 'report.html')} (clips {scanned:.2f} s, outputs {t_outputs:.2f} s)", file=sys.stderr)
     client.close()
     return 0
 
