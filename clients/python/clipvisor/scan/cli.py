@@ -153,6 +153,8 @@ class _Scanner:
                     row["aspect_ratio"] = h / w
                     row["resolution"] = h * w
                 if self.verify:
+                    if self.stop.is_set():
+                        raise _Stopped()
                     verify_clip(self.client, row, tag=self.tag, deadline=self.deadline)
                 if self.planner is not None:
                     row.update(self.planner.plan(row))
@@ -229,7 +231,7 @@ def scan(args: argparse.Namespace) -> int:
     os.replace(meta_path + ".tmp", meta_path)
     done = outputs.recover(rows_path) if args.resume else outputs.DoneSet()
 
-    client = Client(args.socket, spawn=True, tag=args.tag)
+    client = Client(args.socket, spawn=args.socket is None, tag=args.tag)
     jobs = args.jobs
     if not jobs:
         try:
@@ -262,6 +264,10 @@ def scan(args: argparse.Namespace) -> int:
             bar.update(1)
             bar.set_postfix(bad=failed, refresh=False)
 
+    def terminate(signum: int, frame: Any) -> None:  # a job scheduler's SIGTERM: stop as for Ctrl-C
+        raise KeyboardInterrupt()
+
+    previous_term = signal.signal(signal.SIGTERM, terminate) if threading.current_thread() is threading.main_thread() else None
     try:
         for sample in _samples(options):
             if sample.index % shard[1] != shard[0] or sample.index in done:
@@ -276,6 +282,8 @@ def scan(args: argparse.Namespace) -> int:
     except (ClipvisorError, InputError, OSError) as e:
         error = e
     finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
         scanner.stop.set()
         for _, fut in queue:
             fut.cancel()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import html
 import io
-import math
 from array import array
 from collections import Counter
 from typing import Any, Dict, Iterable, List, Mapping, Optional
