@@ -200,7 +200,9 @@ def test_bad_entries_are_rows_with_reasons_and_in_the_skip_log(full: Dict[str, A
     with clipvisor.Client(dataset["sup"].path, spawn=False) as c:
         skips = c.skips(tag="scan")["skips"]
     paths = {r["path"]: r for r in skips}
-    assert paths[by["hang.mp4"]["path"]]["reason"] == "timeout"
+    hang = paths[by["hang.mp4"]["path"]]
+    assert hang["reason"] == "timeout" and hang["tag"] == "scan"
+    assert hang["deadline_ms"] == FIFO_DEADLINE * 1000 and hang["elapsed_ms"] < hang["deadline_ms"] + 1000, hang
     assert by["corrupt.mp4"]["path"] in paths
 
 
@@ -271,6 +273,13 @@ def test_manifests_samples_and_token_totals(dataset: Dict[str, Any], full: Dict[
     assert rows[4]["reason"] == "no_media"
     assert rows[5]["sample_id"] == "data/a.mp4" and rows[5]["status"] == "ok"
     assert rows[6]["status"] == "failed"
+    with open(os.path.join(out, "samples.csv"), newline="") as f:
+        samples = list(csv.DictReader(f))
+    assert [s["sample_id"] for s in samples] == ["conv-1", "1", "lost", "text-only", "data/a.mp4", "data/corrupt.mp4"]
+    assert samples[0]["clips"] == "2" and samples[0]["status"] == "ok"
+    assert int(samples[0]["qwen_sample_tokens"]) == conv[0]["qwen_sample_tokens"]
+    assert samples[2]["status"] == "failed" and samples[2]["reasons"] == "not_found"
+    assert samples[3]["reasons"] == "no_media" and samples[5]["status"] == "failed"
 
 
 # -- buckets ------------------------------------------------------------------------------------

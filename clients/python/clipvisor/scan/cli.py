@@ -321,6 +321,7 @@ def finalize(out: str) -> Dict[str, Any]:
         open(rows_path, "ab").close()
     outputs.sort_rows(rows_path)
     usable = outputs.write_csv(outputs.read_rows(rows_path), os.path.join(out, "scan.csv"))
+    outputs.write_samples_csv(outputs.read_rows(rows_path), os.path.join(out, "samples.csv"))
     outputs.write_parquet(outputs.read_rows(rows_path), os.path.join(out, "scan.parquet"))
     summary = Summary(_load_buckets(options), int(options.get("global_batch") or 1), options.get("max_tokens"))
     for row in outputs.read_rows(rows_path):

@@ -17,8 +17,8 @@ import os
 from array import array
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["OPEN_SORA_COLUMNS", "COLUMNS", "RowLog", "read_rows", "sort_rows", "write_csv", "write_parquet",
-           "merge_row_files", "DoneSet"]
+__all__ = ["OPEN_SORA_COLUMNS", "COLUMNS", "SAMPLE_COLUMNS", "RowLog", "read_rows", "sort_rows", "write_csv",
+           "write_samples_csv", "write_parquet", "merge_row_files", "DoneSet"]
 
 OPEN_SORA_COLUMNS = ["path", "num_frames", "fps", "height", "width", "aspect_ratio", "resolution"]
 COLUMNS = OPEN_SORA_COLUMNS + [
@@ -205,6 +205,49 @@ def write_csv(rows: Iterable[Mapping[str, Any]], path: str) -> int:
             if not usable(row):
                 continue
             w.writerow([_cell(c, row.get(c)) for c in COLUMNS])
+            n += 1
+    os.replace(tmp, path)
+    return n
+
+
+SAMPLE_COLUMNS = ["sample", "sample_id", "clips", "usable_clips", "failed_clips", "damaged_clips", "status", "reasons",
+                  "duration", "num_frames", "qwen_sample_tokens", "paths"]
+
+
+def _sample_row(rows: List[Mapping[str, Any]]) -> List[Any]:
+    failed = [r for r in rows if r.get("status") != "ok"]
+    damaged = [r for r in rows if r.get("verify") in ("partial", "failed")]
+    ok = sum(1 for r in rows if usable(r) or (r.get("status") == "ok" and not r.get("has_video")
+                                               and r.get("verify") != "failed"))
+    status = "ok" if not failed and not damaged else "failed" if failed or any(
+        r.get("verify") == "failed" for r in damaged) else "partial"
+    reasons = sorted({str(r.get("reason")) for r in failed} | {f"verify:{r.get('verify')}" for r in damaged})
+    duration = sum(float(r.get("duration") or 0) for r in rows)
+    frames = sum(int(r.get("num_frames") or 0) for r in rows)
+    first = rows[0]
+    return [first.get("sample"), first.get("sample_id"), len(rows), ok, len(failed), len(damaged), status,
+            " ".join(reasons), repr(duration), frames, _cell("qwen_sample_tokens", first.get("qwen_sample_tokens")),
+            " ".join(str(r.get("path")) for r in rows)]
+
+
+def write_samples_csv(rows: Iterable[Mapping[str, Any]], path: str) -> int:
+    """``samples.csv``: one row per sample (a conversation with several clips is one row): its clips,
+    how many are usable, failed or damaged, ``ok`` / ``partial`` / ``failed``, the reasons, total
+    duration and frames, and its Qwen visual tokens. Rows must come in sample order."""
+    n = 0
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(SAMPLE_COLUMNS)
+        group: List[Mapping[str, Any]] = []
+        for row in rows:
+            if group and row.get("sample") != group[0].get("sample"):
+                w.writerow(_sample_row(group))
+                n += 1
+                group = []
+            group.append(row)
+        if group:
+            w.writerow(_sample_row(group))
             n += 1
     os.replace(tmp, path)
     return n
