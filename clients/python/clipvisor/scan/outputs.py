@@ -188,8 +188,9 @@ def _cell(column: str, value: Any) -> Any:
 
 
 def usable(row: Mapping[str, Any]) -> bool:
-    """A clip a training run can read: probed, video, and not failed by ``--verify``."""
-    return row.get("status") == "ok" and bool(row.get("has_video")) and row.get("verify") != "failed"
+    """A clip a training run can read: probed, a video stream with frames, not failed by ``--verify``."""
+    return (row.get("status") == "ok" and bool(row.get("has_video")) and (row.get("num_frames") or 0) > 0
+            and row.get("verify") != "failed")
 
 
 def write_csv(rows: Iterable[Mapping[str, Any]], path: str) -> int:

@@ -222,25 +222,8 @@ def write_report(s: Summary, path: str, title: str = "clipvisor scan") -> None:
     for k, v in s.options.items():
         overview.append([k, v])
     body.append("<h2>Overview</h2>" + _table("overview", ["", ""], overview, filterable=False))
-    if s.reasons:
-        body.append("<h2>Failed clips</h2>" + _table("reasons", ["reason", "clips"], sorted(s.reasons.items()),
-                                                       filterable=False))
-        body.append(_table("bad", ["sample", "path", "reason", "detail"],
-                           [[r.get("sample"), r.get("path"), r.get("reason"), r.get("detail")] for r in s.bad],
-                           total=failed, classes=["bad"] * len(s.bad)))
-    if s.partial:
-        body.append("<h2>Verify: damaged clips</h2>" + _table(
-            "partial", ["path", "verify", "frames decoded", "counted", "breaks at (s)", "detail"],
-            [[r.get("path"), r.get("verify"), r.get("verify_frames"), r.get("num_frames"), r.get("verify_break_s"),
-              r.get("verify_detail") or r.get("verify_reason")] for r in s.partial],
-            total=sum(v for k, v in s.verify.items() if k != "clean")))
-    if s.disagree:
-        body.append("<h2>Frame counts: header vs packets</h2>" + _table(
-            "disagree", ["path", "packets", "header", "source"],
-            [[r.get("path"), r.get("num_frames"), r.get("header_frames"), r.get("frame_count_source")]
-             for r in s.disagree]))
     body.append("<h2>Distributions</h2>" + _figures(
-        [_hist(s.durations, "duration", "seconds", log=True), _hist(s.fps, "frame rate", "fps"),
+        [_hist(s.durations, "duration", "seconds", log=True), _hist(s.fps, "frame rate", "fps", log=True),
          _hist(s.aspect, "aspect ratio (height / width)", "height / width"),
          _bar(s.sizes, "resolutions (upright width x height)")],
         ["duration", "fps", "aspect", "resolution"]))
@@ -267,6 +250,23 @@ def write_report(s: Summary, path: str, title: str = "clipvisor scan") -> None:
                                [[r.get("path"), r.get("num_frames"), r.get("height"), r.get("width"),
                                  r.get("bucket_reason")] for r in s.unbucketed_rows],
                                total=sum(s.unbucketed.values())))
+    if s.reasons:
+        body.append("<h2>Failed clips</h2>" + _table("reasons", ["reason", "clips"], sorted(s.reasons.items()),
+                                                       filterable=False))
+        body.append(_table("bad", ["sample", "path", "reason", "detail"],
+                           [[r.get("sample"), r.get("path"), r.get("reason"), r.get("detail")] for r in s.bad],
+                           total=failed, classes=["bad"] * len(s.bad)))
+    if s.partial:
+        body.append("<h2>Verify: damaged clips</h2>" + _table(
+            "partial", ["path", "verify", "frames decoded", "counted", "breaks at (s)", "detail"],
+            [[r.get("path"), r.get("verify"), r.get("verify_frames"), r.get("num_frames"), r.get("verify_break_s"),
+              r.get("verify_detail") or r.get("verify_reason")] for r in s.partial],
+            total=sum(v for k, v in s.verify.items() if k != "clean")))
+    if s.disagree:
+        body.append("<h2>Frame counts: header vs packets</h2>" + _table(
+            "disagree", ["path", "packets", "header", "source"],
+            [[r.get("path"), r.get("num_frames"), r.get("header_frames"), r.get("frame_count_source")]
+             for r in s.disagree]))
     page = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>"
             f"<style>{_CSS}</style></head><body>{''.join(body)}<script>{_JS}</script></body></html>")
     tmp = path + ".tmp"
