@@ -27,7 +27,7 @@ from test_integration import BINARY, CORPUS, Supervisor
 
 import clipvisor
 from clipvisor.scan import cli
-from clipvisor.scan.buckets import BucketConfig, load_bucket_config
+from clipvisor.scan.buckets import BucketConfig, load_bucket_config, summarize
 
 pytestmark = [
     pytest.mark.integration,
@@ -258,13 +258,19 @@ def test_manifests_samples_and_token_totals(dataset: Dict[str, Any], full: Dict[
             {"type": "video", "video": os.path.join(d, "vfr.mkv")}, {"type": "text", "text": "?"}]}]}) + "\n")
         f.write(json.dumps({"id": "lost", "videos": ["data/missing.mp4"]}) + "\n")
         f.write(json.dumps({"id": "text-only", "messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    listing = os.path.join(dataset["root"], "clips.txt")
+    with open(listing, "w") as f:
+        f.write("# a list file: one path per line\n\ndata/tone.wav\n" + os.path.join(d, "gone.mkv") + "\n")
     opensora = os.path.join(dataset["root"], "meta.csv")
     with open(opensora, "w") as f:
         f.write("path,text\ndata/a.mp4,a clip\ndata/corrupt.mp4,bad\n")
     out = os.path.join(dataset["root"], "manifest-out")
-    assert run_scan(dataset, out, "--qwen", inputs=[manifest, opensora]) == 0
+    assert run_scan(dataset, out, "--qwen", inputs=[manifest, opensora, listing]) == 0
     rows = rows_of(out)
-    assert [(r["sample"], r["clip"]) for r in rows] == [(0, 0), (0, 1), (1, 0), (2, 0), (3, 0), (4, 0), (5, 0)]
+    assert [(r["sample"], r["clip"]) for r in rows] == [(0, 0), (0, 1), (1, 0), (2, 0), (3, 0), (4, 0), (5, 0), (6, 0),
+                                                        (7, 0)]
+    assert rows[7]["path"].endswith("data/tone.wav") and rows[7]["status"] == "ok" and rows[7]["has_video"] is False
+    assert rows[8]["reason"] == "not_found" and "gone.mkv" in rows[8]["detail"]
     conv = [r for r in rows if r["sample_id"] == "conv-1"]
     assert conv[0]["qwen_sample_tokens"] == conv[0]["qwen_tokens"] + conv[1]["qwen_tokens"] == conv[1]["qwen_sample_tokens"]
     by = full["by"]
@@ -275,7 +281,8 @@ def test_manifests_samples_and_token_totals(dataset: Dict[str, Any], full: Dict[
     assert rows[6]["status"] == "failed"
     with open(os.path.join(out, "samples.csv"), newline="") as f:
         samples = list(csv.DictReader(f))
-    assert [s["sample_id"] for s in samples] == ["conv-1", "1", "lost", "text-only", "data/a.mp4", "data/corrupt.mp4"]
+    assert [s["sample_id"] for s in samples] == ["conv-1", "1", "lost", "text-only", "data/a.mp4", "data/corrupt.mp4",
+                                                 "data/tone.wav", os.path.join(d, "gone.mkv")]
     assert samples[0]["clips"] == "2" and samples[0]["status"] == "ok"
     assert int(samples[0]["qwen_sample_tokens"]) == conv[0]["qwen_sample_tokens"]
     assert samples[2]["status"] == "failed" and samples[2]["reasons"] == "not_found"
@@ -381,6 +388,19 @@ def test_bucket_report_in_scan(full: Dict[str, Any]) -> None:
         assert row.get("bucket_reason") == a.reason
     assert any(r.get("bucket_reason", "").startswith("too short") for r in full["rows"])  # 3-frame corpus clips
     assert any(r.get("bucket_resolution") == "360p" for r in full["rows"])
+    # Per bucket: samples, batches per rank, and minority buckets (fewer than batch size × 2 ranks).
+    counts: Dict[Any, int] = {}
+    for r in full["rows"]:
+        if r.get("bucket_resolution"):
+            k = (r["bucket_resolution"], r["bucket_frames"], r["bucket_aspect_ratio"])
+            counts[k] = counts.get(k, 0) + 1
+    table = summarize(counts, cfg, 2)
+    assert sum(t["samples"] for t in table) == sum(counts.values()) and len(table) == len(counts)
+    for t in table:
+        bs = BUCKETS["bucket_config"][t["resolution"]][t["frames"]][1]
+        assert t["batch_size"] == bs and t["minority"] == (t["samples"] < bs * 2)
+        assert t["batches_per_rank"] == math.ceil(math.ceil(t["samples"] / 2) / bs)
+    assert any(t["minority"] for t in table)
 
 
 # -- report ---------------------------------------------------------------------------------------
