@@ -249,6 +249,42 @@ def test_qwen_plans_equal_qwen_vl_utils(full: Dict[str, Any]) -> None:
     assert checked >= 8
 
 
+def test_qwen3_plans_follow_qwen_vl_utils_0_0_14(full: Dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Qwen3-VL (qwen-vl-utils 0.0.14): patch 16 × merge 2 = factor 32, pixel limits in tokens."""
+    for var in ("FPS", "FPS_MAX_FRAMES", "VIDEO_MAX_PIXELS", "VIDEO_MIN_PIXELS", "VIDEO_MAX_TOKEN_NUM",
+                "VIDEO_MIN_TOKEN_NUM", "MODEL_SEQ_LEN", "VIDEO_TOTAL_PIXELS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delitem(sys.modules, "qwen_vl_utils.vision_process", raising=False)  # 0.0.11's constants
+    from clipvisor.scan.qwenplan import QwenPlanner
+
+    planner = QwenPlanner.create("3")
+    checked = 0
+    for row in full["rows"]:
+        if row.get("status") != "ok" or not row.get("num_frames") or row["num_frames"] < 2:
+            continue
+        plan = planner.plan(row)
+        total, fps, h, w = row["num_frames"], row["fps"], row["height"], row["width"]
+        # 0.0.14's smart_nframes and fetch_video budget, written out here.
+        n = min(min(max(total / fps * 2.0, 4), math.floor(min(768, total) / 2) * 2), total)
+        n = math.floor(n / 2) * 2
+        min_px = 128 * 32 * 32
+        max_px = max(min(768 * 32 * 32, 128000 * 32 * 32 * 0.9 / n * 2), int(min_px * 1.05))
+        hb, wb = max(32, round(h / 32) * 32), max(32, round(w / 32) * 32)
+        if hb * wb > max_px:
+            beta = math.sqrt(h * w / max_px)
+            hb, wb = math.floor(h / beta / 32) * 32, math.floor(w / beta / 32) * 32
+        elif hb * wb < min_px:
+            beta = math.sqrt(min_px / (h * w))
+            hb, wb = math.ceil(h * beta / 32) * 32, math.ceil(w * beta / 32) * 32
+        if max(h, w) / min(h, w) > 200:
+            assert "aspect ratio" in plan["qwen_error"]
+            continue
+        assert (plan["qwen_frames"], plan["qwen_height"], plan["qwen_width"]) == (n, hb, wb), row["path"]
+        assert plan["qwen_tokens"] == math.ceil(n / 2) * (hb // 32) * (wb // 32)
+        checked += 1
+    assert checked >= 8
+
+
 def test_manifests_samples_and_token_totals(dataset: Dict[str, Any], full: Dict[str, Any]) -> None:
     d = dataset["data"]
     manifest = os.path.join(dataset["root"], "train.jsonl")
@@ -540,6 +576,18 @@ def test_ctrl_c_leaves_a_valid_resumable_output(dataset: Dict[str, Any], full: D
     assert run_scan(dataset, out, "--verify", "--qwen", "--buckets", full["buckets"], "--global-batch", "2",
                     "--resume") == 0
     assert _comparable(rows_of(out)) == _comparable(full["rows"])
+
+
+def test_progress_bar_shows_rate_and_eta(dataset: Dict[str, Any]) -> None:
+    listing = os.path.join(dataset["root"], "progress.txt")
+    with open(listing, "w") as f:
+        f.write("data/a.mp4\ndata/rot.mp4\ndata/vfr.mkv\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run([sys.executable, "-m", "clipvisor.scan", listing, "--out", os.path.join(dataset["root"], "progress"),
+                        "--socket", dataset["sup"].path, "--progress"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    bar = r.stderr.replace("\r", "\n")
+    assert "3/3" in bar and "sample/s" in bar and "100%" in bar and "bad=0" in bar, bar
 
 
 def test_bad_arguments_name_the_file(dataset: Dict[str, Any], capsys: Any) -> None:
