@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import signal
 import sys
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from ..client import Client
 from ..errors import ClipvisorError
@@ -248,14 +247,15 @@ def scan(args: argparse.Namespace) -> int:
     log = outputs.RowLog(rows_path)
     window = max(8, jobs * 8)
     pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="clipvisor-scan")
-    queue: Deque[Tuple[Sample, "Future[List[Dict[str, Any]]]"]] = collections.deque()
+    # Samples in flight; each is written as soon as it completes (a hanging clip holds up only its
+    # own sample, never the ones behind it). finalize() puts the rows back in sample order.
+    inflight: Set["Future[List[Dict[str, Any]]]"] = set()
     written = failed = 0
     interrupted = False
     error: Optional[BaseException] = None
 
-    def take() -> None:
+    def take(fut: "Future[List[Dict[str, Any]]]") -> None:
         nonlocal written, failed
-        _, fut = queue.popleft()
         rows = fut.result()
         log.write_sample(rows)
         written += 1
@@ -272,11 +272,15 @@ def scan(args: argparse.Namespace) -> int:
         for sample in _samples(options):
             if sample.index % shard[1] != shard[0] or sample.index in done:
                 continue
-            queue.append((sample, pool.submit(scanner, sample)))
-            while queue and (len(queue) >= window or queue[0][1].done()):
-                take()
-        while queue:
-            take()
+            inflight.add(pool.submit(scanner, sample))
+            if len(inflight) >= window:
+                done_now, inflight = wait(inflight, return_when=FIRST_COMPLETED)
+                for fut in done_now:
+                    take(fut)
+        while inflight:
+            done_now, inflight = wait(inflight, return_when=FIRST_COMPLETED)
+            for fut in done_now:
+                take(fut)
     except KeyboardInterrupt:
         interrupted = True
     except (ClipvisorError, InputError, OSError) as e:
@@ -285,7 +289,7 @@ def scan(args: argparse.Namespace) -> int:
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
         scanner.stop.set()
-        for _, fut in queue:
+        for fut in inflight:
             fut.cancel()
         if interrupted or error is not None:
             client.close()  # requests in flight fail at once; their samples are not written

@@ -4,8 +4,9 @@ and ``report.html``.
 
 ``scan.jsonl`` is written one sample at a time with a single ``write`` on an ``O_APPEND`` file, so
 an interrupted scan (Ctrl-C, a killed job) leaves whole samples, at worst followed by one torn line,
-which ``--resume`` drops. Rows are in sample order except after a resume; :func:`sort_rows` puts
-them back in order before the derived files are written, holding only (sample, clip, offset) per row.
+which ``--resume`` drops. Samples are written as they complete, in any order; :func:`sort_rows`
+puts the file in sample order before the derived files are written, holding only (sample, clip,
+offset) per row.
 """
 
 from __future__ import annotations
