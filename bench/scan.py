@@ -57,7 +57,8 @@ def make_dataset(count: int) -> Path:
         ext = "mp4" if i % 2 == 0 else "mkv"
         d = out / f"part{i // 100:02d}"
         d.mkdir(exist_ok=True)
-        subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-ss", str(start), "-i", str(base), "-t", f"{length:.2f}",
+        subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-ss", str(start), "-i", str(base),
+                        "-t", f"{length:.2f}",
                         "-c", "copy", str(d / f"clip{i:05d}.{ext}")], check=True)
 
     with ThreadPoolExecutor(2) as pool:
@@ -84,7 +85,8 @@ def run_scan(root: Path, sock: str, out: str, verify: bool) -> Tuple[float, List
         rows = [json.loads(line) for line in f]
     m = re.search(r"\(clips ([0-9.]+) s, outputs ([0-9.]+) s\)", r.stderr)
     if m:
-        print(f"  {'scan --verify' if verify else 'scan'}: clips {m.group(1)} s, then CSV/Parquet/report {m.group(2)} s, "
+        which = "scan --verify" if verify else "scan"
+        print(f"  {which}: clips {m.group(1)} s, then CSV/Parquet/report {m.group(2)} s, "
               f"of {wall:.2f} s (the rest: Python start-up, counting)")
     return wall, rows
 
@@ -99,7 +101,8 @@ def ffprobe_one(path: str) -> Tuple[str, int]:
 
 
 def ffmpeg_null(path: str) -> str:
-    r = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-threads", "1", "-i", path, "-map", "0:v:0", "-f", "null", "-"],
+    r = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-threads", "1", "-i", path, "-map", "0:v:0",
+                        "-f", "null", "-"],
                        capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"ffmpeg -f null {path} exited {r.returncode}: {r.stderr}")
@@ -157,7 +160,8 @@ def main() -> None:
         # decoding every frame gives (checked outside the timing).
         for p in differ:
             r = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
-                                "stream=nb_read_frames", "-of", "csv=p=0", p], capture_output=True, text=True, check=True)
+                                "stream=nb_read_frames", "-of", "csv=p=0", p],
+                               capture_output=True, text=True, check=True)
             assert int(r.stdout.strip()) == ours[p], f"{p}: {ours[p]} frames, ffprobe -count_frames {r.stdout.strip()}"
         print(f"frame counts: {len(files) - len(differ)} equal ffprobe -count_packets; {len(differ)} clips hold "
               f"edit-list preroll packets, and there equal ffprobe -count_frames")

@@ -23,11 +23,10 @@ from typing import Any, Dict, Iterator, List, Optional
 import numpy as np
 import pytest
 
-from test_integration import BINARY, CORPUS, Supervisor
-
 import clipvisor
 from clipvisor.scan import cli
 from clipvisor.scan.buckets import BucketConfig, load_bucket_config, summarize
+from test_integration import BINARY, CORPUS, Supervisor
 
 pytestmark = [
     pytest.mark.integration,
@@ -80,7 +79,8 @@ def dataset() -> Iterator[Dict[str, Any]]:
            os.path.join(root, "whole.mp4"))
     whole = open(os.path.join(root, "whole.mp4"), "rb").read()
     open(os.path.join(d, "truncated.mp4"), "wb").write(whole[: len(whole) // 2])
-    open(os.path.join(d, "corrupt.mp4"), "wb").write(np.random.default_rng(1).integers(0, 256, 50_000, np.uint8).tobytes())
+    junk = np.random.default_rng(1).integers(0, 256, 50_000, np.uint8).tobytes()
+    open(os.path.join(d, "corrupt.mp4"), "wb").write(junk)
     ffmpeg("-f", "lavfi", "-i", "sine=frequency=300:duration=1", os.path.join(d, "tone.wav"))
     os.mkfifo(os.path.join(d, "sub", "hang.mp4"))
     for name in CORPUS_FILES:
@@ -128,7 +128,8 @@ def full(dataset: Dict[str, Any]) -> Dict[str, Any]:
 
 def ffprobe(path: str, count_frames: bool = False) -> Dict[str, Any]:
     r = subprocess.run(["ffprobe", "-v", "error", "-count_packets", *(["-count_frames"] if count_frames else []),
-                        "-show_streams", "-show_format", "-of", "json", path], capture_output=True, text=True, timeout=60)
+                        "-show_streams", "-show_format", "-of", "json", path],
+                       capture_output=True, text=True, timeout=60)
     return json.loads(r.stdout)
 
 
@@ -178,7 +179,8 @@ def test_facts_equal_ffprobe(full: Dict[str, Any]) -> None:
             assert row["audio_sample_rate"] == int(a[0]["sample_rate"]) and row["audio_channels"] == a[0]["channels"]
         checked += 1
     assert checked >= 12
-    assert exceptions <= {"corpus-hf-datasets__test_video_66x50.mov", "corpus-openh264__BA_MW_D_IDR_LOST.264"}, exceptions
+    known = {"corpus-hf-datasets__test_video_66x50.mov", "corpus-openh264__BA_MW_D_IDR_LOST.264"}
+    assert exceptions <= known, exceptions
     by = full["by"]
     assert by["corpus-hf-datasets__test_video_66x50.mov"]["frames_disagree"] is True  # 87 in the header, 82 shown
     assert (by["rot.mp4"]["width"], by["rot.mp4"]["height"], by["rot.mp4"]["rotation"]) == (180, 320, 90)
@@ -194,7 +196,8 @@ def test_bad_entries_are_rows_with_reasons_and_in_the_skip_log(full: Dict[str, A
     assert by["hang.mp4"]["status"] == "failed" and by["hang.mp4"]["reason"] == "timeout"
     assert by["corrupt.mp4"]["reason"] in ("decode_error", "unsupported")
     assert "corrupt.mp4" in by["corrupt.mp4"]["detail"]
-    assert by["tone.wav"]["status"] == "ok" and by["tone.wav"]["has_video"] is False and by["tone.wav"]["verify"] == "clean"
+    tone = by["tone.wav"]
+    assert tone["status"] == "ok" and tone["has_video"] is False and tone["verify"] == "clean"
     # A FIFO costs its deadline, not the scan: everything else ran beside it.
     assert full["elapsed"] < FIFO_DEADLINE + 25, full["elapsed"]
     with clipvisor.Client(dataset["sup"].path, spawn=False) as c:
@@ -208,7 +211,7 @@ def test_bad_entries_are_rows_with_reasons_and_in_the_skip_log(full: Dict[str, A
 
 def test_verify(full: Dict[str, Any]) -> None:
     by = full["by"]
-    for name in ("a.mp4", "rot.mp4", "vfr.mkv", "sub/wide.mp4".split("/")[-1], "corpus-jcodec__big_buck_bunny_160x90_ltr.mp4"):
+    for name in ("a.mp4", "rot.mp4", "vfr.mkv", "wide.mp4", "corpus-jcodec__big_buck_bunny_160x90_ltr.mp4"):
         assert by[name]["verify"] == "clean", (name, by[name].get("verify_detail"))
         assert by[name]["verify_frames"] == by[name]["num_frames"], name
     broken = by["corpus-decord__corrupted.mp4"]
@@ -308,9 +311,11 @@ def test_manifests_samples_and_token_totals(dataset: Dict[str, Any], full: Dict[
     assert rows[7]["path"].endswith("data/tone.wav") and rows[7]["status"] == "ok" and rows[7]["has_video"] is False
     assert rows[8]["reason"] == "not_found" and "gone.mkv" in rows[8]["detail"]
     conv = [r for r in rows if r["sample_id"] == "conv-1"]
-    assert conv[0]["qwen_sample_tokens"] == conv[0]["qwen_tokens"] + conv[1]["qwen_tokens"] == conv[1]["qwen_sample_tokens"]
+    both = conv[0]["qwen_tokens"] + conv[1]["qwen_tokens"]
+    assert conv[0]["qwen_sample_tokens"] == both == conv[1]["qwen_sample_tokens"]
     by = full["by"]
-    assert conv[0]["qwen_tokens"] == by["a.mp4"]["qwen_tokens"] and conv[1]["qwen_tokens"] == by["rot.mp4"]["qwen_tokens"]
+    assert conv[0]["qwen_tokens"] == by["a.mp4"]["qwen_tokens"]
+    assert conv[1]["qwen_tokens"] == by["rot.mp4"]["qwen_tokens"]
     assert rows[3]["reason"] == "not_found" and rows[3]["path"].endswith("data/missing.mp4")
     assert rows[4]["reason"] == "no_media"
     assert rows[5]["sample_id"] == "data/a.mp4" and rows[5]["status"] == "ok"
@@ -476,7 +481,8 @@ def test_report_parses_with_its_plots(full: Dict[str, Any]) -> None:
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium; scripts/setup.sh does)")
+@pytest.mark.skipif(CHROMIUM is None,
+                    reason="chromium is not installed (apt-get install chromium; scripts/setup.sh does)")
 def test_report_renders_in_headless_chromium(full: Dict[str, Any], tmp_path: Any) -> None:
     shot = str(tmp_path / "report.png")
     report = os.path.join(full["out"], "report.html")
@@ -551,16 +557,24 @@ def test_resume_after_a_torn_write_equals_one_run(dataset: Dict[str, Any], full:
 
 
 def test_ctrl_c_leaves_a_valid_resumable_output(dataset: Dict[str, Any], full: Dict[str, Any]) -> None:
+    d = dataset["data"]
+    fifo = os.path.join(dataset["root"], f"stuck-{os.getpid()}.mp4")  # new: never timed out, not quarantined
+    os.mkfifo(fifo)
+    listing = os.path.join(dataset["root"], "interrupt.txt")
+    clips = [os.path.join(d, n) for n in ("a.mp4", "rot.mp4", "vfr.mkv", "sub/wide.mp4")]
+    clips += [fifo, os.path.join(d, "tone.wav")]
+    with open(listing, "w") as f:
+        f.write("\n".join(clips) + "\n")
     out = os.path.join(dataset["root"], "interrupted")
+    options = ["--verify", "--qwen", "--buckets", full["buckets"], "--global-batch", "2"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    cmd = [sys.executable, "-m", "clipvisor.scan", dataset["data"], "--out", out, "--socket", dataset["sup"].path,
-           "--deadline", "20", "--jobs", "1", "--verify", "--qwen", "--buckets", full["buckets"], "--global-batch", "2",
-           "--no-progress"]
+    cmd = [sys.executable, "-m", "clipvisor.scan", listing, "--out", out, "--socket", dataset["sup"].path,
+           "--deadline", "30", "--jobs", "1", "--no-progress", *options]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     rows_path = os.path.join(out, "scan.jsonl")
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # the FIFO (sorted after the others in sub/) holds the scan
-        if os.path.exists(rows_path) and sum(1 for _ in open(rows_path)) >= 3:
+    while time.monotonic() < deadline:  # four clips, then the FIFO holds the scan
+        if os.path.exists(rows_path) and sum(1 for _ in open(rows_path)) >= 4:
             break
         time.sleep(0.05)
     time.sleep(0.3)
@@ -569,13 +583,18 @@ def test_ctrl_c_leaves_a_valid_resumable_output(dataset: Dict[str, Any], full: D
     assert proc.returncode == 130, err
     assert "--resume" in err
     got = rows_of(out)
-    assert 3 <= len(got) < len(full["rows"])
+    assert [r["path"] for r in got] == clips[:4]
     with open(os.path.join(out, "scan.csv"), newline="") as f:
-        assert list(csv.DictReader(f))  # the derived files exist and parse
+        assert len(list(csv.DictReader(f))) == 4  # the derived files are written for what was scanned
     assert os.path.exists(os.path.join(out, "report.html"))
-    assert run_scan(dataset, out, "--verify", "--qwen", "--buckets", full["buckets"], "--global-batch", "2",
-                    "--resume") == 0
-    assert _comparable(rows_of(out)) == _comparable(full["rows"])
+    assert run_scan(dataset, out, *options, "--resume", inputs=[listing]) == 0
+    resumed = {r["path"]: r for r in rows_of(out)}
+    assert list(resumed) == clips
+    assert resumed[fifo]["reason"] == "timeout"
+    same = ("num_frames", "fps", "height", "width", "verify", "verify_frames", "qwen_tokens", "header_frames")
+    for path in clips[:4] + clips[5:]:
+        mine = full["by"][os.path.basename(path)]
+        assert {k: resumed[path].get(k) for k in same} == {k: mine.get(k) for k in same}, path
 
 
 def test_progress_bar_shows_rate_and_eta(dataset: Dict[str, Any]) -> None:
@@ -583,8 +602,9 @@ def test_progress_bar_shows_rate_and_eta(dataset: Dict[str, Any]) -> None:
     with open(listing, "w") as f:
         f.write("data/a.mp4\ndata/rot.mp4\ndata/vfr.mkv\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    r = subprocess.run([sys.executable, "-m", "clipvisor.scan", listing, "--out", os.path.join(dataset["root"], "progress"),
-                        "--socket", dataset["sup"].path, "--progress"], env=env, capture_output=True, text=True, timeout=120)
+    out = os.path.join(dataset["root"], "progress")
+    r = subprocess.run([sys.executable, "-m", "clipvisor.scan", listing, "--out", out, "--socket", dataset["sup"].path,
+                        "--progress"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     bar = r.stderr.replace("\r", "\n")
     assert "3/3" in bar and "sample/s" in bar and "100%" in bar and "bad=0" in bar, bar

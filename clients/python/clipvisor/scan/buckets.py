@@ -107,7 +107,8 @@ class BucketConfig:
                 raise BucketError(source, f"resolution {name!r} needs {{\"pixels\": N, \"ratios\": [...] or "
                                           f"{{ratio: [h, w]}}}}") from None
         if not isinstance(config, Mapping) or not config:
-            raise BucketError(source, "the bucket config must be a non-empty mapping of resolution → {frames: (prob, batch size)}")
+            raise BucketError(source, "the bucket config must be a non-empty mapping of "
+                                      "resolution → {frames: (prob, batch size)}")
         for name in config:
             if str(name) not in table:
                 raise BucketError(source, f"unknown resolution {name!r} (known: {', '.join(sorted(table))}; "
@@ -117,7 +118,8 @@ class BucketConfig:
         for name in sorted((str(n) for n in config), key=lambda n: table[n][0], reverse=True):
             frames = config[name] if name in config else config[int(name)]  # type: ignore[index]
             if not isinstance(frames, Mapping):
-                raise BucketError(source, f"{name}: expected {{frames: (keep probability, batch size)}}, got {frames!r}")
+                raise BucketError(source, f"{name}: expected {{frames: (keep probability, batch size)}}, "
+                                          f"got {frames!r}")
             p: "OrderedDict[int, Any]" = OrderedDict()
             b: "OrderedDict[int, Optional[int]]" = OrderedDict()
             for t in sorted(frames, key=lambda x: int(x), reverse=True):
@@ -162,7 +164,8 @@ class BucketConfig:
                         break
                 continue
             t_found = False
-            t_id, prob, rng = 0, 0.0, None
+            t_id, prob = 0, 0.0
+            rng = np.random.default_rng(seed)
             for t_id, prob in t_probs.items():
                 rng = np.random.default_rng(seed + self.bucket_ids[(hw_id, t_id)])
                 if isinstance(prob, tuple):
@@ -175,7 +178,7 @@ class BucketConfig:
                 continue
             frames_fit = True
             keep = prob[0] if isinstance(prob, tuple) else prob
-            if keep >= 1 or rng.random() < keep:  # type: ignore[union-attr]
+            if keep >= 1 or rng.random() < keep:
                 chosen = (hw_id, t_id)
                 break
         if chosen is None:
@@ -237,22 +240,23 @@ def _literal(text: str, path: str) -> Any:
                         found[target.id] = ast.literal_eval(node.value)
                     except ValueError:
                         raise BucketError(path, f"{target.id} is not a literal (line {node.lineno})") from None
-        elif isinstance(node, ast.Expr) is False and isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             if node.target.id == "bucket_config" and node.value is not None:
                 found["bucket_config"] = ast.literal_eval(node.value)
     if "bucket_config" not in found:
         # An Open-Sora config keeps it inside dataset = dict(..., bucket_config=...)? No: it is a
         # top-level name; but look one level into dict(...) calls for safety.
-        for node in ast.walk(tree):
-            if isinstance(node, ast.keyword) and node.arg == "bucket_config":
-                found["bucket_config"] = ast.literal_eval(node.value)
+        for sub in ast.walk(tree):
+            if isinstance(sub, ast.keyword) and sub.arg == "bucket_config":
+                found["bucket_config"] = ast.literal_eval(sub.value)
                 break
     if "bucket_config" not in found:
         raise BucketError(path, "no bucket_config in this Python file")
     return found
 
 
-def load_bucket_config(path: str, *, frame_interval: Optional[int] = None, seed: int = 0, epoch: int = 0) -> BucketConfig:
+def load_bucket_config(path: str, *, frame_interval: Optional[int] = None, seed: int = 0,
+                       epoch: int = 0) -> BucketConfig:
     """Reads a bucket config: JSON or a Python literal of Open-Sora's ``bucket_config``, or
     ``{"bucket_config": ..., "resolutions": {...}, "frame_interval": N}``, or an Open-Sora Python
     config file holding ``bucket_config = {...}``."""
@@ -278,7 +282,11 @@ def summarize(counts: Mapping[Tuple[str, int, str], int], config: BucketConfig, 
     multiple of the ranks, then each rank cuts its share into batches), and whether it is a
     minority bucket (fewer samples than one global batch: batch size × ranks)."""
     out = []
-    for (hw, t, ar), n in sorted(counts.items(), key=lambda kv: (-config.resolutions[kv[0][0]][0], -kv[0][1], float(kv[0][2]))):
+    def order(kv: Tuple[Tuple[str, int, str], int]) -> Tuple[int, int, float]:
+        (hw, t, ar), _ = kv
+        return -config.resolutions[hw][0], -t, float(ar)
+
+    for (hw, t, ar), n in sorted(counts.items(), key=order):
         bs = config.batch_size(hw, t)
         per_rank = math.ceil(n / ranks)
         batches = math.ceil(per_rank / bs) if bs else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import signal
@@ -144,7 +145,7 @@ class _Scanner:
         for k, ref in enumerate(sample.clips):
             if self.stop.is_set():
                 raise _Stopped()
-            row = dict(base, clip=k, kind=ref.kind)
+            row: Dict[str, Any] = dict(base, clip=k, kind=ref.kind)
             row.update(probe_clip(self.client, ref.path, tag=self.tag, deadline=self.deadline))
             if row.get("status") == "ok" and row.get("has_video"):
                 h, w = row.get("height"), row.get("width")
@@ -183,7 +184,7 @@ def _progress(total: Optional[int], enabled: bool) -> Any:
     if not enabled:
         return None
     try:
-        from tqdm import tqdm
+        tqdm = importlib.import_module("tqdm").tqdm  # an optional dependency (the scan extra)
     except ImportError:
         print("clipvisor scan: no progress bar (pip install tqdm)", file=sys.stderr)
         return None
@@ -209,7 +210,8 @@ def scan(args: argparse.Namespace) -> int:
     shard = args.shard or (0, 1)
     if os.path.exists(rows_path) and os.path.getsize(rows_path) > 0:
         if not args.resume:
-            raise ScanError(f"{out} already holds a scan ({ROWS}); pass --resume to continue it, or choose another --out")
+            raise ScanError(f"{out} already holds a scan ({ROWS}); pass --resume to continue it, "
+                            f"or choose another --out")
         try:
             with open(meta_path, encoding="utf-8") as f:
                 old = json.load(f)
@@ -267,7 +269,8 @@ def scan(args: argparse.Namespace) -> int:
     def terminate(signum: int, frame: Any) -> None:  # a job scheduler's SIGTERM: stop as for Ctrl-C
         raise KeyboardInterrupt()
 
-    previous_term = signal.signal(signal.SIGTERM, terminate) if threading.current_thread() is threading.main_thread() else None
+    in_main = threading.current_thread() is threading.main_thread()
+    previous_term = signal.signal(signal.SIGTERM, terminate) if in_main else None
     try:
         for sample in _samples(options):
             if sample.index % shard[1] != shard[0] or sample.index in done:
@@ -298,7 +301,12 @@ def scan(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     scanned = time.monotonic() - t_start
-    summary = finalize(out)
+    try:
+        summary = finalize(out)
+    except KeyboardInterrupt:
+        print(f"clipvisor scan: interrupted while writing the CSV, Parquet and report; {out}/{ROWS} holds every "
+              f"scanned sample — run again with --resume to finish them", file=sys.stderr)
+        return 130
     t_outputs = time.monotonic() - t_start - scanned
     if interrupted:
         print(f"clipvisor scan: interrupted; {summary['samples']} samples are in {out} — run again with --resume "
@@ -310,7 +318,8 @@ def scan(args: argparse.Namespace) -> int:
         return 1
     print(f"clipvisor scan: {summary['samples']} samples, {summary['clips']} clips, {summary['failed']} failed"
           + (f", {summary['verify_bad']} damaged" if options.get("verify") else "")
-          + f" -> {os.path.join(out, 'report.html')} (clips {scanned:.2f} s, outputs {t_outputs:.2f} s)", file=sys.stderr)
+          + f" -> {os.path.join(out, 'report.html')} (clips {scanned:.2f} s, outputs {t_outputs:.2f} s)",
+          file=sys.stderr)
     client.close()
     return 0
 
@@ -335,7 +344,8 @@ def finalize(out: str) -> Dict[str, Any]:
         summary.options["qwen"] = json.dumps(_planner(options).describe())  # type: ignore[union-attr]
     if options.get("buckets"):
         summary.options["buckets"] = options["buckets"]
-    write_report(summary, os.path.join(out, "report.html"), title=f"clipvisor scan: {', '.join(options.get('inputs') or [])}")
+    title = f"clipvisor scan: {', '.join(options.get('inputs') or [])}"
+    write_report(summary, os.path.join(out, "report.html"), title=title)
     result = {"samples": summary.samples, "clips": summary.clips, "failed": summary.clips - summary.ok,
               "usable": usable, "verify_bad": sum(v for k, v in summary.verify.items() if k != "clean")}
     meta["summary"] = result
@@ -377,7 +387,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if argv[:1] == ["merge"]:
             mp = argparse.ArgumentParser(prog="clipvisor-scan merge",
-                                         description="Combine the outputs of --shard I/N scans into one output and report.")
+                                         description="Combine the outputs of --shard I/N scans into one "
+                                                     "output and report.")
             mp.add_argument("out", help="the combined output directory")
             mp.add_argument("shards", nargs="+", help="the shards' output directories")
             a = mp.parse_args(argv[1:])

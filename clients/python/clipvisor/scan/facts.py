@@ -151,7 +151,7 @@ def verify_clip(client: Client, row: Dict[str, Any], *, tag: Optional[str], dead
         # Decoded to 1 kHz mono (the check is the decode; 1 h is 14 MB), in windows of 30 min.
         duration = row.get("audio_duration") or row.get("duration") or 0.0
         windows = max(1, math.ceil(float(duration) / _AUDIO_WINDOW_S))
-        details = []
+        problems: List[str] = []
         for i in range(windows):
             bounds: Dict[str, Any] = {}
             if windows > 1:
@@ -164,12 +164,12 @@ def verify_clip(client: Client, row: Dict[str, Any], *, tag: Optional[str], dead
                 if i == 0:
                     row.update(verify="failed", verify_reason=skip.reason, verify_detail=_skip_text(skip))
                     return
-                details.append(_skip_text(skip))
+                problems.append(_skip_text(skip))
                 row["verify_break_s"] = bounds.get("start")
                 break
             if a.partial:
-                details.append(a.partial_detail or "partial")
-        row.update(verify="partial" if details else "clean", verify_detail="; ".join(details) or None)
+                problems.append(a.partial_detail or "partial")
+        row.update(verify="partial" if problems else "clean", verify_detail="; ".join(problems) or None)
         return
     decoded = 0
     last_pts: Optional[float] = None

@@ -67,15 +67,15 @@ def _walk(root: str) -> Iterator[str]:
             print(f"clipvisor scan: cannot list {d}: {e.strerror}", file=sys.stderr)
             continue
         subdirs = []
-        for e in entries:
+        for entry in entries:
             try:
-                if e.is_dir(follow_symlinks=False):
-                    subdirs.append(e.path)
+                if entry.is_dir(follow_symlinks=False):
+                    subdirs.append(entry.path)
                     continue
             except OSError:
                 pass
-            if os.path.splitext(e.name)[1].lower() in MEDIA_EXTENSIONS:
-                yield e.path
+            if os.path.splitext(entry.name)[1].lower() in MEDIA_EXTENSIONS:
+                yield entry.path
         stack.extend(reversed(subdirs))
 
 
@@ -133,10 +133,10 @@ def _json_clips(record: Any, base: str) -> List[ClipRef]:
         for item in content:
             if not isinstance(item, dict):
                 continue
-            kind = item.get("type")
-            if kind in ("video", "audio"):
-                for p in _media_of(item.get(kind)):
-                    clips.append(ClipRef(_resolve(p, base), kind))
+            item_kind = item.get("type")
+            if item_kind == "video" or item_kind == "audio":
+                for p in _media_of(item.get(item_kind)):
+                    clips.append(ClipRef(_resolve(p, base), str(item_kind)))
     return clips
 
 
@@ -204,7 +204,8 @@ def read_samples(source: str, base: Optional[str] = None) -> Iterator[Sample]:
                     yield Sample(i, line, [ClipRef(p)])
                     i += 1
     except UnicodeDecodeError:
-        raise InputError(source, "not a text manifest (expected a directory, a list file, CSV/TSV or JSON/JSONL)") from None
+        raise InputError(source, "not a text manifest (expected a directory, a list file, CSV/TSV or "
+                                 "JSON/JSONL)") from None
     except OSError as e:
         raise InputError(source, e.strerror or str(e)) from None
 

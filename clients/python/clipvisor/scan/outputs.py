@@ -33,7 +33,8 @@ COLUMNS = OPEN_SORA_COLUMNS + [
     "bucket_resolution", "bucket_frames", "bucket_aspect_ratio", "bucket_reason", "note",
 ]
 _INT = {"num_frames", "height", "width", "resolution", "sample", "clip", "sample_clips", "rotation", "stored_width",
-        "stored_height", "video_stream", "header_frames", "bit_rate", "video_bit_rate", "audio_sample_rate", "audio_channels",
+        "stored_height", "video_stream", "header_frames", "bit_rate", "video_bit_rate", "audio_sample_rate",
+        "audio_channels",
         "size_bytes", "verify_frames", "verify_break_frame", "qwen_frames", "qwen_height", "qwen_width", "qwen_tokens",
         "qwen_sample_tokens", "bucket_frames"}
 _FLOAT = {"fps", "aspect_ratio", "duration", "video_duration", "start_time", "audio_duration", "mtime",

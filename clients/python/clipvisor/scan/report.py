@@ -164,7 +164,8 @@ def _heatmap(counts: Counter, config: BucketConfig) -> Optional[str]:
 
 _CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
 h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;font-size:12px;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 6px;text-align:left;vertical-align:top}
+table{border-collapse:collapse;font-size:12px;margin:8px 0}
+td,th{border:1px solid #ddd;padding:3px 6px;text-align:left;vertical-align:top}
 th{background:#f3f5f8}.grid{display:flex;flex-wrap:wrap;gap:12px}.fig{border:1px solid #eee;padding:4px}
 .bad{color:#a02020}.minority{background:#fff3d6}.muted{color:#777}input{margin:4px 0;padding:3px;width:320px}
 svg{max-width:100%;height:auto}"""
@@ -245,14 +246,15 @@ def write_report(s: Summary, path: str, title: str = "clipvisor scan") -> None:
                             for r in rows], classes=["minority" if r["minority"] else "" for r in rows]))
         if s.unbucketed:
             body.append("<p>Clips that fit no bucket:</p>" + _table(
-                "unbucketed-reasons", ["reason", "clips"], sorted(s.unbucketed.items()), filterable=False))
+                "unbucketed-reasons", ["reason", "clips"], [[k, v] for k, v in sorted(s.unbucketed.items())],
+                filterable=False))
             body.append(_table("unbucketed", ["path", "frames", "height", "width", "reason"],
                                [[r.get("path"), r.get("num_frames"), r.get("height"), r.get("width"),
                                  r.get("bucket_reason")] for r in s.unbucketed_rows],
                                total=sum(s.unbucketed.values())))
     if s.reasons:
-        body.append("<h2>Failed clips</h2>" + _table("reasons", ["reason", "clips"], sorted(s.reasons.items()),
-                                                       filterable=False))
+        reasons = [[k, v] for k, v in sorted(s.reasons.items())]
+        body.append("<h2>Failed clips</h2>" + _table("reasons", ["reason", "clips"], reasons, filterable=False))
         body.append(_table("bad", ["sample", "path", "reason", "detail"],
                            [[r.get("sample"), r.get("path"), r.get("reason"), r.get("detail")] for r in s.bad],
                            total=failed, classes=["bad"] * len(s.bad)))
