@@ -14,7 +14,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 __all__ = ["Sample", "ClipRef", "InputError", "read_samples", "MEDIA_EXTENSIONS"]
 
@@ -56,27 +56,33 @@ def _resolve(path: str, base: str) -> str:
 
 
 def _walk(root: str) -> Iterator[str]:
-    """Media files under `root`, recursively, in a stable order (sorted per directory), without
-    holding the whole listing: one directory at a time."""
+    """Media files under `root`, recursively, in a stable order (names sorted per directory, files
+    before subdirectories), one directory at a time: a flat directory of 1 M clips holds 1 M names
+    (about 100 MB) while it is listed, never DirEntry objects or other directories' listings."""
     stack = [root]
     while stack:
         d = stack.pop()
+        files: List[str] = []
+        subdirs: List[str] = []
         try:
-            entries = sorted(os.scandir(d), key=lambda e: e.name)
+            with os.scandir(d) as it:
+                for entry in it:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            subdirs.append(entry.name)
+                            continue
+                    except OSError:
+                        pass
+                    if os.path.splitext(entry.name)[1].lower() in MEDIA_EXTENSIONS:
+                        files.append(entry.name)
         except OSError as e:
             print(f"clipvisor scan: cannot list {d}: {e.strerror}", file=sys.stderr)
             continue
-        subdirs = []
-        for entry in entries:
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    subdirs.append(entry.path)
-                    continue
-            except OSError:
-                pass
-            if os.path.splitext(entry.name)[1].lower() in MEDIA_EXTENSIONS:
-                yield entry.path
-        stack.extend(reversed(subdirs))
+        files.sort()
+        for name in files:
+            yield os.path.join(d, name)
+        del files
+        stack.extend(os.path.join(d, name) for name in sorted(subdirs, reverse=True))
 
 
 PATH_COLUMNS = ("path", "video", "video_path", "file", "filename", "filepath", "clip", "media", "audio", "audio_path")
@@ -208,12 +214,3 @@ def read_samples(source: str, base: Optional[str] = None) -> Iterator[Sample]:
                                  "JSON/JSONL)") from None
     except OSError as e:
         raise InputError(source, e.strerror or str(e)) from None
-
-
-def count_samples(sources: Sequence[str]) -> Optional[int]:
-    """How many samples there are, for the progress bar's ETA (None when counting would cost a
-    second pass over a huge directory tree is fine; it streams)."""
-    try:
-        return sum(sum(1 for _ in read_samples(s)) for s in sources)
-    except InputError:
-        return None
