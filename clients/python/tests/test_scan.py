@@ -597,6 +597,23 @@ def test_ctrl_c_leaves_a_valid_resumable_output(dataset: Dict[str, Any], full: D
         assert {k: resumed[path].get(k) for k in same} == {k: mine.get(k) for k in same}, path
 
 
+def test_an_error_of_the_scan_on_one_clip_is_a_row(dataset: Dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    d = dataset["data"]
+    real = cli.probe_clip
+
+    def flaky(client: Any, path: str, **kw: Any) -> Dict[str, Any]:
+        if path.endswith("rot.mp4"):
+            raise RuntimeError("an unexpected probe answer")
+        return real(client, path, **kw)
+
+    monkeypatch.setattr(cli, "probe_clip", flaky)
+    out = os.path.join(dataset["root"], "scan-error")
+    assert run_scan(dataset, out, inputs=[os.path.join(d, "a.mp4"), os.path.join(d, "rot.mp4")]) == 0
+    rows = rows_of(out)
+    assert rows[0]["status"] == "ok"
+    assert rows[1]["reason"] == "scan_error" and "rot.mp4" in rows[1]["detail"] and "RuntimeError" in rows[1]["detail"]
+
+
 def test_progress_bar_shows_rate_and_eta(dataset: Dict[str, Any]) -> None:
     listing = os.path.join(dataset["root"], "progress.txt")
     with open(listing, "w") as f:

@@ -18,7 +18,7 @@ from ..errors import ClipvisorError
 from . import outputs
 from .buckets import BucketConfig, BucketError, load_bucket_config
 from .facts import probe_clip, verify_clip
-from .inputs import InputError, Sample, read_samples
+from .inputs import ClipRef, InputError, Sample, read_samples
 from .qwenplan import QwenPlanner, sample_tokens
 from .report import Summary, write_report
 
@@ -146,27 +146,13 @@ class _Scanner:
             if self.stop.is_set():
                 raise _Stopped()
             row: Dict[str, Any] = dict(base, clip=k, kind=ref.kind)
-            row.update(probe_clip(self.client, ref.path, tag=self.tag, deadline=self.deadline))
-            if row.get("status") == "ok" and row.get("has_video"):
-                h, w = row.get("height"), row.get("width")
-                if h and w:
-                    row["aspect_ratio"] = h / w
-                    row["resolution"] = h * w
-                if self.verify:
-                    if self.stop.is_set():
-                        raise _Stopped()
-                    verify_clip(self.client, row, tag=self.tag, deadline=self.deadline)
-                if self.planner is not None:
-                    row.update(self.planner.plan(row))
-                if self.buckets is not None and row.get("verify") != "failed" and row.get("num_frames") and h and w:
-                    a = self.buckets.assign(int(row["num_frames"]), int(h), int(w), sample.index)
-                    if a.bucket is not None:
-                        row.update(bucket_resolution=a.bucket[0], bucket_frames=a.bucket[1],
-                                   bucket_aspect_ratio=a.bucket[2])
-                    else:
-                        row["bucket_reason"] = a.reason
-            elif self.verify and row.get("status") == "ok":
-                verify_clip(self.client, row, tag=self.tag, deadline=self.deadline)
+            try:
+                self._clip(sample, ref, row)
+            except (ClipvisorError, _Stopped):
+                raise  # the supervisor is gone, or the scan stops: this sample is not written
+            except Exception as e:  # one odd clip (a bug of ours on it) must not end a million-clip scan
+                row.update(path=ref.path, status="failed", reason="scan_error",
+                           detail=f"{ref.path}: the scan could not judge this clip: {type(e).__name__}: {e}")
             rows.append(row)
         if self.planner is not None:
             total = sample_tokens(r for r in rows if r.get("has_video"))
@@ -174,6 +160,30 @@ class _Scanner:
                 for r in rows:
                     r["qwen_sample_tokens"] = total
         return rows
+
+    def _clip(self, sample: Sample, ref: ClipRef, row: Dict[str, Any]) -> None:
+        """Probes one clip into `row`, then verifies, plans and buckets it as asked."""
+        row.update(probe_clip(self.client, ref.path, tag=self.tag, deadline=self.deadline))
+        if row.get("status") == "ok" and row.get("has_video"):
+            h, w = row.get("height"), row.get("width")
+            if h and w:
+                row["aspect_ratio"] = h / w
+                row["resolution"] = h * w
+            if self.verify:
+                if self.stop.is_set():
+                    raise _Stopped()
+                verify_clip(self.client, row, tag=self.tag, deadline=self.deadline)
+            if self.planner is not None:
+                row.update(self.planner.plan(row))
+            if self.buckets is not None and row.get("verify") != "failed" and row.get("num_frames") and h and w:
+                a = self.buckets.assign(int(row["num_frames"]), int(h), int(w), sample.index)
+                if a.bucket is not None:
+                    row.update(bucket_resolution=a.bucket[0], bucket_frames=a.bucket[1],
+                               bucket_aspect_ratio=a.bucket[2])
+                else:
+                    row["bucket_reason"] = a.reason
+        elif self.verify and row.get("status") == "ok":
+            verify_clip(self.client, row, tag=self.tag, deadline=self.deadline)
 
 
 class _Stopped(Exception):
@@ -401,3 +411,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ScanError, InputError, BucketError) as e:
         print(f"clipvisor scan: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the scan started (connecting, counting): nothing to resume yet
+        print("clipvisor scan: interrupted", file=sys.stderr)
+        return 130
