@@ -418,6 +418,23 @@ def test_bucket_assignment_equals_open_sora_on_a_grid() -> None:
     assert ours.assign(3, 720, 1280, 0).reason.startswith("too short")
 
 
+def test_bucket_config_forms(tmp_path: Any) -> None:
+    forms = {"plain.json": '{"240p": {"16": [1.0, 2]}}',
+             "literal.txt": "{'240p': {16: (1.0, 2)}}",
+             "wrapped.json": '{"bucket_config": {"240p": {"16": [1.0, 2]}}, "frame_interval": 3, "resolutions": '
+                             '{"240p": {"pixels": 100000, "ratios": {"0.5": [220, 440], "1.0": [316, 316]}}}}',
+             "keyword.py": "dataset = dict(type='VariableVideoTextDataset', bucket_config={'240p': {16: (1.0, 2)}})\n"}
+    for name, text in forms.items():
+        (tmp_path / name).write_text(text)
+        cfg = load_bucket_config(str(tmp_path / name))
+        assert list(cfg.probs) == ["240p"] and cfg.batch_size("240p", 16) == 2, name
+    wrapped = load_bucket_config(str(tmp_path / "wrapped.json"))
+    assert wrapped.frame_interval == 3 and wrapped.num_bucket == 2 and wrapped.target_hw("240p", "0.5") == (220, 440)
+    (tmp_path / "code.py").write_text("bucket_config = build_buckets()\n")
+    with pytest.raises(ValueError, match="code.py: bucket_config is not a literal"):
+        load_bucket_config(str(tmp_path / "code.py"))
+
+
 def test_bucket_report_in_scan(full: Dict[str, Any]) -> None:
     cfg = load_bucket_config(full["buckets"])
     for row in full["rows"]:

@@ -229,26 +229,30 @@ def _literal(text: str, path: str) -> Any:
         tree = ast.parse(text, filename=path)
     except SyntaxError as e:
         raise BucketError(path, f"neither JSON nor Python: {e.msg} at line {e.lineno}") from None
+    def literal(node: ast.AST, what: str) -> Any:
+        try:
+            return ast.literal_eval(node)
+        except ValueError:
+            raise BucketError(path, f"{what} is not a literal (line {getattr(node, 'lineno', '?')}); "
+                                    f"the file is read, never run") from None
+
     if len(tree.body) == 1 and isinstance(tree.body[0], ast.Expr):
-        return ast.literal_eval(tree.body[0].value)
+        return literal(tree.body[0].value, "the expression")
     found: Dict[str, Any] = {}
     for node in tree.body:
         if isinstance(node, ast.Assign):
             for target in node.targets:
                 if isinstance(target, ast.Name) and target.id in ("bucket_config", "resolutions", "frame_interval"):
-                    try:
-                        found[target.id] = ast.literal_eval(node.value)
-                    except ValueError:
-                        raise BucketError(path, f"{target.id} is not a literal (line {node.lineno})") from None
+                    found[target.id] = literal(node.value, target.id)
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             if node.target.id == "bucket_config" and node.value is not None:
-                found["bucket_config"] = ast.literal_eval(node.value)
+                found["bucket_config"] = literal(node.value, "bucket_config")
     if "bucket_config" not in found:
-        # An Open-Sora config keeps it inside dataset = dict(..., bucket_config=...)? No: it is a
-        # top-level name; but look one level into dict(...) calls for safety.
+        # Open-Sora's training configs assign it at the top level; a config that passes it as a
+        # keyword (dataset = dict(..., bucket_config={...})) is read from the first such keyword.
         for sub in ast.walk(tree):
             if isinstance(sub, ast.keyword) and sub.arg == "bucket_config":
-                found["bucket_config"] = ast.literal_eval(sub.value)
+                found["bucket_config"] = literal(sub.value, "bucket_config")
                 break
     if "bucket_config" not in found:
         raise BucketError(path, "no bucket_config in this Python file")
