@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import heapq
 import json
+import math
 import os
 from array import array
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -62,8 +63,23 @@ class DoneSet:
         return byte < len(self.bits) and bool(self.bits[byte] & (1 << (i & 7)))
 
 
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _dump(row: Mapping[str, Any]) -> bytes:
-    return (json.dumps(row, separators=(",", ":"), ensure_ascii=False, allow_nan=False) + "\n").encode()
+    """One JSON line; a NaN or infinity (which JSON cannot hold) is written as null."""
+    try:
+        text = json.dumps(row, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        text = json.dumps(_finite(dict(row)), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return (text + "\n").encode()
 
 
 class RowLog:
