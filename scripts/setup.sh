@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what clipvisor needs on Debian 12, as root: FFmpeg 5.1, zstd and systemd development
 # packages (the worker links FFmpeg; the supervisor links libsystemd), the ffmpeg CLI (test
-# fixtures only), and the Python client with its test dependencies. Idempotent and quiet when
+# fixtures only), chromium (renders clipvisor-scan's report in its test), and the Python client
+# with its test dependencies. Idempotent and quiet when
 # everything is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
