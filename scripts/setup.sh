@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs what clipvisor needs on Debian 12, as root: FFmpeg 5.1, zstd and systemd development
 # packages (the worker links FFmpeg; the supervisor links libsystemd), the ffmpeg CLI (test
-# fixtures only), and the Python client with its test dependencies. Idempotent and quiet when
+# fixtures only), chromium (renders clipvisor-scan's report in its test), and the Python client
+# with its test dependencies. Idempotent and quiet when
 # everything is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(libavformat-dev libavcodec-dev libswscale-dev libswresample-dev libavutil-dev
-          libzstd-dev libsystemd-dev pkg-config ffmpeg zstd util-linux systemd)
+          libzstd-dev libsystemd-dev pkg-config ffmpeg zstd util-linux systemd chromium)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
@@ -42,6 +43,8 @@ pip_install() {
 }
 python3 -c "import numpy, zstandard, pytest" 2>/dev/null || pip_install numpy zstandard pytest
 python3 -c "import prometheus_client" 2>/dev/null || pip_install prometheus_client  # test-only: parses the metrics text
+# clipvisor-scan: progress bar, report plots, Parquet; its browser test renders the report in chromium.
+python3 -c "import tqdm, matplotlib, pyarrow" 2>/dev/null || pip_install tqdm matplotlib pyarrow
 pip_install --no-deps -e clients/python
 # The Python client's linter and type checker (scripts/test.sh), pinned: a new release's rules
 # must not fail CI on code that did not change.
