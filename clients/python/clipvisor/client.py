@@ -293,10 +293,13 @@ class Client:
 
     # -- other operations ----------------------------------------------------------------------
 
-    def probe(self, path: PathLike, *, deadline: Optional[float] = None, pass_fd: bool = False) -> Dict[str, Any]:
+    def probe(self, path: PathLike, *, deadline: Optional[float] = None, tag: Optional[str] = None,
+              pass_fd: bool = False) -> Dict[str, Any]:
         """What the file holds (container, duration, streams...), probed by a worker under the
-        deadline. Raises :class:`ClipSkipped` like a decode."""
-        reply, fd, _ = self._clip_request("probe", path, {}, deadline, pass_fd)
+        deadline. Raises :class:`ClipSkipped` like a decode; ``tag`` (default: the client's) is
+        recorded in the skip log when the clip is skipped."""
+        tag = tag if tag is not None else self.tag
+        reply, fd, _ = self._clip_request("probe", path, {} if tag is None else {"tag": tag}, deadline, pass_fd)
         close_fd(fd)
         probe = reply.get("probe")
         return dict(probe) if isinstance(probe, dict) else {}

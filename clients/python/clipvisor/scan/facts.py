@@ -22,20 +22,6 @@ _AUDIO_WINDOW_S = 1800.0
 _VERIFY_SIDE = 16  # decoded frames are scaled to 16x16: the check is the decode, not the pixels
 
 
-def _tagged_probe(client: Client, path: str, tag: Optional[str], deadline: Optional[float]) -> Dict[str, Any]:
-    """``Client.probe`` with a skip-log ``tag``: the public ``probe`` does not take one (yet), so
-    this sends the same request through the client's own clip-request path, which retries
-    ``overloaded`` answers and raises :class:`ClipSkipped` like ``probe``."""
-    request = getattr(client, "_clip_request", None)
-    if tag is None or request is None:
-        return client.probe(path, deadline=deadline)
-    reply, fd, _ = request("probe", path, {"tag": tag}, deadline, False)
-    if fd is not None:
-        os.close(fd)
-    probe = reply.get("probe")
-    return dict(probe) if isinstance(probe, dict) else {}
-
-
 def _skip_text(skip: ClipSkipped) -> str:
     """The supervisor's message (it names the file) and FFmpeg's own words, when given."""
     if skip.detail and skip.detail not in skip.message:
@@ -118,7 +104,7 @@ def probe_clip(client: Client, path: str, *, tag: Optional[str], deadline: Optio
     except OSError:
         pass
     try:
-        probe = _tagged_probe(client, path, tag, deadline)
+        probe = client.probe(path, deadline=deadline, tag=tag)
     except ClipSkipped as skip:
         row.update(status="failed", reason=skip.reason, detail=_skip_text(skip))
         return row
