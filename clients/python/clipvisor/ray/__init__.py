@@ -26,8 +26,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("clipvisor.ray needs Ray Data: pip install 'ray[data]'") from exc
 
 from ._datasource import VIDEO_EXTENSIONS, ClipvisorVideoDatasource, expand_paths, node_socket
+from ._scan import scan
 
-__all__ = ["read_videos", "ClipvisorVideoDatasource", "VIDEO_EXTENSIONS", "node_socket"]
+__all__ = ["read_videos", "scan", "ClipvisorVideoDatasource", "VIDEO_EXTENSIONS", "node_socket"]
 
 
 def read_videos(
