@@ -18,7 +18,7 @@ Qwen2.5-VL rule: `video.indices`, `video.frames.shape`); the peers are asked for
           transforms=[Resize((h, w))]).get_frames_at(indices); AudioDecoder(path, sample_rate=16000,
           num_channels=1).get_all_samples() (timed after `import torch`)
 clipvisor is also run with its default layout TCHW (same bytes, planar), for information:
-the worker converts THWC and TCHW differently (see docs/benchmarks.md).
+the worker converts THWC and TCHW differently (see docs/benchmark-method.md).
 Both peers run in this process, single-threaded, one clip at a time (a DataLoader worker), and again
 with 2 clips at a time on 2 threads (both release the GIL while decoding; one decoder thread each),
 or, for the one-clip workloads W3 and W4, with 2 decoder threads.
