@@ -1,13 +1,15 @@
 """The private supervisor's watchdog (see :mod:`clipvisor.spawn`).
 
-Usage: ``python -m clipvisor._watchdog LIFELINE_FD SLOT_DIR ARGV...``
+Usage: ``python -m clipvisor._watchdog LIFELINE SLOT_DIR ARGV...``
 
 Starts ``ARGV`` (the supervisor), writes its pid to ``SLOT_DIR/supervisor.pid``, and watches:
 
-- the read end of the lifeline pipe, ``LIFELINE_FD``, whose write end every process of the
-  client's process tree holds: at EOF (the whole tree is gone, even killed with SIGKILL) or on
-  SIGTERM, it stops the supervisor (SIGTERM, then SIGKILL after :data:`GRACE_S`), removes
-  ``SLOT_DIR`` and exits 0;
+- the lifeline: ``LIFELINE`` is either the read end of a pipe (an fd number) whose write end
+  every process of the client's process tree holds (:mod:`clipvisor.spawn`), or ``pid:PID``, a
+  process the supervisor must not outlive (a Ray node's raylet, :mod:`clipvisor.ray`), watched
+  through its pidfd. When the lifeline ends (EOF: the whole tree is gone, even killed with
+  SIGKILL; or the process exits) or on SIGTERM, it stops the supervisor (SIGTERM, then SIGKILL
+  after :data:`GRACE_S`), removes ``SLOT_DIR`` and exits 0;
 - the supervisor: when it exits by itself, the watchdog says so on stderr (the supervisor's log
   file), removes the pid files that are still its own (under the slot's lock: a client may
   already have started a successor) and exits 0.
@@ -70,11 +72,25 @@ def _stop(child: "subprocess.Popen[bytes]") -> None:
         child.wait()
 
 
+def _lifeline(text: str) -> Optional[int]:
+    """An fd to poll for the lifeline's end: the pipe's read end, or a pidfd of ``pid:PID``
+    (readable when that process exits); None when ``text`` is neither."""
+    if text.isdigit():
+        return int(text)
+    if text.startswith("pid:") and text[4:].isdigit():
+        try:
+            return os.pidfd_open(int(text[4:]))
+        except ProcessLookupError:
+            return os.open(os.devnull, os.O_RDONLY)  # already gone: reads as ended at once
+    return None
+
+
 def main(argv: List[str]) -> int:
-    if len(argv) < 3 or not argv[0].isdigit():
-        sys.stderr.write("usage: python -m clipvisor._watchdog LIFELINE_FD SLOT_DIR ARGV...\n")
+    lifeline = _lifeline(argv[0]) if argv else None
+    if len(argv) < 3 or lifeline is None:
+        sys.stderr.write("usage: python -m clipvisor._watchdog LIFELINE_FD|pid:PID SLOT_DIR ARGV...\n")
         return EX_USAGE
-    lifeline, slot, command = int(argv[0]), argv[1], argv[2:]
+    slot, command = argv[1], argv[2:]
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop: List[int] = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))

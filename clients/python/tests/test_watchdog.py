@@ -195,3 +195,40 @@ def test_a_supervisor_ignoring_sigterm_is_killed_after_the_grace(monkeypatch: py
             child.wait()
         if child.stdout is not None:
             child.stdout.close()
+
+
+def test_a_watched_process_that_exits_stops_the_supervisor(slot: str) -> None:
+    """``pid:PID`` as the lifeline (a Ray node's raylet): when that process exits, the
+    supervisor is stopped with SIGTERM and the slot removed."""
+    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    marker = os.path.join(os.path.dirname(slot), "term")
+    with open(os.path.join(slot, "lock"), "w"):
+        pass
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-S", WATCHDOG_FILE, f"pid:{parent.pid}", slot, sys.executable, "-c", CHILD, marker],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        supervisor = os.path.join(slot, "supervisor.pid")
+        assert wait_for(lambda: os.path.exists(supervisor) and os.path.getsize(supervisor) > 0)
+        with open(supervisor) as f:
+            pid = int(f.read())
+        time.sleep(0.3)  # the stand-in has installed its SIGTERM handler
+        assert proc.poll() is None and alive(pid)
+        parent.kill()
+        parent.wait()
+        _, err = proc.communicate(timeout=15)
+        assert proc.returncode == 0, err
+        assert not alive(pid) and not os.path.exists(slot)
+        with open(marker) as f:
+            assert f.read() == "term"
+    finally:
+        for p in (parent, proc):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_a_bad_lifeline_is_a_usage_error(slot: str) -> None:
+    proc = subprocess.run([sys.executable, WATCHDOG_FILE, "pid:x", slot, "true"], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == _watchdog.EX_USAGE and "LIFELINE_FD|pid:PID" in proc.stderr

@@ -35,82 +35,14 @@ import time
 from typing import List, Optional, Sequence
 
 from clipvisor import SupervisorUnavailable
+from clipvisor.spawn import _tail, _zombie
 
 SYSTEM_SOCKET = "/run/clipvisor/clipvisor.sock"
 
-# Started detached; its argv: raylet pid, slot directory, then the supervisor's argv. Its
-# stderr is the slot's supervisor.log.
-_WATCHDOG = r"""
-import os, select, shutil, signal, subprocess, sys, time
-watched, slot, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-stop = []
-signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
-try:
-    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, close_fds=True)
-except OSError as exc:
-    sys.stderr.write("clipvisor ray watchdog: cannot start %r: %s\n" % (argv[0], exc))
-    sys.exit(70)
-with open(os.path.join(slot, "supervisor.pid"), "w") as f:
-    f.write(str(child.pid))
-try:
-    pidfd = os.pidfd_open(watched)
-except (OSError, AttributeError):
-    pidfd = None
-poller = select.poll()
-if pidfd is not None:
-    poller.register(pidfd, select.POLLIN)
-code = None
-gone = False
-while not stop:
-    code = child.poll()
-    if code is not None:
-        break
-    try:
-        if pidfd is not None:
-            if poller.poll(250):
-                gone = True
-                break
-        else:
-            time.sleep(0.25)
-            os.kill(watched, 0)
-    except ProcessLookupError:
-        gone = True
-        break
-    except InterruptedError:
-        pass
-if code is None:
-    sys.stderr.write("clipvisor ray watchdog: %s; stopping the supervisor\n"
-                     % ("the raylet %d exited" % watched if gone else "SIGTERM"))
-    child.terminate()
-    try:
-        child.wait(5)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()
-    shutil.rmtree(slot, ignore_errors=True)
-    sys.exit(0)
-sys.stderr.write("clipvisor ray watchdog: supervisor exited with %s\n" % code)
-# Forget our pid files, under the slot's lock and only if still ours: a task may already have
-# started a successor, which writes its own.
-import fcntl
-try:
-    lock = os.open(os.path.join(slot, "lock"), os.O_RDWR | os.O_CLOEXEC)
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    for name, pid in (("watchdog.pid", os.getpid()), ("supervisor.pid", child.pid)):
-        path = os.path.join(slot, name)
-        try:
-            with open(path) as f:
-                mine = f.read().strip() == str(pid)
-            if mine:
-                os.unlink(path)
-        except OSError:
-            pass
-    os.close(lock)
-except OSError:
-    pass
-sys.exit(0)
-"""
+# The watchdog is clipvisor/_watchdog.py (as for clipvisor.spawn), run by path under
+# ``python -I -S`` with the lifeline ``pid:RAYLET``: the supervisor stops when the raylet exits.
+# Its stderr is the slot's supervisor.log.
+_WATCHDOG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_watchdog.py")
 
 # Starts the watchdog in a new session and exits at once, so that the watchdog is not a child
 # of the Ray worker process.
@@ -266,7 +198,7 @@ class NodeSupervisor:
             os.unlink(self.socket_path)  # a dead supervisor's socket; we hold the lock
         except FileNotFoundError:
             pass
-        watchdog = [sys.executable, "-I", "-S", "-c", _WATCHDOG, str(raylet_pid()), self.dir] + argv
+        watchdog = [sys.executable, "-I", "-S", _WATCHDOG, f"pid:{raylet_pid()}", self.dir] + argv
         try:
             launched = subprocess.run(
                 [sys.executable, "-I", "-S", "-c", _LAUNCHER, self.log_path] + watchdog,
@@ -294,20 +226,4 @@ def _exited(slot: str) -> bool:
             pid = int(f.read().strip() or 0)
     except (OSError, ValueError):
         return False
-    if pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _tail(path: str, limit: int = 2000) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - limit))
-            return f.read().decode("utf-8", "replace").strip() or "(empty)"
-    except OSError:
-        return "(no log)"
+    return pid > 0 and _zombie(pid)
