@@ -128,7 +128,9 @@ enum TopView {
         let workers = status["workers"]
         let list = workers?["list"]?.arrayValue ?? []
         lines.append("")
-        lines.append("workers: \(n(workers?["live"])) live, \(n(workers?["target"])) may decode, \(n(workers?["spare"])) spare")
+        var poolLine = "workers: \(n(workers?["live"])) live, \(n(workers?["target"])) may decode, \(n(workers?["spare"])) spare"
+        if let stalled = workers?["stalled"]?.intValue, stalled > 0 { poolLine += ", \(stalled) blocked in I/O (slots lent)" }
+        lines.append(poolLine)
         lines.append(pad("PID", 8) + pad("STATE", 10) + pad("CPU%", 7) + pad("CLIPS", 7) + pad("ELAPSED/DEADLINE", 18) + "CLIP")
         var previousCPU: [Double: Double] = [:]
         for worker in previous?.status?["workers"]?["list"]?.arrayValue ?? [] {
@@ -145,7 +147,9 @@ enum TopView {
                 elapsed = "\(format(busy / 1000, 1))/\(format((worker["deadline_ms"]?.doubleValue ?? 0) / 1000, 0)) s"
             }
             lines.append(
-                pad(n(worker["pid"]), 8) + pad(worker["state"]?.stringValue ?? "?", 10) + pad(cpu, 7) + pad(n(worker["clips_done"]), 7)
+                pad(n(worker["pid"]), 8)
+                    + pad(worker["stalled"]?.boolValue == true ? "blocked" : worker["state"]?.stringValue ?? "?", 10)
+                    + pad(cpu, 7) + pad(n(worker["clips_done"]), 7)
                     + pad(elapsed, 18) + (worker["clip"]?.stringValue ?? ""))
         }
 

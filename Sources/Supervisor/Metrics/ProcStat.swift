@@ -34,6 +34,16 @@ struct ProcStat {
             startTimeSeconds: bootTime + field(22) / ticksPerSecond)
     }
 
+    /// The main thread's time on the CPU in nanoseconds, as seconds (`/proc/PID/schedstat`'s
+    /// first field): finer than the 10 ms ticks of `stat`, for short windows.
+    static func mainThreadCPUSeconds(pid: Int32) -> Double? {
+        guard let bytes = Filesystem.read("/proc/\(pid)/schedstat", chunk: 256),
+            let first = bytes.split(separator: UInt8(ascii: " ")).first,
+            let nanoseconds = UInt64(String(decoding: first, as: UTF8.self))
+        else { return nil }
+        return Double(nanoseconds) / 1e9
+    }
+
     /// Seconds since the epoch at boot: the wall clock less CLOCK_BOOTTIME (which counts
     /// suspend too, as the start time in /proc does). Not `btime` from /proc/stat: the service's
     /// ProcSubset=pid hides that file.

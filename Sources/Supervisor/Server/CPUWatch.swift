@@ -6,42 +6,68 @@ import Glibc
 /// (a FIFO with no writer, a stalled NFS, Lustre or FUSE read) uses none, so its slot is lent to
 /// the next clip while it waits for its deadline. Sampled from the event loop's timer — the
 /// same idea as Go's sysmon handing the processor of a thread blocked in a syscall to another.
+///
+/// Two clocks: /proc/PID/stat's utime + stime (every thread, but in 10 ms ticks) and
+/// /proc/PID/schedstat's time on the CPU (nanoseconds, the main thread). A worker is stalled when
+/// neither moved over a window and it is asleep: the first check comes 50 ms after it takes the
+/// clip (a FIFO blocks at once; the nanosecond clock tells at that scale), then every 100 ms,
+/// so a hang holds a decode slot for about 50 ms, not for its whole deadline.
 struct CPUWatch {
-    /// How often a busy worker's CPU time is read.
-    static let sampleIntervalMs = 200
+    /// The first check after the worker takes the clip, then the interval between checks.
+    static let firstSampleMs = 50
+    static let sampleIntervalMs = 100
     /// Below this share of one CPU over a window, the worker counts as stalled.
     static let stallShare = 0.05
 
-    /// CPU seconds (user + system, all threads) and when they were read.
-    private(set) var lastSeconds: Double
+    private struct Reading {
+        var state: UInt8
+        /// All threads, user + system (10 ms resolution).
+        var processSeconds: Double
+        /// The main thread's time on the CPU, when /proc/PID/schedstat is there.
+        var threadSeconds: Double?
+
+        init?(pid: pid_t) {
+            guard let stat = ProcStat.read(pid: pid) else { return nil }
+            state = stat.state
+            processSeconds = stat.cpuSeconds
+            threadSeconds = ProcStat.mainThreadCPUSeconds(pid: pid)
+        }
+    }
+
+    private var last: Reading
     private(set) var lastAt: Instant
-    /// CPU seconds when the clip started.
+    /// CPU seconds (all threads) when the clip started.
     let startSeconds: Double
     let startedAt: Instant
-    /// Whether the last full window showed (almost) no CPU use.
+    private var sampled = false
+    /// Whether the last window showed (almost) no CPU use while the worker was asleep.
     private(set) var stalled = false
     /// The share of one CPU the last window showed.
     private(set) var lastShare = 1.0
 
     /// Starts watching `pid` as it takes a clip; nil when its /proc entry cannot be read.
     init?(pid: pid_t, now: Instant) {
-        guard let seconds = ProcStat.read(pid: pid)?.cpuSeconds else { return nil }
-        lastSeconds = seconds
-        startSeconds = seconds
+        guard let reading = Reading(pid: pid) else { return nil }
+        last = reading
+        startSeconds = reading.processSeconds
         lastAt = now
         startedAt = now
     }
 
     /// When the next sample is due.
-    var nextSampleAt: Instant { lastAt.adding(milliseconds: Self.sampleIntervalMs) }
+    var nextSampleAt: Instant { lastAt.adding(milliseconds: sampled ? Self.sampleIntervalMs : Self.firstSampleMs) }
 
     /// Reads the CPU time again once a window has passed; returns whether `stalled` changed.
     mutating func sample(pid: pid_t, now: Instant) -> Bool {
         let elapsedMs = now.milliseconds(since: lastAt)
-        guard elapsedMs >= Self.sampleIntervalMs, let reading = ProcStat.read(pid: pid) else { return false }
-        lastShare = max(0, reading.cpuSeconds - lastSeconds) / (Double(elapsedMs) / 1000)
-        lastSeconds = reading.cpuSeconds
+        guard now >= nextSampleAt, elapsedMs > 0, let reading = Reading(pid: pid) else { return false }
+        let seconds = Double(elapsedMs) / 1000
+        var used = max(0, reading.processSeconds - last.processSeconds)
+        if let thread = reading.threadSeconds, let before = last.threadSeconds { used = max(used, thread - before) }
+        lastShare = used / seconds
+        last = reading
         lastAt = now
+        sampled = true
         let wasStalled = stalled
         // A runnable worker that got little CPU is starved by load, not blocked: lending its slot
         // would only add load. Blocked means asleep (S: a FIFO, a pipe; D: a stalled mount).
@@ -50,5 +76,5 @@ struct CPUWatch {
     }
 
     /// CPU seconds used on the current clip so far (as of the last sample).
-    var secondsOnClip: Double { max(0, lastSeconds - startSeconds) }
+    var secondsOnClip: Double { max(0, last.processSeconds - startSeconds) }
 }
