@@ -1,4 +1,5 @@
 import ArgumentParser
+import Shared
 
 /// `clipvisor`: the supervisor (`serve`) and its command-line clients.
 struct Clipvisor: ParsableCommand {
@@ -10,8 +11,11 @@ struct Clipvisor: ParsableCommand {
             running supervisor (found through $CLIPVISOR_SOCKET, /run/clipvisor/clipvisor.sock or the \
             per-user socket), and `decode`/`probe` start an embedded one for the call when none answers.
             """,
-        version: "0.1.0",
-        subcommands: [ServeCommand.self, DecodeCommand.self, ProbeCommand.self, StatusCommand.self, SkipsCommand.self])
+        version: ClipvisorVersion.string,
+        subcommands: [
+            ServeCommand.self, DecodeCommand.self, ProbeCommand.self, StatusCommand.self, SkipsCommand.self,
+            ReloadCommand.self,
+        ])
 }
 
 Clipvisor.main()

@@ -12,6 +12,10 @@ struct ConnectionOptions: ParsableArguments {
     @Option(help: ArgumentHelp("Supervisor socket (default: $CLIPVISOR_SOCKET, /run/clipvisor/clipvisor.sock, then the per-user socket).", valueName: "path"))
     var socket: String?
 
+    @Flag(name: .customLong("private"), help: ArgumentHelp(
+        "When the system service's socket refuses this user (not in its group), start a private supervisor for this call instead (also $CLIPVISOR_PRIVATE=1). It bypasses the service's data roots, quarantine and skip log."))
+    var privateFallback = false
+
     var candidates: [String] { socket.map { [$0] } ?? SocketDiscovery.clientCandidates }
 }
 
@@ -141,6 +145,11 @@ func connectOrEmbed(_ connection: ConnectionOptions, quiet: Bool) throws -> (Sup
         return (try SupervisorClient.connect(candidates: connection.candidates), nil)
     } catch {
         if connection.socket != nil { throw error }
+        if !connection.privateFallback, !SocketDiscovery.privateFallbackChosen,
+            let refused = SocketDiscovery.permissionProblem(SocketDiscovery.systemSocket)
+        {
+            throw SupervisorClient.Failure("\(refused); or pass --private (or set CLIPVISOR_PRIVATE=1) to start a private supervisor for this call")
+        }
         if !quiet {
             FileOutput.standardError("clipvisor: no supervisor is running; starting one for this call\n")
         }

@@ -49,6 +49,8 @@ __all__ = [
     "candidate_sockets",
     "try_connect",
     "find_binary",
+    "bundled_binary",
+    "refused_system_socket",
     "private_supervisor",
 ]
 
@@ -97,12 +99,46 @@ def try_connect(path: str, timeout: float) -> Optional[socket.socket]:
     return sock
 
 
+def refused_system_socket() -> Optional[str]:
+    """Why the system service's socket refuses this user, or None.
+
+    A socket that exists but that this user may not connect to (``/run/clipvisor/clipvisor.sock``
+    is 0660 root:clipvisor) means the service runs and this user is not in its group: starting
+    a private supervisor instead would silently bypass the service's data roots, quarantine and
+    skip log, so it takes an explicit ``CLIPVISOR_PRIVATE=1``."""
+    if os.environ.get("CLIPVISOR_PRIVATE", "") not in ("", "0"):
+        return None
+    try:
+        st = os.stat(SYSTEM_SOCKET)
+    except OSError:
+        return None
+    if not stat.S_ISSOCK(st.st_mode) or os.access(SYSTEM_SOCKET, os.W_OK):
+        return None
+    try:
+        import grp
+        group = grp.getgrgid(st.st_gid).gr_name
+    except (ImportError, KeyError):
+        group = str(st.st_gid)
+    return (f"permission denied on {SYSTEM_SOCKET}: join group {group} (sudo usermod -aG {group} $USER, "
+            f"then log in again), or set CLIPVISOR_PRIVATE=1 to start a private supervisor instead")
+
+
+def bundled_binary() -> Optional[str]:
+    """The ``clipvisor`` executable inside this package (``clipvisor/bin/``), which the
+    platform wheel built by scripts/package.sh carries; None in the pure-Python package."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bin", "clipvisor")
+    return path if os.access(path, os.X_OK) else None
+
+
 def find_binary() -> Optional[str]:
-    """``$CLIPVISOR_BIN``, else ``clipvisor`` on PATH."""
+    """``$CLIPVISOR_BIN``, else the binary bundled in the wheel, else ``clipvisor`` on PATH.
+
+    The bundled one comes before PATH because a platform wheel's binaries are the ones its
+    client was released with (and PATH may hold the wheel's own ``clipvisor`` entry point)."""
     env = os.environ.get("CLIPVISOR_BIN")
     if env:
         return env
-    return shutil.which("clipvisor")
+    return bundled_binary() or shutil.which("clipvisor")
 
 
 # The watchdog: started with the lifeline's read end, the slot directory and the supervisor's
@@ -221,6 +257,9 @@ class PrivateSupervisor:
                 os.close(lock_fd)  # releases the flock
 
     def _start(self, deadline: float) -> socket.socket:
+        refused = refused_system_socket()
+        if refused:
+            raise SupervisorUnavailable(refused)
         binary = find_binary()
         if not binary:
             raise SupervisorUnavailable(
