@@ -59,7 +59,7 @@ def main() -> int:
                 filename = new_info + filename[len(old_info):]
             if filename == f"{new_info}/WHEEL":
                 lines = [line for line in data.decode().splitlines()
-                         if not line.startswith(("Root-Is-Purelib:", "Tag:"))]
+                         if line and not line.startswith(("Root-Is-Purelib:", "Tag:"))]
                 lines += ["Root-Is-Purelib: false", f"Tag: {tag}"]
                 data = ("\n".join(lines) + "\n").encode()
             elif filename == f"{new_info}/METADATA":
