@@ -5,9 +5,12 @@ import PackageDescription
 ///
 /// Only `DecodeWorker` links FFmpeg; the supervisor never does, so a hang or crash in a
 /// codec can only ever take down a short-lived worker.
+///
+/// Linux only (glibc, kernel 5.13+ for Landlock): the design rests on epoll, signalfd, pidfd,
+/// memfd seals, SCM_RIGHTS and Landlock, which have no macOS equivalent, so no other platform is
+/// declared or built.
 let package = Package(
     name: "clipvisor",
-    platforms: [.macOS(.v15)],
     products: [
         .executable(name: "clipvisor", targets: ["Supervisor"]),
         .executable(name: "clipvisor-worker", targets: ["DecodeWorker"]),

@@ -20,6 +20,19 @@ public enum WorkerMessage {
         case protocolError = 76
     }
 
+    /// What a worker does about Landlock, its file-system write ban (docs/worker-protocol.md,
+    /// "Spawning"). The config file's `sandbox` key and `clipvisor-worker serve --landlock`.
+    public enum LandlockMode: String, Sendable, CaseIterable {
+        /// Apply it where the kernel and the container allow; where they refuse (a kernel
+        /// without Landlock, a seccomp filter that answers EPERM, as container runtimes do),
+        /// decode with the remaining limits and say why in `ready`.
+        case auto
+        /// Refuse to serve without it: the worker exits 71 and no clip is decoded.
+        case required
+        /// Do not apply it (debugging, and tests of the sandbox itself).
+        case off
+    }
+
     /// Environment variable that turns on test-only fault switches in workers. Only whoever
     /// starts the supervisor can set it; no request can.
     public static let faultEnvironmentKey = "CLIPVISOR_TEST_FAULTS"

@@ -96,6 +96,52 @@ struct AudioCorpusTests {
         print("audio corpus \(rate) Hz × \(channels): \(checked) files, worst relative RMS error \(worst)")
     }
 
+    /// ASF stores times in whole milliseconds while WMA frames are not whole milliseconds long
+    /// (2048 samples: 42.67 ms at 48 kHz, 46.44 ms at 44.1 kHz): that rounding must never be taken
+    /// for a gap or an overlap. The sample count equals `ffmpeg -ar -ac`'s within the resampler's
+    /// delay, with no gap/overlap warning — for WMA from the ffmpeg CLI at the usual rates, and for
+    /// the corpus's audio re-encoded to WMA (files whose source holds a real timestamp gap excepted).
+    @Test func wmaTimestampRoundingIsNotAGapOrAnOverlap() throws {
+        let directory = try Support.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        var made: [(String, String)] = []
+        for (rate, channels, seconds, codec) in [
+            (48_000, 1, 3.712, "wmav2"), (48_000, 2, 3.712, "wmav2"), (44_100, 2, 3.712, "wmav2"),
+            (44_100, 1, 7.3, "wmav1"), (22_050, 1, 5.0, "wmav2"), (32_000, 2, 2.5, "wmav2"),
+        ] {
+            let path = "\(directory)/noise-\(rate)-\(channels)-\(seconds)-\(codec).wma"
+            try Support.ffmpeg([
+                "-f", "lavfi", "-i", "anoisesrc=d=\(seconds):c=pink:r=\(rate):a=0.3:seed=7", "-ac", "\(channels)", "-c:a", codec, path,
+            ])
+            made.append((path, "\(rate) Hz × \(channels) \(codec)"))
+        }
+        if Support.hasCorpus {
+            for row in Self.rows where row["decodes_cleanly"] == "yes" && (row["WxH"] ?? "-") == "-" {
+                let name = row["file"]!
+                guard Self.timestampGaps[name] == nil, Self.cleanExceptions[name] == nil, made.count < 30 else { continue }
+                let path = "\(directory)/\(made.count).wma"
+                guard (try? Support.ffmpeg(["-i", Support.corpusFile(name), "-vn", "-t", "6", "-c:a", "wmav2", path])) != nil else { continue }
+                made.append((path, name))
+            }
+        }
+        #expect(made.count >= 20 || !Support.hasCorpus)
+        for (path, label) in made {
+            let reference = try AudioSupport.ffmpegAudio(path, stream: 0, rate: 16_000, channels: 1)
+            let decoded: AudioSupport.Decoded
+            do { decoded = try AudioSupport.decode(path, AudioSupport.options()) } catch {
+                // A source too short to yield one WMA frame (a 1-frame AMR file): no samples either way.
+                #expect(reference[0].isEmpty && error.reason == .decodeError, "\(label): \(error); ffmpeg decodes \(reference[0].count) samples")
+                continue
+            }
+            let ours = decoded.planes[0].count
+            // swresample's delay at 16 kHz: a few dozen samples either way.
+            #expect(abs(ours - reference[0].count) <= 48, "\(label): \(ours) samples, ffmpeg \(reference[0].count)")
+            #expect(
+                !decoded.result.warnings.contains { $0.contains("overlap") || $0.contains("gap") },
+                "\(label): \(decoded.result.warnings)")
+        }
+    }
+
     /// 5.1 Opus (and 4-channel AIFF) downmixed with swresample's standard matrix, as `-ac` does.
     @Test(arguments: [
         ("libwebm__bbb_480p_vp9_opus_1second.webm", 1), ("libwebm__bbb_480p_vp9_opus_1second.webm", 2),

@@ -74,4 +74,32 @@ struct CLITests {
             #expect(!FileManager.default.fileExists(atPath: socket) || (try? SupervisorClient.connect(candidates: [socket], timeoutMs: 200)) == nil)
         }
     }
+
+    /// `clipvisor skips` reads the log of the supervisor that answers, not the default location,
+    /// and says which file it read; with none running, the default, said as such.
+    @Test func skipsReadsTheRunningSupervisorsLogAndSaysWhich() throws {
+        let directory = TemporaryDirectory("skipsdiscovery")
+        let customLog = directory.file("data/skips.jsonl")
+        let supervisor = try SupervisorProcess(arguments: ["--workers", "1", "--skip-log", customLog], directory: directory)
+        let missing = directory.file("gone.mp4")
+        let (answer, _) = try supervisor.client().decode(missing, ["tag": "disc-1"], timeoutMs: 20_000)
+        #expect(answer.errorReason == "not_found")
+        let environment = [
+            "CLIPVISOR_SOCKET": supervisor.socketPath, "XDG_STATE_HOME": directory.file("elsewhere"),
+            "STATE_DIRECTORY": "", "HOME": directory.file("home"),
+        ]
+        let listing = try Self.run(Binaries.supervisor, ["skips", "--json"], environment: environment)
+        #expect(listing.status == 0, "\(listing.stderr)")
+        let records = listing.stdout.split(separator: "\n").compactMap { try? JSONValue.parse(Array($0.utf8)) }
+        #expect(records.contains { $0["path"]?.stringValue == missing && $0["tag"]?.stringValue == "disc-1" }, "\(listing.stdout)")
+        #expect(listing.stderr.contains(customLog) && listing.stderr.contains("pid \(supervisor.pid)"), "\(listing.stderr)")
+        let table = try Self.run(Binaries.supervisor, ["skips"], environment: environment)
+        #expect(table.stdout.contains("1 skips in \(customLog)"), "\(table.stdout)")
+
+        supervisor.stop()
+        let fallback = try Self.run(Binaries.supervisor, ["skips", "--json"], environment: environment)
+        #expect(fallback.status == 0)
+        #expect(fallback.stdout.isEmpty, "the default location has no records: \(fallback.stdout)")
+        #expect(fallback.stderr.contains(directory.file("elsewhere/clipvisor/skips.jsonl")) && fallback.stderr.contains("no supervisor answered"), "\(fallback.stderr)")
+    }
 }

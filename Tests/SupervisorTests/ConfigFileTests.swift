@@ -42,14 +42,14 @@ struct ConfigFileTests {
             quarantine_expiry = "12h"
             log_level = "debug"
             """.write(toFile: path, atomically: true, encoding: .utf8)
-        let command = try ServeCommand.parse(["--config", path, "--workers", "5", "--root", "/x", "--sandbox"])
+        let command = try ServeCommand.parse(["--config", path, "--workers", "5", "--root", "/x", "--sandbox", "required"])
         let settings = try command.resolveSettings()
         let defaults = ServeConfiguration()
         #expect(settings.configuration.workers == 5)  // flag over file
         #expect(settings.configuration.deadlineDefaultMs == 12_500)  // file over default
         #expect(settings.configuration.queueWaitMs == 2_000)
         #expect(settings.configuration.roots == ["/x"])  // --root replaces the file's list
-        #expect(settings.configuration.workerSandbox == true)  // --sandbox over sandbox = false
+        #expect(settings.configuration.landlock == .required)  // --sandbox over sandbox = false
         #expect(settings.configuration.clipsPerWorker == defaults.clipsPerWorker)  // default
         #expect(settings.configuration.deadlineMaxMs == defaults.deadlineMaxMs)
         #expect(settings.quarantine.expiryMs == 12 * 3_600_000)
@@ -58,7 +58,7 @@ struct ConfigFileTests {
 
         let fileOnly = try ServeCommand.parse(["--config", path]).resolveSettings()
         #expect(fileOnly.configuration.roots == ["/data/a", "/data/b"])
-        #expect(fileOnly.configuration.workerSandbox == false)
+        #expect(fileOnly.configuration.landlock == .off)  // false, as before there were three modes
         #expect(fileOnly.configuration.workers == 3)
         let none = try ServeCommand.parse([]).resolveSettings()
         #expect(none.configuration.workers == defaults.workers && none.configuration.roots.isEmpty)
@@ -70,7 +70,8 @@ struct ConfigFileTests {
         ("clips-per-worker = 3\n", 1, "clips-per-worker", "did you mean \"clips_per_worker\""),
         ("\n\n[deadlines]\ndefault = 3\n", 3, "deadlines", "unknown key"),
         ("workers = \"8\"\n", 1, "workers", "expected an integer in 1...1024, got a string (\"8\")"),
-        ("# c\nsandbox = 1\n", 2, "sandbox", "expected true or false, got an integer (1)"),
+        ("# c\nsandbox = 1\n", 2, "sandbox", "expected true, false or one of \"auto\", \"required\", \"off\", got an integer (1)"),
+        ("sandbox = \"strict\"\n", 1, "sandbox", "must be true, false or one of \"auto\", \"required\", \"off\", got \"strict\""),
         ("deadline = \"30s\"\n", 1, "deadline", "expected a number of seconds"),
         ("roots = \"/data\"\n", 1, "roots", "expected a list of absolute paths, got a string"),
         ("roots = [\"/data\", 7]\n", 1, "roots", "entry 2 must be a string"),

@@ -158,7 +158,12 @@ struct ServeCommand: ParsableCommand {
     @Option(help: "RLIMIT_NOFILE.")
     var openFiles: Int?
 
-    @Flag(help: "Do not apply the Landlock write ban (reported as landlock 0 in `ready`).")
+    @Option(help: ArgumentHelp(
+        "Landlock write ban: auto (apply it where the kernel and container allow, else say why in `ready`), required (exit 71 without it), off.",
+        valueName: "mode"))
+    var landlock: WorkerMessage.LandlockMode = .auto
+
+    @Flag(help: "Same as --landlock off.")
     var noSandbox = false
 
     func validate() throws {
@@ -173,7 +178,7 @@ struct ServeCommand: ParsableCommand {
         let config = WorkerServer.Configuration(
             controlFD: controlFd, parentPID: parentPid, maxClips: maxClips,
             limits: Sandbox.Limits(addressSpaceMB: addressSpaceMb, cpuSeconds: cpuSeconds, openFiles: openFiles),
-            landlock: !noSandbox)
+            landlock: noSandbox ? .off : landlock)
         let code = WorkerServer(config, faults: Faults.fromEnvironment()).run()
         Glibc.exit(code)
     }
@@ -191,9 +196,12 @@ struct SandboxCheckCommand: ParsableCommand {
     @Option(help: "A file to try to create after the sandbox is in force.")
     var write: String
 
+    @Option(help: "Landlock mode, as for serve.")
+    var landlock: WorkerMessage.LandlockMode = .auto
+
     func run() throws {
-        let abi: Int32
-        do { abi = try Sandbox.apply(limits: Sandbox.Limits(), landlock: true) } catch {
+        let outcome: Sandbox.LandlockOutcome
+        do { outcome = try Sandbox.apply(limits: Sandbox.Limits(), landlock: landlock) } catch {
             printJSON(["error": .string(error.description)])
             Glibc.exit(71)
         }
@@ -207,8 +215,10 @@ struct SandboxCheckCommand: ParsableCommand {
             try? memfd.close()
         }
         printJSON([
-            "landlock": .number(Double(abi)), "file_created": .bool(fd >= 0), "file_errno": .number(Double(fileErrno)),
-            "memfd_write": .bool(memfdWrite),
+            "landlock": .number(Double(outcome.abi)), "landlock_problem": outcome.problem.map { .string($0) } ?? .null,
+            "file_created": .bool(fd >= 0), "file_errno": .number(Double(fileErrno)), "memfd_write": .bool(memfdWrite),
         ])
     }
 }
+
+extension WorkerMessage.LandlockMode: ExpressibleByArgument {}

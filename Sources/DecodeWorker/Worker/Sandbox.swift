@@ -27,10 +27,22 @@ enum Sandbox {
         }
     }
 
-    /// no_new_privs, resource limits (RLIMIT_CORE always 0), then Landlock unless `landlock` is
-    /// false. Returns the Landlock ABI in force, or 0 when writes are not restricted (disabled, or
-    /// a kernel without Landlock).
-    static func apply(limits: Limits, landlock: Bool) throws(Failure) -> Int32 {
+    /// What Landlock did in this process: in force with an ABI, or not, and why.
+    struct LandlockOutcome: Sendable, Equatable {
+        /// The ABI in force; 0 when writes are not restricted.
+        var abi: Int32
+        /// Why the write ban is not in force, for `ready` and the supervisor's status; nil when
+        /// it is, or when it was switched off on purpose.
+        var problem: String?
+
+        static let off = LandlockOutcome(abi: 0, problem: nil)
+    }
+
+    /// no_new_privs, resource limits (RLIMIT_CORE always 0), then Landlock as `landlock` says.
+    /// A refusal of Landlock alone is not fatal in `.auto`: container runtimes' seccomp filters
+    /// (systemd-nspawn's, older Docker and containerd profiles) answer EPERM, and a worker that
+    /// exits there leaves the whole service without decoders. The other limits still hold.
+    static func apply(limits: Limits, landlock: WorkerMessage.LandlockMode) throws(Failure) -> LandlockOutcome {
         guard cv_set_no_new_privs() == 0 else { throw failure("prctl(PR_SET_NO_NEW_PRIVS)") }
         try setLimit(RLIMIT_CORE, 0, "RLIMIT_CORE")
         if let mb = limits.addressSpaceMB { try setLimit(RLIMIT_AS, UInt64(mb) << 20, "RLIMIT_AS") }
@@ -39,12 +51,28 @@ enum Sandbox {
             try setLimit(RLIMIT_CPU, UInt64(s), "RLIMIT_CPU", hard: UInt64(s) + 1)
         }
         if let n = limits.openFiles { try setLimit(RLIMIT_NOFILE, UInt64(n), "RLIMIT_NOFILE") }
-        guard landlock else { return 0 }
+        if landlock == .off { return .off }
         let abi = cv_landlock_forbid_writes()
-        if abi > 0 { return abi }
+        if abi > 0 { return LandlockOutcome(abi: abi, problem: nil) }
         let err = errno
-        if err == ENOSYS || err == EOPNOTSUPP { return 0 }
-        throw failure("Landlock", err)
+        let problem = landlockRefusal(err)
+        if landlock == .required {
+            throw Failure(description: "Landlock is required (sandbox = \"required\") but unavailable: \(problem)")
+        }
+        return LandlockOutcome(abi: 0, problem: problem)
+    }
+
+    /// Names the layer that refused Landlock, from the errno of landlock_create_ruleset(2) or
+    /// landlock_restrict_self(2), so an operator knows whether to change the kernel or the container.
+    static func landlockRefusal(_ err: Int32) -> String {
+        let cause =
+            switch err {
+            case ENOSYS: "the kernel has no Landlock (Linux 5.13+ with CONFIG_SECURITY_LANDLOCK)"
+            case EOPNOTSUPP: "Landlock is built in but not enabled (add landlock to the kernel's lsm= boot parameter)"
+            case EPERM: "refused by a seccomp filter or security policy (container runtimes such as systemd-nspawn, Docker and containerd do this)"
+            default: "the kernel refused it"
+            }
+        return "\(cause): \(String(cString: strerror(err))) (errno \(err))"
     }
 
     /// Crashes go straight to the kernel: the Swift runtime's backtracer would otherwise spend

@@ -14,7 +14,7 @@ final class WorkerServer {
         var parentPID: pid_t
         var maxClips: Int?
         var limits: Sandbox.Limits
-        var landlock: Bool
+        var landlock: WorkerMessage.LandlockMode
     }
 
     static let protocolVersion = 1
@@ -38,7 +38,7 @@ final class WorkerServer {
             logLine("exiting at start (test fault exit-at-start)")
             return WorkerMessage.ExitCode.sandbox.rawValue
         }
-        let landlock: Int32
+        let landlock: Sandbox.LandlockOutcome
         do {
             try Sandbox.bindToParent(config.parentPID)
             landlock = try Sandbox.apply(limits: config.limits, landlock: config.landlock)
@@ -46,12 +46,14 @@ final class WorkerServer {
             logLine("cannot start: \(error.description)")
             return WorkerMessage.ExitCode.sandbox.rawValue
         }
-        let ready: JSONValue = [
+        var ready: [String: JSONValue] = [
             "op": "ready", "pid": .number(Double(getpid())), "protocol": .number(Double(Self.protocolVersion)),
-            "version": .string(WorkerCommand.version), "landlock": .number(Double(landlock)),
+            "version": .string(WorkerCommand.version), "landlock": .number(Double(landlock.abi)),
         ]
+        // Said to the supervisor, which tells the operator once, not once per worker.
+        if let problem = landlock.problem { ready["landlock_problem"] = .string(problem) }
         // A supervisor that closed the channel before we were ready is shutting down: leave quietly.
-        guard send(ready, fd: nil, quietOnClosedPeer: true) else { return WorkerMessage.ExitCode.recycled.rawValue }
+        guard send(.object(ready), fd: nil, quietOnClosedPeer: true) else { return WorkerMessage.ExitCode.recycled.rawValue }
 
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: WorkerMessage.maxSize + 1, alignment: 16)
         defer { buffer.deallocate() }

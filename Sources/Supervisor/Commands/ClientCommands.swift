@@ -59,6 +59,7 @@ enum StatusReport {
         if let error = workers?["last_start_error"]?.stringValue {
             lines.append("  last start failure: \(error) (\(number(workers?["consecutive_start_failures"])) in a row)")
         }
+        if let sandbox = status["sandbox"], let line = sandboxLine(sandbox) { lines.append(line) }
         for worker in workers?["list"]?.arrayValue ?? [] {
             var line = "  pid \(number(worker["pid"]))  \(worker["state"]?.stringValue ?? "?")  clips \(number(worker["clips_done"]))"
             if let clip = worker["clip"]?.stringValue { line += "  \(clip) (\(number(worker["busy_ms"])) ms)" }
@@ -78,6 +79,17 @@ enum StatusReport {
             lines.append("skip log: \(log["path"]?.stringValue ?? "?") (\(health)), \(number(log["quarantined"])) quarantined")
         }
         return lines.joined(separator: "\n")
+    }
+}
+
+extension StatusReport {
+    /// The workers' sandbox layers; loud when the Landlock write ban is missing.
+    static func sandboxLine(_ sandbox: JSONValue) -> String? {
+        let mode = sandbox["landlock_mode"]?.stringValue ?? "?"
+        guard let abi = sandbox["landlock_abi"]?.intValue else { return nil }
+        if abi > 0 { return "sandbox: Landlock write ban in force (ABI \(abi)), no_new_privs, resource limits" }
+        let why = sandbox["problem"]?.stringValue ?? "unknown"
+        return "sandbox: workers run WITHOUT the Landlock write ban (sandbox = \(mode)): \(why); no_new_privs and resource limits in force"
     }
 }
 

@@ -20,7 +20,7 @@ struct ServeCommand: ParsableCommand {
             available CPU and finds clipvisor-worker next to itself.
 
             Settings come from the built-in defaults, then the --config file (TOML; every key is the \
-            long option below with - turned into _, plus `roots` and `sandbox`; see \
+            long option below with - turned into _, plus `roots`; see \
             systemd/clipvisor.toml), then the flags. A bad file is refused with its line and key \
             (exit status 78).
 
@@ -89,8 +89,16 @@ struct ServeCommand: ParsableCommand {
     @Option(help: "Open-file limit of each worker (RLIMIT_NOFILE) (default: 256).")
     var workerOpenFiles: Int?
 
-    @Flag(inversion: .prefixedNo, help: "Run workers with the Landlock write ban and no_new_privs (default: on; --no-sandbox only for debugging).")
-    var sandbox: Bool?
+    @Option(help: ArgumentHelp("""
+        The workers' Landlock write ban: auto (apply it where the kernel and the container allow it; where a \
+        seccomp filter or the kernel refuses it, decode with the remaining limits and say so once in the log and in \
+        `status`), required (decode nothing without it), off (debugging only). no_new_privs and the resource \
+        limits always apply (default: auto).
+        """, valueName: "mode"))
+    var sandbox: String?
+
+    @Flag(help: "Same as --sandbox off.")
+    var noSandbox = false
 
     @Option(help: "Refuse sources with more pixels per frame than this, `too_large` (default: 67108864, 8192×8192).")
     var maxSourcePixels: Int?
@@ -143,7 +151,7 @@ struct ServeCommand: ParsableCommand {
         put("worker_memory", workerMemory.map { .integer($0) })
         put("worker_cpu_seconds", workerCpuSeconds.map { .integer($0) })
         put("worker_open_files", workerOpenFiles.map { .integer($0) })
-        put("sandbox", sandbox.map { .bool($0) })
+        put("sandbox", noSandbox ? .string(WorkerMessage.LandlockMode.off.rawValue) : sandbox.map { .string($0) })
         put("max_source_pixels", maxSourcePixels.map { .integer($0) })
         put("max_output_bytes", maxOutputBytes.map { .integer($0) })
         put("memory_budget", memoryBudget.map { .integer($0) })
@@ -157,6 +165,7 @@ struct ServeCommand: ParsableCommand {
     }
 
     func validate() throws {
+        if noSandbox, sandbox != nil { throw ValidationError("give --sandbox MODE or --no-sandbox, not both") }
         do {
             try ServeSettings.checkFlags(flagValues)
         } catch {

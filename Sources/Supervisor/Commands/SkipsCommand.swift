@@ -1,6 +1,7 @@
 import ArgumentParser
 import Logging
 import Shared
+import SystemPackage
 
 #if canImport(Glibc)
 import Glibc
@@ -11,8 +12,12 @@ struct SkipsCommand: ParsableCommand {
         commandName: "skips",
         abstract: "Show skipped clips from the skip log (rotated files included), or lift quarantine.",
         discussion: """
-            Reads the log files directly, so it works whether or not a supervisor runs. Counts by reason \
-            come first, then the records, newest first. --forget lifts quarantine through the running \
+            Which log: --skip-log when given; else the log of the supervisor that answers on the socket \
+            (the path it reports in `status`, whatever --skip-log it was started with); else, when none \
+            answers, the default location. The file read, and why, is always printed (on stderr). The \
+            files are read directly (rotated ones included); when the supervisor's log is not readable \
+            by you, its recent records are asked for through the socket instead. Counts by reason come \
+            first, then the records, newest first. --forget lifts quarantine through the running \
             supervisor (or in the log file when none runs) and records that in the log.
             """)
 
@@ -40,7 +45,9 @@ struct SkipsCommand: ParsableCommand {
     @Flag(help: "With --forget-all semantics: lift quarantine for every clip.")
     var all = false
 
-    @Option(help: ArgumentHelp("The skip log (default: the supervisor's default location).", valueName: "path"))
+    @Option(help: ArgumentHelp(
+        "The skip log (default: the running supervisor's, else $STATE_DIRECTORY/skips.jsonl, $XDG_STATE_HOME/clipvisor/skips.jsonl or ~/.local/state/clipvisor/skips.jsonl).",
+        valueName: "path"))
     var skipLog: String?
 
     @OptionGroup var connection: ConnectionOptions
@@ -52,9 +59,10 @@ struct SkipsCommand: ParsableCommand {
     }
 
     func run() throws {
-        let logPath = skipLog ?? SkipLog.defaultPath
+        let source = try SkipLogSource.locate(explicit: skipLog, connection: connection)
+        FileOutput.standardError("clipvisor: skip log \(source.path) (\(source.origin))\n")
         if forget != nil || all {
-            try lift(logPath: logPath)
+            try lift(logPath: source.path)
             return
         }
         var filter = SkipFilter()
@@ -62,12 +70,33 @@ struct SkipsCommand: ParsableCommand {
         filter.sinceMs = since.flatMap(Timestamp.parseDuration).map { Timestamp.nowMilliseconds() - $0 }
         filter.pathGlob = path.map(absolutePattern)
         filter.tag = tag
-        let records = SkipLogFiles.readAll(basePath: logPath).filter(filter.matches).reversed()
+        let records: [SkipRecord]
+        if let client = source.unreadableVia {
+            FileOutput.standardError(
+                "clipvisor: cannot read \(source.path) (\(Errno(rawValue: EACCES))); showing the supervisor's most recent records through its socket\n")
+            records = try recentRecords(from: client, filter: filter)
+        } else {
+            records = SkipLogFiles.readAll(basePath: source.path).filter(filter.matches).reversed()
+        }
         if json {
             for record in records.prefix(limit) { print(record.json.jsonString) }
             return
         }
-        print(SkipTable.render(Array(records), limit: limit, logPath: logPath))
+        print(SkipTable.render(records, limit: limit, logPath: source.path))
+    }
+
+    /// The `skips` operation, newest first, for a log this user may not read.
+    private func recentRecords(from client: SupervisorClient, filter: SkipFilter) throws -> [SkipRecord] {
+        var request: [String: JSONValue] = ["op": "skips", "limit": .number(Double(min(SkipLog.recentLimit, max(limit, 1))))]
+        if let reason { request["reason"] = .string(reason) }
+        if let sinceMs = filter.sinceMs { request["since_s"] = .number(Double(Timestamp.nowMilliseconds() - sinceMs) / 1000) }
+        if let glob = filter.pathGlob { request["path_glob"] = .string(glob) }
+        if let tag { request["tag"] = .string(tag) }
+        let (answer, _) = try client.call(request, timeoutMs: 10_000)
+        guard answer["ok"]?.boolValue == true else {
+            throw CleanExit.message("clipvisor: \(answer["error"]?["message"]?.stringValue ?? "skips failed")")
+        }
+        return (answer["skips"]?.arrayValue ?? []).compactMap(SkipRecord.init(json:))
     }
 
     private func absolutePattern(_ pattern: String) -> String {
@@ -92,6 +121,35 @@ struct SkipsCommand: ParsableCommand {
         let count = log.forget(path: target)
         guard log.problem == nil else { throw CleanExit.message("clipvisor: \(log.problem!)") }
         print("lifted quarantine for \(target ?? "all clips") (\(count) entries) in \(logPath); no supervisor is running")
+    }
+}
+
+/// Which skip log `clipvisor skips` reads, and why; a supervisor started with its own
+/// `--skip-log` must be read there, not at the default location.
+struct SkipLogSource {
+    var path: String
+    /// Why this file: said to the user with every listing.
+    var origin: String
+    /// The running supervisor, when its log exists but this user may not read it.
+    var unreadableVia: SupervisorClient?
+
+    static func locate(explicit: String?, connection: ConnectionOptions) throws -> SkipLogSource {
+        if let explicit { return SkipLogSource(path: absolutePath(explicit), origin: "given with --skip-log") }
+        guard let client = try? SupervisorClient.connect(candidates: connection.candidates, timeoutMs: 2000) else {
+            return SkipLogSource(
+                path: SkipLog.defaultPath,
+                origin: "the default location: no supervisor answered on \(connection.candidates.joined(separator: ", "))")
+        }
+        let (answer, _) = try client.call(["op": "status"], timeoutMs: 5000)
+        let status = answer["status"]
+        guard let path = status?["skip_log"]?["path"]?.stringValue else {
+            throw CleanExit.message(
+                "clipvisor: the supervisor on \(client.socketPath) (pid \(StatusReport.number(status?["pid"]))) reports no skip log; pass --skip-log PATH")
+        }
+        var source = SkipLogSource(
+            path: path, origin: "the log of the supervisor on \(client.socketPath), pid \(StatusReport.number(status?["pid"]))")
+        if access(path, F_OK) == 0, access(path, R_OK) != 0 { source.unreadableVia = client }
+        return source
     }
 }
 

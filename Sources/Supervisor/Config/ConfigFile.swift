@@ -115,6 +115,10 @@ struct ConfigFile: Equatable {
         case .bool:
             guard let bool = node.bool else { return wrong() }
             return .success(.bool(bool))
+        case .mode(let options):
+            if let bool = node.bool { return .success(.string(bool ? options[0] : options[options.count - 1])) }
+            guard let string = node.string else { return wrong() }
+            return .success(.string(string))
         case .paths:
             guard let array = node.array else { return wrong() }
             var strings: [String] = []

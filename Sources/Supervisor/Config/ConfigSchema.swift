@@ -1,4 +1,5 @@
 import Logging
+import Shared
 
 /// A value of one `clipvisor serve` knob, from the config file or a flag.
 enum ConfigValue: Equatable, Sendable, CustomStringConvertible {
@@ -21,7 +22,7 @@ enum ConfigValue: Equatable, Sendable, CustomStringConvertible {
 
 /// One knob of `clipvisor serve`: its config-file key, its flag, and the values it takes.
 /// The file's keys are the long options with `-` → `_` (`--clips-per-worker` → `clips_per_worker`),
-/// except `sandbox` (`--sandbox`/`--no-sandbox`) and `roots` (`--root`, repeated).
+/// except `roots` (`--root`, repeated).
 struct ConfigKey: Sendable {
     enum Kind: Sendable {
         /// A path; absolute when it comes from the file (a service's working directory is `/`).
@@ -33,6 +34,9 @@ struct ConfigKey: Sendable {
         /// A duration like `90s`, `15m`, `12h`, `7d`, `2w`.
         case duration
         case choice([String])
+        /// One of `choices`, or a boolean for the first choice (`true`) or the last (`false`):
+        /// `sandbox` was a boolean before it had a third value, and old files keep working.
+        case mode([String])
         /// A list of absolute paths.
         case paths
     }
@@ -56,7 +60,7 @@ struct ConfigKey: Sendable {
         ConfigKey(name: "worker_memory", flag: "--worker-memory", kind: .integer(64...(1 << 30))),
         ConfigKey(name: "worker_cpu_seconds", flag: "--worker-cpu-seconds", kind: .integer(1...(1 << 31))),
         ConfigKey(name: "worker_open_files", flag: "--worker-open-files", kind: .integer(16...(1 << 20))),
-        ConfigKey(name: "sandbox", flag: "--sandbox", kind: .bool),
+        ConfigKey(name: "sandbox", flag: "--sandbox", kind: .mode(WorkerMessage.LandlockMode.allCases.map(\.rawValue))),
         ConfigKey(name: "max_source_pixels", flag: "--max-source-pixels", kind: .integer(1...(1 << 40))),
         ConfigKey(name: "max_output_bytes", flag: "--max-output-bytes", kind: .integer(1...(1 << 50))),
         ConfigKey(name: "memory_budget", flag: "--memory-budget", kind: .integer(1...(1 << 50))),
@@ -80,6 +84,7 @@ struct ConfigKey: Sendable {
         case .bool: "true or false"
         case .duration: "a duration like \"90s\", \"15m\", \"12h\", \"7d\" or \"2w\""
         case .choice(let options): "one of " + options.map { "\"\($0)\"" }.joined(separator: ", ")
+        case .mode(let options): "true, false or one of " + options.map { "\"\($0)\"" }.joined(separator: ", ")
         case .paths: "a list of absolute paths"
         }
     }
@@ -101,7 +106,7 @@ struct ConfigKey: Sendable {
             return nil
         case (.duration, .string(let text)):
             return Timestamp.parseDuration(text) == nil ? "must be \(expectation), got \(value)" : nil
-        case (.choice(let options), .string(let text)):
+        case (.choice(let options), .string(let text)), (.mode(let options), .string(let text)):
             return options.contains(text) ? nil : "must be \(expectation), got \(value)"
         case (.paths, .strings(let paths)):
             for path in paths where !path.hasPrefix("/") {

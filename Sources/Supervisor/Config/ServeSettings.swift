@@ -1,4 +1,5 @@
 import Logging
+import Shared
 
 /// Everything `clipvisor serve` runs with: the built-in defaults, overridden by the config file
 /// (`--config`), overridden by flags.
@@ -97,7 +98,7 @@ struct ServeSettings {
         case ("worker_memory", .integer(let mib)): configuration.workerAddressSpaceMB = mib
         case ("worker_cpu_seconds", .integer(let seconds)): configuration.workerCPUSeconds = seconds
         case ("worker_open_files", .integer(let count)): configuration.workerOpenFiles = count
-        case ("sandbox", .bool(let on)): configuration.workerSandbox = on
+        case ("sandbox", .string(let text)): configuration.landlock = WorkerMessage.LandlockMode(rawValue: text) ?? configuration.landlock
         case ("max_source_pixels", .integer(let pixels)): configuration.maxSourcePixels = pixels
         case ("max_output_bytes", .integer(let bytes)): configuration.maxOutputBytes = bytes
         case ("memory_budget", .integer(let bytes)): configuration.memoryBudgetBytes = bytes

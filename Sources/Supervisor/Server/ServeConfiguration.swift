@@ -34,8 +34,9 @@ struct ServeConfiguration: Sendable {
     var workerCPUSeconds = 3_600
     /// RLIMIT_NOFILE of a worker.
     var workerOpenFiles = 256
-    /// Landlock write ban and no_new_privs in workers (tests of the sandbox itself turn it off).
-    var workerSandbox = true
+    /// The Landlock write ban in workers (`sandbox`): where it is refused, `.auto` decodes with
+    /// the remaining limits (no_new_privs and rlimits always apply) and `.required` decodes nothing.
+    var landlock: WorkerMessage.LandlockMode = .auto
     var maxSourcePixels = 8192 * 8192
     var maxOutputBytes = 2 << 30
     /// Bytes of finished blocks the supervisor may hold for clients that have not read them yet;
@@ -58,7 +59,7 @@ struct ServeConfiguration: Sendable {
             "--cpu-seconds", String(workerCPUSeconds),
             "--open-files", String(workerOpenFiles),
         ]
-        if !workerSandbox { list.append("--no-sandbox") }
+        if landlock != .auto { list += ["--landlock", landlock.rawValue] }
         return list
     }
 

@@ -110,9 +110,27 @@ extension Supervisor {
                 "block_bytes_held": .number(Double(heldBlockBytes)), "budget": .number(Double(configuration.effectiveMemoryBudget)),
                 "blocks_unread": .number(Double(connections.values.reduce(0) { $0 + $1.unreadBlockCount })),
             ],
+            "sandbox": sandboxJSON,
             "connections": .number(Double(connections.count)), "counters": counters.json,
             "skip_log": skipLog?.statusJSON ?? .null,
         ]
+    }
+}
+
+extension Supervisor {
+    /// Which sandbox layers the workers run with, and why one is missing (docs/protocol.md, `status`).
+    var sandboxJSON: JSONValue {
+        var entry: [String: JSONValue] = [
+            "landlock_mode": .string(configuration.landlock.rawValue),
+            "limits": ["no_new_privs", "rlimits"],
+        ]
+        if let state = workerLandlock {
+            entry["landlock_abi"] = .number(Double(state.abi))
+            let missing = state.abi > 0 ? [] : ["landlock"]
+            entry["missing"] = .array(missing.map { .string($0) })
+            entry["problem"] = state.problem.map { .string($0) } ?? (configuration.landlock == .off ? "switched off (sandbox = \"off\")" : .null)
+        }
+        return .object(entry)
     }
 }
 

@@ -115,6 +115,21 @@ extension Supervisor {
         }
     }
 
+    /// Tells the operator once, not once per worker, when workers run without the Landlock
+    /// write ban (and when it is back), so a container that filters Landlock degrades visibly.
+    func noteSandbox(of worker: WorkerProcess) {
+        let previous = workerLandlock
+        workerLandlock = (worker.landlockABI, worker.landlockProblem)
+        guard previous?.problem != worker.landlockProblem else { return }
+        if let problem = worker.landlockProblem {
+            logger.warning(
+                "decode workers run without the Landlock write ban: \(problem). no_new_privs and the resource limits still apply; set sandbox = \"required\" (--sandbox required) to refuse to decode without it",
+                metadata: ["sandbox.missing": "landlock"])
+        } else if previous != nil, configuration.landlock == .auto {
+            logger.notice("decode workers have the Landlock write ban again (ABI \(worker.landlockABI))")
+        }
+    }
+
     private func handleWorkerMessage(_ message: JSONValue, fd: FileDescriptor?, from worker: WorkerProcess) {
         switch message["op"]?.stringValue {
         case "ready":
@@ -129,6 +144,8 @@ extension Supervisor {
                 return
             }
             worker.landlockABI = message["landlock"]?.intValue ?? 0
+            worker.landlockProblem = message["landlock_problem"]?.stringValue.map { String($0.prefix(500)) }
+            noteSandbox(of: worker)
             worker.state = .idle
             consecutiveStartFailures = 0
             nextSpawnAllowed = Instant(nanoseconds: 0)

@@ -54,6 +54,8 @@ final class Supervisor {
     var consecutiveStartFailures = 0
     var nextSpawnAllowed = Instant(nanoseconds: 0)
     var lastSpawnError: String?
+    /// The Landlock state the newest ready worker reported; nil before any was ready.
+    var workerLandlock: (abi: Int, problem: String?)?
     var listenerPausedUntil: Instant?
     /// Called after every loop iteration (systemd watchdog, status updates).
     var onTick: ((Supervisor) -> Void)?

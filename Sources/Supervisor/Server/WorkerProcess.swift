@@ -30,6 +30,8 @@ final class WorkerProcess {
     var clipsDone = 0
     /// Landlock ABI the worker reported in `ready` (0: writes not restricted).
     var landlockABI = 0
+    /// Why the worker runs without the Landlock write ban, as it said in `ready`.
+    var landlockProblem: String?
     /// Whether its control socket is still registered and open.
     var controlOpen = true
 
