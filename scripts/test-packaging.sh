@@ -24,15 +24,19 @@ done
 
 work=$(mktemp -d /tmp/clipvisor-test-packaging.XXXXXX)
 nspawn_pid=""
+leader=""
 cleanup() {
     if [ -n "$nspawn_pid" ] && kill -0 "$nspawn_pid" 2>/dev/null; then
         kill -TERM "$nspawn_pid" 2>/dev/null || true   # nspawn powers the container off
-        for _ in $(seq 50); do kill -0 "$nspawn_pid" 2>/dev/null || break; sleep 0.2; done
-        kill -KILL "$nspawn_pid" 2>/dev/null || true
+        for _ in $(seq 100); do kill -0 "$nspawn_pid" 2>/dev/null || break; sleep 0.2; done
+        # Killing the container's PID 1 ends its whole PID namespace; nspawn then exits.
+        if kill -0 "$nspawn_pid" 2>/dev/null && [ -n "$leader" ]; then kill -KILL "$leader" 2>/dev/null || true; fi
+        wait "$nspawn_pid" 2>/dev/null || true
     fi
     rm -rf "$work"
 }
 trap cleanup EXIT
+trap 'echo "test-packaging: FAIL: line $LINENO: $BASH_COMMAND" >&2' ERR
 started=$SECONDS
 
 echo "== package"
@@ -113,7 +117,6 @@ machine="clipvisor-test-$$"
 systemd-nspawn -D "$rootfs" --volatile=overlay --register=no --keep-unit --quiet -b --console=passive \
     --machine="$machine" --bind-ro="$work/share:/srv/test" >"$work/nspawn.log" 2>&1 &
 nspawn_pid=$!
-leader=""
 for _ in $(seq 100); do
     leader=$(ps --ppid "$nspawn_pid" -o pid= 2>/dev/null | tr -d ' ' | head -1)
     [ -n "$leader" ] && [ "$(cat /proc/"$leader"/comm 2>/dev/null)" = systemd ] && break
