@@ -7,7 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(libavformat-dev libavcodec-dev libswscale-dev libswresample-dev libavutil-dev
-          libzstd-dev libsystemd-dev pkg-config ffmpeg zstd util-linux systemd)
+          libzstd-dev libsystemd-dev pkg-config ffmpeg zstd util-linux systemd
+          # scripts/package.sh and scripts/test-packaging.sh (a .deb, and a booted Debian 12 root).
+          dpkg-dev binutils lintian debootstrap systemd-container)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

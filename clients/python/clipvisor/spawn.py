@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import errno
 import fcntl
+import grp
 import os
 import shlex
 import shutil
@@ -115,9 +116,8 @@ def refused_system_socket() -> Optional[str]:
     if not stat.S_ISSOCK(st.st_mode) or os.access(SYSTEM_SOCKET, os.W_OK):
         return None
     try:
-        import grp
         group = grp.getgrgid(st.st_gid).gr_name
-    except (ImportError, KeyError):
+    except KeyError:
         group = str(st.st_gid)
     return (f"permission denied on {SYSTEM_SOCKET}: join group {group} (sudo usermod -aG {group} $USER, "
             f"then log in again), or set CLIPVISOR_PRIVATE=1 to start a private supervisor instead")
