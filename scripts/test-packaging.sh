@@ -70,13 +70,17 @@ done
 mkdir -p "$work/home" "$work/runtime"
 chmod 700 "$work/runtime"
 clean=(env -i HOME="$work/home" XDG_RUNTIME_DIR="$work/runtime" PATH="$work/venv/bin:/usr/bin:/bin" LANG=C.UTF-8)
-(cd "$work" && "${clean[@]}" python -W always - "$work/share/clip.mp4" "$site" <<'EOF') || fail "import clipvisor from the wheel"
+(cd "$work" && "${clean[@]}" python -W always - "$work/share/clip.mp4" "$site" "$version" <<'EOF') || fail "import clipvisor from the wheel"
 import sys, warnings, os
-clip, site = sys.argv[1], sys.argv[2]
+from importlib.metadata import version
+clip, site, expected = sys.argv[1], sys.argv[2], sys.argv[3]
+assert version("clipvisor").split("+")[0] == expected, version("clipvisor")
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import clipvisor
     assert clipvisor.__file__.startswith(site), clipvisor.__file__
+    # client.py still writes the version a second time: it must agree with Version.swift.
+    assert clipvisor.__version__ == expected, (clipvisor.__version__, expected)
     with clipvisor.Client() as client:
         video = client.video(clip, fps=2.0)
 started = [str(w.message) for w in caught if "private" in str(w.message)]

@@ -4,8 +4,11 @@ Discovery (docs/protocol.md): ``$CLIPVISOR_SOCKET``, then ``/run/clipvisor/clipv
 then ``$XDG_RUNTIME_DIR/clipvisor/clipvisor.sock`` (else ``/tmp/clipvisor-$UID/clipvisor.sock``):
 the first that accepts a connection.
 
-The private supervisor (``Client(spawn=True)`` when nothing answers) is shared by the whole
-process tree of the process that first made a spawning Client:
+The private supervisor (``Client(spawn=True)`` when nothing answers) runs ``$CLIPVISOR_BIN``, else
+the binary bundled in the platform wheel (``clipvisor/bin/clipvisor``), else ``clipvisor`` on PATH.
+It is not started when the system service's socket exists but refuses this user (not in group
+``clipvisor``): that is reported, and bypassing the service takes ``CLIPVISOR_PRIVATE=1``.
+It is shared by the whole process tree of the process that first made a spawning Client:
 
 - Its socket lives in a private directory whose name is fixed when that first Client is made,
   so processes forked afterwards (DataLoader workers) look in the same place. Starting it
