@@ -25,12 +25,20 @@ done
 work=$(mktemp -d /tmp/clipvisor-test-packaging.XXXXXX)
 nspawn_pid=""
 leader=""
+container_init() { ps --ppid "$nspawn_pid" -o pid= 2>/dev/null | tr -d ' ' | head -1 || true; }
 cleanup() {
     if [ -n "$nspawn_pid" ] && kill -0 "$nspawn_pid" 2>/dev/null; then
+        [ -n "$leader" ] || leader=$(container_init)
         kill -TERM "$nspawn_pid" 2>/dev/null || true   # nspawn powers the container off
         for _ in $(seq 100); do kill -0 "$nspawn_pid" 2>/dev/null || break; sleep 0.2; done
-        # Killing the container's PID 1 ends its whole PID namespace; nspawn then exits.
-        if kill -0 "$nspawn_pid" 2>/dev/null && [ -n "$leader" ]; then kill -KILL "$leader" 2>/dev/null || true; fi
+        # A container that does not halt (e.g. still booting): killing its PID 1 from outside
+        # ends its whole PID namespace, and nspawn exits. Never wait without a bound.
+        if kill -0 "$nspawn_pid" 2>/dev/null; then
+            [ -n "$leader" ] || leader=$(container_init)
+            [ -n "$leader" ] && kill -KILL "$leader" 2>/dev/null || true
+            for _ in $(seq 50); do kill -0 "$nspawn_pid" 2>/dev/null || break; sleep 0.2; done
+            kill -KILL "$nspawn_pid" 2>/dev/null || true
+        fi
         wait "$nspawn_pid" 2>/dev/null || true
     fi
     rm -rf "$work"
@@ -121,13 +129,13 @@ machine="clipvisor-test-$$"
 systemd-nspawn -D "$rootfs" --volatile=overlay --register=no --keep-unit --quiet -b --console=passive \
     --machine="$machine" --bind-ro="$work/share:/srv/test" >"$work/nspawn.log" 2>&1 &
 nspawn_pid=$!
-for _ in $(seq 100); do
-    leader=$(ps --ppid "$nspawn_pid" -o pid= 2>/dev/null | tr -d ' ' | head -1)
+for _ in $(seq 600); do
+    leader=$(container_init)
     [ -n "$leader" ] && [ "$(cat /proc/"$leader"/comm 2>/dev/null)" = systemd ] && break
     leader=""
     sleep 0.1
 done
-[ -n "$leader" ] || { cat "$work/nspawn.log"; fail "the container did not start"; }
+[ -n "$leader" ] || { cat "$work/nspawn.log"; fail "the container did not start within 60 s"; }
 inside() { nsenter -t "$leader" -a -- /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@"; }
 as_user() { local user=$1; shift; inside setpriv --reuid="$user" --regid="$user" --init-groups --reset-env -- "$@"; }
 state=""
