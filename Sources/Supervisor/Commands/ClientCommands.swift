@@ -12,11 +12,15 @@ struct ConnectionOptions: ParsableArguments {
     @Option(help: ArgumentHelp("Supervisor socket (default: $CLIPVISOR_SOCKET, /run/clipvisor/clipvisor.sock, then the per-user socket).", valueName: "path"))
     var socket: String?
 
+    var candidates: [String] { socket.map { [$0] } ?? SocketDiscovery.clientCandidates }
+}
+
+/// The choice, for commands that can start an embedded supervisor, to do so even when the
+/// system service's socket refuses this user.
+struct PrivateFallbackOption: ParsableArguments {
     @Flag(name: .customLong("private"), help: ArgumentHelp(
         "When the system service's socket refuses this user (not in its group), start a private supervisor for this call instead (also $CLIPVISOR_PRIVATE=1). It bypasses the service's data roots, quarantine and skip log."))
-    var privateFallback = false
-
-    var candidates: [String] { socket.map { [$0] } ?? SocketDiscovery.clientCandidates }
+    var enabled = false
 }
 
 struct StatusCommand: ParsableCommand {
@@ -152,12 +156,14 @@ extension String {
 }
 
 /// Connects to a running supervisor, or starts an embedded one for this call.
-func connectOrEmbed(_ connection: ConnectionOptions, quiet: Bool) throws -> (SupervisorClient, EmbeddedSupervisor?) {
+/// When the system service's socket exists but refuses this user, that is the answer (join the
+/// group), unless `allowPrivate` or `$CLIPVISOR_PRIVATE` chose a private supervisor.
+func connectOrEmbed(_ connection: ConnectionOptions, allowPrivate: Bool = false, quiet: Bool) throws -> (SupervisorClient, EmbeddedSupervisor?) {
     do {
         return (try SupervisorClient.connect(candidates: connection.candidates), nil)
     } catch {
         if connection.socket != nil { throw error }
-        if !connection.privateFallback, !SocketDiscovery.privateFallbackChosen,
+        if !allowPrivate, !SocketDiscovery.privateFallbackChosen,
             let refused = SocketDiscovery.permissionProblem(SocketDiscovery.systemSocket)
         {
             throw SupervisorClient.Failure("\(refused); or pass --private (or set CLIPVISOR_PRIVATE=1) to start a private supervisor for this call")
