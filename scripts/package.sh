@@ -67,7 +67,7 @@ root=$(mktemp -d /tmp/clipvisor-deb.XXXXXX)
 trap 'rm -rf "$root"' EXIT
 chmod 0755 "$root"
 install -d -m 0755 "$root/DEBIAN" "$root/usr/bin" "$root/lib/systemd/system" "$root/usr/lib/sysusers.d" \
-    "$root/etc/clipvisor" "$root/usr/share/doc/clipvisor/examples"
+    "$root/etc/clipvisor" "$root/usr/share/doc/clipvisor/examples" "$root/usr/share/man/man1"
 install -m 0755 dist/bin/clipvisor dist/bin/clipvisor-worker "$root/usr/bin/"
 # The units and the config of the repository name the from-source paths (/usr/local/bin).
 for unit in clipvisor.service clipvisor.socket; do
@@ -76,6 +76,10 @@ for unit in clipvisor.service clipvisor.socket; do
 done
 sed 's|/usr/local/bin/|/usr/bin/|g' systemd/clipvisor.toml >"$root/etc/clipvisor/clipvisor.toml"
 chmod 0644 "$root/etc/clipvisor/clipvisor.toml"
+for page in clipvisor.1 clipvisor-worker.1; do
+    gzip -9n <"packaging/debian/$page" >"$root/usr/share/man/man1/$page.gz"
+    chmod 0644 "$root/usr/share/man/man1/$page.gz"
+done
 install -m 0644 packaging/debian/sysusers.conf "$root/usr/lib/sysusers.d/clipvisor.conf"
 install -m 0644 packaging/debian/copyright "$root/usr/share/doc/clipvisor/copyright"
 for doc in README.md docs/systemd.md docs/install.md; do
