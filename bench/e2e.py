@@ -14,8 +14,11 @@ Qwen2.5-VL rule: `video.indices`, `video.frames.shape`); the peers are asked for
           Audio: AudioResampler(format="flt", layout="mono", rate=16000).
   decord  VideoReader(path, width=, height=, num_threads=1).get_batch(indices).asnumpy();
           AudioReader(path, sample_rate=16000, mono=True)
+  torchcodec  VideoDecoder(path, dimension_order="NHWC", num_ffmpeg_threads=1|2, seek_mode="exact",
+          transforms=[Resize((h, w))]).get_frames_at(indices); AudioDecoder(path, sample_rate=16000,
+          num_channels=1).get_all_samples() (timed after `import torch`)
 clipvisor is also run with its default layout TCHW (same bytes, planar), for information:
-the worker converts THWC and TCHW differently (see docs/benchmarks.md).
+the worker converts THWC and TCHW differently (see docs/benchmark-method.md).
 Both peers run in this process, single-threaded, one clip at a time (a DataLoader worker), and again
 with 2 clips at a time on 2 threads (both release the GIL while decoding; one decoder thread each),
 or, for the one-clip workloads W3 and W4, with 2 decoder threads.
@@ -50,6 +53,18 @@ from media import natural_clip, small_clips  # noqa: E402
 
 import av  # noqa: E402
 import decord  # noqa: E402
+
+# torchcodec (imported here, before any timing: `import torch` costs seconds, which every training
+# process has paid already). `pip install --no-deps torchcodec==0.17.0` works against Debian's FFmpeg 5.1.
+try:
+    import torchcodec  # noqa: E402
+    from torchcodec.decoders import AudioDecoder as TorchcodecAudioDecoder  # noqa: E402
+    from torchcodec.decoders import VideoDecoder as TorchcodecVideoDecoder  # noqa: E402
+    from torchcodec.transforms import Resize as TorchcodecResize  # noqa: E402
+    HAVE_TORCHCODEC = True
+except ImportError as _missing:  # reported in the header line, never silently
+    HAVE_TORCHCODEC = False
+    TORCHCODEC_MISSING = str(_missing)
 
 import clipvisor  # noqa: E402
 
@@ -126,10 +141,26 @@ def decord_audio(job: Job, threads: int = 1) -> np.ndarray:
     return ar[:].asnumpy()
 
 
+def torchcodec_video(job: Job, threads: int = 1) -> np.ndarray:
+    """As torchcodec's users call it: exact seeking, the resize done in the decoder
+    (`transforms=[Resize((h, w))]`), the wanted indices in one `get_frames_at`."""
+    w, h = job.size
+    kw = dict(transforms=[TorchcodecResize((h, w))]) if (w, h) != job.native else {}
+    decoder = TorchcodecVideoDecoder(job.path, dimension_order="NHWC", num_ffmpeg_threads=threads, seek_mode="exact", **kw)
+    return decoder.get_frames_at(job.indices).data.numpy()
+
+
+def torchcodec_audio(job: Job, threads: int = 1) -> np.ndarray:
+    return TorchcodecAudioDecoder(job.path, sample_rate=16000, num_channels=1).get_all_samples().data.numpy()
+
+
 PEERS: Dict[str, Dict[str, Callable[[Job], np.ndarray]]] = {
     "video": {"PyAV": pyav_video, "decord": decord_video},
     "audio": {"PyAV": pyav_audio, "decord": decord_audio},
 }
+if HAVE_TORCHCODEC:
+    PEERS["video"]["torchcodec"] = torchcodec_video
+    PEERS["audio"]["torchcodec"] = torchcodec_audio
 
 
 # ---- runners -------------------------------------------------------------------------------
@@ -298,8 +329,9 @@ def main() -> None:
     bins = common.bin_dir(args.bin_dir)
     repeat = 1 if args.quick else args.repeat
     only = set(args.only.split(","))
+    tc = f"torchcodec {torchcodec.__version__}" if HAVE_TORCHCODEC else f"torchcodec NOT MEASURED ({TORCHCODEC_MISSING})"
     print(f"binaries {bins}; PyAV {av.__version__} (FFmpeg {'.'.join(map(str, av.library_versions['libavcodec']))} "
-          f"libavcodec); decord {decord.__version__}; numpy {np.__version__}")
+          f"libavcodec); decord {decord.__version__}; {tc}; numpy {np.__version__}")
     print(common.machine_line())
     w1_seconds = (10, 20) if args.quick else (10, 20, 40, 60)
     w1 = [natural_clip(s) for s in w1_seconds]

@@ -5,7 +5,7 @@
 
 The platform wheel is the pure one plus ``clipvisor/bin/clipvisor`` and
 ``clipvisor/bin/clipvisor-worker`` (mode 0755), a ``clipvisor`` console entry point
-(``clipvisor._cli:main``), ``Root-Is-Purelib: false`` and a platform tag; its version gets a
+(``clipvisor._cli:main``, next to the pure wheel's own entry points), ``Root-Is-Purelib: false`` and a platform tag; its version gets a
 local label naming the FFmpeg the worker links (``0.1.0+ffmpeg5``: libavcodec.so.59), because
 the FFmpeg libraries are the host's, not the wheel's. RECORD is recomputed. Only the standard
 library is used, so this runs wherever scripts/package.sh does.
@@ -77,11 +77,16 @@ def main() -> int:
         info.external_attr = (0o100755 << 16)
         info.compress_type = zipfile.ZIP_DEFLATED
         entries.append((info, data))
-    entry_points = "[console_scripts]\nclipvisor = clipvisor._cli:main\n"
+    # The pure wheel's entry points (clipvisor-scan) stay; `clipvisor` joins its console scripts.
+    old_points = [(i, d) for i, d in entries if i.filename == f"{new_info}/entry_points.txt"]
+    text = old_points[0][1].decode() if old_points else ""
+    if "[console_scripts]" not in text:
+        text = text.rstrip("\n") + ("\n\n" if text.strip() else "") + "[console_scripts]\n"
+    text = text.replace("[console_scripts]\n", "[console_scripts]\nclipvisor = clipvisor._cli:main\n", 1)
     info = zipfile.ZipInfo(f"{new_info}/entry_points.txt", date_time=(2020, 1, 1, 0, 0, 0))
     info.compress_type = zipfile.ZIP_DEFLATED
     entries = [(i, d) for i, d in entries if i.filename != f"{new_info}/entry_points.txt"]
-    entries.append((info, entry_points.encode()))
+    entries.append((info, text.encode()))
 
     record = [record_line(i.filename, d) for i, d in entries] + [f"{new_info}/RECORD,,"]
     info = zipfile.ZipInfo(f"{new_info}/RECORD", date_time=(2020, 1, 1, 0, 0, 0))

@@ -61,3 +61,15 @@ report=$(cd "$work" && unprivileged systemd-analyze security --offline=true --th
 }
 printf '%s\n' "$report" | grep -E '^(✗|→)' || true
 echo "check-systemd: security: ok (threshold $((threshold / 10)).$((threshold % 10)))"
+
+# The metrics drop-in (loopback TCP for Prometheus) must keep the score too.
+cp systemd/clipvisor.service.d/metrics.conf.example "$work/clipvisor.service.d/metrics.conf"
+chmod 644 "$work/clipvisor.service.d/metrics.conf"
+verify "units with metrics.conf" clipvisor.socket clipvisor.service
+report=$(cd "$work" && unprivileged systemd-analyze security --offline=true --threshold="$threshold" --no-pager clipvisor.service 2>&1) || {
+    printf '%s\n' "$report" >&2
+    echo "check-systemd: clipvisor.service with metrics.conf is exposed above $((threshold / 10)).$((threshold % 10))" >&2
+    exit 1
+}
+printf '%s\n' "$report" | grep -E '^→' || true
+echo "check-systemd: security with metrics.conf: ok"

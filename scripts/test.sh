@@ -17,6 +17,9 @@ echo "== swift test"
 # Serial: the supervisor tests measure deadlines and spawn many processes on small machines.
 swift test --skip-build --no-parallel
 
+echo "== python lint and types (ruff, mypy; config in clients/python/pyproject.toml)"
+(cd clients/python && python3 -m ruff check . && python3 -m mypy)
+
 echo "== python tests"
 export CLIPVISOR_BIN="$PWD/.build/debug/clipvisor"
 python3 -m pytest -q clients/python/tests

@@ -139,8 +139,6 @@ int cv_spawn_file_actions_addclosefrom(void *actions, int lowfd) {
     return posix_spawn_file_actions_addclosefrom_np((posix_spawn_file_actions_t *)actions, lowfd);
 }
 
-short cv_posix_spawn_setsid_flag(void) { return POSIX_SPAWN_SETSID; }
-
 int cv_affinity_cpu_count(void) {
     cpu_set_t set;
     CPU_ZERO(&set);
@@ -150,9 +148,9 @@ int cv_affinity_cpu_count(void) {
 
 int cv_epoll_create(void) { return epoll_create1(EPOLL_CLOEXEC); }
 
-int cv_epoll_ctl(int epfd, int op, int fd, int interest, uint64_t token) {
+int cv_epoll_ctl(int epfd, cv_epoll_op op, int fd, int interest, uint64_t token) {
     static const int ops[] = {EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLL_CTL_DEL};
-    if (op < 0 || op > 2) {
+    if ((int)op < 0 || (int)op > 2) {
         errno = EINVAL;
         return -1;
     }
@@ -249,19 +247,6 @@ const char *cv_signal_name(int sig) {
     return abbrev;
 }
 
-ssize_t cv_fd_real_path(int fd, char *buf, size_t size) {
-    char link[64];
-    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
-    if (size == 0) {
-        errno = ERANGE;
-        return -1;
-    }
-    ssize_t n = readlink(link, buf, size - 1);
-    if (n < 0) return -1;
-    buf[n] = 0;
-    return n;
-}
-
 int cv_waitid_pidfd(int pidfd, int *code, int *status) {
     siginfo_t info;
     memset(&info, 0, sizeof info);
@@ -280,4 +265,12 @@ int cv_unread_output_bytes(int fd) {
     int queued = 0;
     if (ioctl(fd, SIOCOUTQ, &queued) != 0) return -1;
     return queued;
+}
+
+int cv_terminal_size(int fd, int *rows, int *columns) {
+    struct winsize size;
+    if (ioctl(fd, TIOCGWINSZ, &size) != 0) return -1;
+    *rows = size.ws_row;
+    *columns = size.ws_col;
+    return 0;
 }

@@ -109,7 +109,7 @@ public struct DecodeArguments: ParsableArguments, Sendable {
         if let timestamps {
             var list: [JSONValue] = []
             for part in timestamps.split(separator: ",", omittingEmptySubsequences: false) {
-                let text = part.trimmingCharacters(in: " ")
+                let text = part.trimming(" ")
                 guard let value = Double(text) else {
                     throw FieldReader.invalid("timestamps", "'\(text)' is not a number")
                 }
@@ -154,11 +154,3 @@ public struct DecodeArguments: ParsableArguments, Sendable {
     }
 }
 
-extension Substring {
-    fileprivate func trimmingCharacters(in set: Character) -> String {
-        var s = self
-        while s.first == set { s.removeFirst() }
-        while s.last == set { s.removeLast() }
-        return String(s)
-    }
-}

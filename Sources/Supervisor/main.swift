@@ -16,7 +16,7 @@ struct Clipvisor: ParsableCommand {
         version: ClipvisorVersion.string,
         subcommands: [
             ServeCommand.self, DecodeCommand.self, ProbeCommand.self, StatusCommand.self, SkipsCommand.self,
-            ReloadCommand.self,
+            MetricsCommand.self, TopCommand.self, ReloadCommand.self,
         ])
 }
 

@@ -226,4 +226,33 @@ struct EngineTests {
         #expect(p["streams"]?.arrayValue?[0]["frame_count_source"] == "container")
         #expect(p["streams"]?.arrayValue?[1]["sample_rate"] == 44100)
     }
+
+    /// A "faststart" MP4 cut in half keeps its whole index (the `moov` comes first): the container
+    /// claims every frame, but only the packets inside the file can be read. Probe counts those,
+    /// as `ffprobe -count_packets` does, and keeps the claim in `container_frame_count`.
+    @Test func truncatedFaststartMP4CountsItsPackets() throws {
+        let dir = try Support.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let whole = dir + "/whole.mp4", cut = dir + "/cut.mp4"
+        try Support.ffmpeg([
+            "-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25:duration=4,noise=alls=20:allf=t",
+            "-c:v", "libx264", "-preset", "ultrafast", "-movflags", "+faststart", whole,
+        ])
+        let bytes = try Data(contentsOf: URL(fileURLWithPath: whole))
+        try bytes.prefix(bytes.count / 2).write(to: URL(fileURLWithPath: cut))
+        let full = try Support.probe(whole)
+        #expect(full["streams"]?.arrayValue?[0]["frame_count"] == 100)
+        #expect(full["streams"]?.arrayValue?[0]["frame_count_source"] == "container")
+        let p = try Support.probe(cut)
+        let stream = try #require(p["streams"]?.arrayValue?[0])
+        #expect(stream["container_frame_count"] == 100)
+        #expect(stream["frame_count_source"] == "packets")
+        let counted = try #require(stream["frame_count"]?.intValue)
+        #expect(counted > 0 && counted < 100, "counted \(counted)")
+        #expect(p["source"]?["frame_count"]?.intValue == counted)
+        // ffprobe reads the same packets.
+        let r = try Support.run(["ffprobe", "-v", "error", "-count_packets", "-select_streams", "v:0",
+                                 "-show_entries", "stream=nb_read_packets", "-of", "csv=p=0", cut])
+        #expect(Int(r.stdout.trimmingCharacters(in: .whitespacesAndNewlines)) == counted)
+    }
 }

@@ -139,9 +139,14 @@ final class SystemdTests {
             environment: ["CLIPVISOR_SOCKET": directory.file("not-this-one.sock")], serve: false)
         defer { service.kill() }
         // systemd-socket-activate listens first and execs clipvisor on the first connection.
+        // It binds (the file appears) before it listens: a connection in between is refused.
         let until = Date().addingTimeInterval(10)
-        while !FileManager.default.fileExists(atPath: socketPath), Date() < until { usleep(20_000) }
-        let client = try SupervisorClient.connect(candidates: [socketPath], timeoutMs: 10_000)
+        var connected: SupervisorClient?
+        while connected == nil, Date() < until {
+            connected = try? SupervisorClient.connect(candidates: [socketPath], timeoutMs: 10_000)
+            if connected == nil { usleep(20_000) }
+        }
+        let client = try #require(connected, "\(service.stderr)")
         #expect(try client.decode(goodClip).0["ok"]?.boolValue == true)
         let status = try client.call(["op": "status"], timeoutMs: 5000).0["status"]
         #expect(status?["socket"]?.stringValue == socketPath)
@@ -189,7 +194,7 @@ final class SystemdTests {
         #expect(entry["CLIENT_UID"] == String(getuid()))
         #expect(entry["PRIORITY"] == "4")
         #expect(entry["SYSLOG_IDENTIFIER"] == "clipvisor")
-        #expect(entry["MESSAGE_ID"] == JournalSkipAnnouncer.messageID)
+        #expect(entry["MESSAGE_ID"] == SkipRecord.journalMessageID)
         #expect(entry["MESSAGE"]?.contains(missing) == true, "\(entry)")
         #expect(journal.messages.filter { $0.journal["SKIP_REASON"] != nil }.count == 1)
 
@@ -240,8 +245,7 @@ final class SystemdTests {
         record.clientUID = 1000
         record.size = 123
         let fields = Dictionary(
-            JournalSkipAnnouncer.fields(record, DecodeFailure(.timeout, "/d/x.mp4: no answer", path: "/d/x.mp4")),
-            uniquingKeysWith: { a, _ in a })
+            record.logMetadata.map { (Journal.fieldName($0.key), "\($0.value)") }, uniquingKeysWith: { a, _ in a })
         #expect(fields["SKIP_REASON"] == "timeout" && fields["CLIP_PATH"] == "/d/x.mp4")
         #expect(fields["ELAPSED_MS"] == "5004" && fields["DEADLINE_MS"] == "5000" && fields["REQUEST_ID"] == "7")
         #expect(fields["CLIENT_PID"] == "42" && fields["CLIENT_UID"] == "1000" && fields["CLIP_SIZE"] == "123")

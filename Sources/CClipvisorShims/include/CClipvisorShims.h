@@ -56,9 +56,6 @@ int cv_landlock_forbid_writes(void);
 /// never inherits another client's connection (hidden by _GNU_SOURCE).
 int cv_spawn_file_actions_addclosefrom(void *actions, int lowfd);
 
-/// POSIX_SPAWN_SETSID is hidden by _GNU_SOURCE; the value is returned for posix_spawnattr_setflags.
-short cv_posix_spawn_setsid_flag(void);
-
 /// The number of CPUs in this process's affinity mask (CPU_COUNT is a macro).
 int cv_affinity_cpu_count(void);
 
@@ -78,9 +75,17 @@ enum {
     CV_INTEREST_NO_READ = 2,
 };
 
-/// epoll_ctl(2): `op` 0 adds, 1 modifies, 2 removes, watching what `interest` says, with a
-/// 64-bit token as the event's data. Hang-ups and errors are always reported.
-int cv_epoll_ctl(int epfd, int op, int fd, int interest, uint64_t token);
+/// The epoll_ctl(2) operations, named (EPOLL_CTL_* live in sys/epoll.h, which Swift's Glibc
+/// module does not include).
+typedef enum {
+    CV_EPOLL_ADD = 0,
+    CV_EPOLL_MODIFY = 1,
+    CV_EPOLL_REMOVE = 2,
+} cv_epoll_op;
+
+/// epoll_ctl(2) with `op`, watching what `interest` says, with a 64-bit token as the event's
+/// data. Hang-ups and errors are always reported.
+int cv_epoll_ctl(int epfd, cv_epoll_op op, int fd, int interest, uint64_t token);
 
 /// epoll_wait(2) returning tokens and CV_EVENT_* bits as parallel arrays; struct epoll_event
 /// is packed on x86_64 and its data union does not import cleanly.
@@ -122,9 +127,6 @@ int cv_spawnattr_reset_signals(void *attr);
 /// strsignal-like short name ("SIGSEGV"); sigabbrev_np is hidden by _GNU_SOURCE.
 const char *_Nullable cv_signal_name(int sig);
 
-/// The real path of an open fd through /proc/self/fd (readlink), NUL-terminated; -1 on error.
-ssize_t cv_fd_real_path(int fd, char *buf, size_t size);
-
 /// waitid(P_PIDFD, WEXITED|WNOHANG): reaps the child behind `pidfd` if it has exited.
 /// Returns 1 when reaped (`*code` is CLD_EXITED/CLD_KILLED/CLD_DUMPED and `*status` the exit
 /// code or signal), 0 when it is still running, -1 with errno on error. siginfo_t's union does
@@ -136,6 +138,10 @@ int cv_cld_exited(void);
 
 /// The process environment (`environ` is declared only under _GNU_SOURCE), for posix_spawn.
 char *_Nullable *_Nonnull cv_environ(void);
+
+/// ioctl(TIOCGWINSZ): the terminal's rows and columns (`clipvisor top`); ioctl is variadic and
+/// does not import into Swift. Returns 0, or -1 with errno when `fd` is not a terminal.
+int cv_terminal_size(int fd, int *rows, int *columns);
 
 #pragma clang assume_nonnull end
 #endif

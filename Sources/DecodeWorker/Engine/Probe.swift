@@ -11,7 +11,8 @@ import Shared
 /// Frame counts come from the container when its count is reliable (MP4/AVI with an index
 /// that matches `nb_frames` and holds no edit-list preroll), else from a pass over the packets
 /// (no decoding): `frame_count_source` says which, and `container_frame_count` keeps the
-/// container's own claim so that a disagreement is visible.
+/// container's own claim so that a disagreement is visible. An index that points past the end of
+/// the file (a truncated "faststart" MP4) is not reliable: its packets are counted instead.
 enum Prober {
     static func probe(path: String, displayPath: String) throws(DecodeFailure) -> JSONValue {
         FFLog.install()
@@ -52,7 +53,8 @@ enum Prober {
                 if st.pointee.nb_frames > 0 { fields["container_frame_count"] = .number(Double(st.pointee.nb_frames)) }
                 if cffmpeg_stream_is_encrypted(st) != 0 { fields["encrypted"] = true }
                 if !attached {
-                    if StreamInfo.containerCountIsReliable(st) {
+                    if StreamInfo.containerCountIsReliable(st),
+                        StreamInfo.indexLiesWithinFile(st, fileSize: demuxer.fileSize.map { Int64($0) }) {
                         fields["frame_count"] = .number(Double(st.pointee.nb_frames))
                         fields["frame_count_source"] = "container"
                     } else {

@@ -59,6 +59,20 @@ enum StreamInfo {
         return true
     }
 
+    /// Whether every index entry of the stream lies inside a file of `fileSize` bytes. An index
+    /// that points past the end (an MP4 cut short after its `moov`: "faststart" files truncated in
+    /// transfer) promises packets that the demuxer cannot read, so its count is not the file's.
+    static func indexLiesWithinFile(_ st: UnsafeMutablePointer<AVStream>, fileSize: Int64?) -> Bool {
+        guard let fileSize, fileSize > 0 else { return true }
+        let entries = avformat_index_get_entries_count(st)
+        var end: Int64 = 0
+        for i in 0..<entries {
+            guard let entry = avformat_index_get_entry(st, i) else { return false }
+            end = max(end, entry.pointee.pos + Int64(entry.pointee.size))
+        }
+        return end <= fileSize
+    }
+
     /// The source description of a result: container, size, video and audio stream basics.
     static func source(_ demuxer: Demuxer, video: Int?, table: FrameTable?, audio: Int? = nil) -> SourceInfo {
         var info = SourceInfo()

@@ -26,7 +26,7 @@ struct Faults: Sendable, Equatable {
         var faults = Faults()
         for item in text.split(separator: ",") {
             let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
-            let key = parts[0].trimmingSpaces
+            let key = parts[0].trimming(" ")
             let value = parts.count > 1 ? parts[1] : ""
             switch key {
             case "crash-on" where !value.isEmpty: faults.crashOn.append(value)
@@ -95,11 +95,3 @@ struct Faults: Sendable, Equatable {
     }
 }
 
-extension String {
-    fileprivate var trimmingSpaces: String {
-        var s = Substring(self)
-        while s.first == " " { s.removeFirst() }
-        while s.last == " " { s.removeLast() }
-        return String(s)
-    }
-}

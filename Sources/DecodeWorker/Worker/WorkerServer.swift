@@ -17,8 +17,6 @@ final class WorkerServer {
         var landlock: WorkerMessage.LandlockMode
     }
 
-    static let protocolVersion = 1
-
     private let config: Configuration
     private let faults: Faults
     private let control: FileDescriptor
@@ -46,14 +44,12 @@ final class WorkerServer {
             logLine("cannot start: \(error.description)")
             return WorkerMessage.ExitCode.sandbox.rawValue
         }
-        var ready: [String: JSONValue] = [
-            "op": "ready", "pid": .number(Double(getpid())), "protocol": .number(Double(Self.protocolVersion)),
-            "version": .string(WorkerCommand.version), "landlock": .number(Double(landlock.abi)),
-        ]
-        // Said to the supervisor, which tells the operator once, not once per worker.
-        if let problem = landlock.problem { ready["landlock_problem"] = .string(problem) }
+        // The Landlock problem is said to the supervisor, which tells the operator once.
+        let ready = WorkerReply.ready(.init(
+            pid: getpid(), protocolVersion: ClipvisorVersion.workerProtocol, version: WorkerCommand.version,
+            landlockABI: Int(landlock.abi), landlockProblem: landlock.problem))
         // A supervisor that closed the channel before we were ready is shutting down: leave quietly.
-        guard send(.object(ready), fd: nil, quietOnClosedPeer: true) else { return WorkerMessage.ExitCode.recycled.rawValue }
+        guard send(ready.json, fd: nil, quietOnClosedPeer: true) else { return WorkerMessage.ExitCode.recycled.rawValue }
 
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: WorkerMessage.maxSize + 1, alignment: 16)
         defer { buffer.deallocate() }
@@ -69,81 +65,73 @@ final class WorkerServer {
                 logLine("control socket: message truncated or above \(WorkerMessage.maxSize) bytes")
                 return WorkerMessage.ExitCode.protocolError.rawValue
             }
-            let message: JSONValue
-            do { message = try JSONValue.parse(UnsafeRawBufferPointer(rebasing: buffer[0..<received.count])) } catch {
-                logLine("control socket: \(error.message)")
+            let job: WorkerJob
+            do {
+                job = try WorkerJob(json: try JSONValue.parse(UnsafeRawBufferPointer(rebasing: buffer[0..<received.count])))
+            } catch let error as WorkerProtocolError {
+                logLine("control socket: \(error)")
+                return WorkerMessage.ExitCode.protocolError.rawValue
+            } catch {
+                logLine("control socket: \(error)")
                 return WorkerMessage.ExitCode.protocolError.rawValue
             }
-            guard let op = message["op"]?.stringValue, op == "decode" || op == "probe",
-                let job = message["job"]?.intValue
-            else {
-                logLine("control socket: not a job message: \(String(message.jsonString.prefix(200)))")
-                return WorkerMessage.ExitCode.protocolError.rawValue
-            }
-            let (reply, block) = handle(op: op, job: job, message: message, passed: passed)
-            guard let delivered = deliver(reply, block: block, job: job, path: message["path"]?.stringValue ?? "") else {
-                return WorkerMessage.ExitCode.protocolError.rawValue
-            }
-            if delivered["exiting"]?.boolValue == true { return WorkerMessage.ExitCode.recycled.rawValue }
+            let (outcome, block, exiting) = handle(job, passed: passed)
+            guard let delivered = deliver(.done(job: job.id, outcome: outcome, exiting: exiting), block: block, path: job.path)
+            else { return WorkerMessage.ExitCode.protocolError.rawValue }
+            if case .done(_, _, true) = delivered { return WorkerMessage.ExitCode.recycled.rawValue }
         }
     }
 
-    /// Runs one job and builds its `done` reply (with the block to attach, for a decode).
-    func handle(op: String, job: Int, message: JSONValue, passed: OwnedFD?) -> (JSONValue, OwnedFD?) {
+    /// Runs one job: its outcome, the block to attach for a decode, and whether the worker exits
+    /// after the reply (its quota is reached, or the job failed and may have left state behind).
+    func handle(_ job: WorkerJob, passed: OwnedFD?) -> (WorkerReply.Outcome, OwnedFD?, exiting: Bool) {
         served += 1
         let quotaReached = config.maxClips.map { served >= $0 } ?? false
-        func failed(_ failure: DecodeFailure) -> (JSONValue, OwnedFD?) {
-            (["op": "done", "job": .number(Double(job)), "ok": false, "error": failure.json, "exiting": true], nil)
+        func failed(_ failure: DecodeFailure) -> (WorkerReply.Outcome, OwnedFD?, exiting: Bool) {
+            (.failed(failure), nil, true)
         }
-        let name = message["path"]?.stringValue ?? ""
+        let name = job.path
         let openPath: String
-        if message["fd"]?.boolValue == true {
+        if job.passesFD {
             guard let fd = passed?.fd else {
                 return failed(DecodeFailure(.invalidRequest, "\(name): the job says fd but no fd came with it", path: name, detail: "fd"))
             }
             openPath = "/proc/self/fd/\(fd.rawValue)"
         } else {
             guard !name.isEmpty else {
-                return failed(DecodeFailure(.invalidRequest, "job \(job) has no path", detail: "path"))
+                return failed(DecodeFailure(.invalidRequest, "job \(job.id) has no path", detail: "path"))
             }
             openPath = name
         }
         let displayPath = name.isEmpty ? openPath : name
         let identity = FileIdentity(path: openPath)
         if faults.lies(about: displayPath) {
-            // A size no Int64 holds, then a success without its block.
-            _ = send(["op": "started", "job": .number(Double(job)), "size": 1e300, "mtime": .null], fd: nil)
-            return (["op": "done", "job": .number(Double(job)), "ok": true, "result": [:], "block_bytes": 1000, "exiting": false], nil)
+            // A size no Int64 holds, then a success without its block: raw JSON, since the typed
+            // messages cannot say these things.
+            _ = send(["op": "started", "job": .number(Double(job.id)), "size": 1e300, "mtime": .null], fd: nil)
+            return (.decoded(blockBytes: 1000), nil, false)
         }
-        _ = send(["op": "started", "job": .number(Double(job)), "size": identity?.sizeJSON ?? .null, "mtime": identity?.mtimeJSON ?? .null], fd: nil)
-        if let roots = message["roots"]?.arrayValue?.compactMap(\.stringValue), !roots.isEmpty,
-            let failure = PathPolicy(roots: roots).check(openPath: openPath, displayPath: displayPath)
-        {
+        _ = send(WorkerReply.started(job: job.id, size: identity?.size, mtime: identity?.mtime).json, fd: nil)
+        if !job.roots.isEmpty, let failure = PathPolicy(roots: job.roots).check(openPath: openPath, displayPath: displayPath) {
             return failed(failure)
         }
-        if let entry = message["quarantine"], let identity, identity.matches(entry) {
-            let reason = entry["reason"]?.stringValue ?? "failed"
-            let since = entry["since"]?.stringValue ?? "earlier"
+        if let entry = job.quarantine, let identity, identity.matches(entry) {
+            let reason = entry.reason.rawValue
             let failure = DecodeFailure(
                 .quarantined,
-                "\(displayPath): quarantined: it \(reason == "timeout" ? "timed out repeatedly" : reason) (since \(since)) and the file is unchanged; lift with `clipvisor skips --forget \(displayPath)`",
+                "\(displayPath): quarantined: it \(entry.reason == .timeout ? "timed out repeatedly" : reason) (since \(entry.since)) and the file is unchanged; lift with `clipvisor skips --forget \(displayPath)`",
                 path: displayPath, detail: reason)
-            return (["op": "done", "job": .number(Double(job)), "ok": false, "error": failure.json, "exiting": .bool(quotaReached)], nil)
+            // Nothing was decoded, so nothing can have been left behind: the worker stays.
+            return (.failed(failure), nil, quotaReached)
         }
         if let failure = faults.trigger(path: displayPath) { return failed(failure) }
         do {
-            switch op {
-            case "probe":
-                let probe = try Prober.probe(path: openPath, displayPath: displayPath)
-                return (["op": "done", "job": .number(Double(job)), "ok": true, "probe": probe, "exiting": .bool(quotaReached)], nil)
-            default:
-                let options = try DecodeOptions(json: message["options"]?.objectValue ?? [:])
+            switch job.operation {
+            case .probe:
+                return (.probed(try Prober.probe(path: openPath, displayPath: displayPath)), nil, quotaReached)
+            case .decode(let options):
                 let clip = try ClipDecoder.decode(ClipRequest(path: openPath, displayPath: displayPath, options: options))
-                let reply: JSONValue = [
-                    "op": "done", "job": .number(Double(job)), "ok": true, "result": JSONCoding.encode(clip.result),
-                    "block_bytes": .number(Double(clip.blockBytes)), "exiting": .bool(quotaReached),
-                ]
-                return (reply, clip.block)
+                return (.decoded(blockBytes: clip.blockBytes), clip.block, quotaReached)
             }
         } catch {
             return failed(error)
@@ -154,8 +142,9 @@ final class WorkerServer {
     /// cannot travel for reasons of its own (too big for the channel; the service user's fds in
     /// flight at their limit) is replaced by an error reply, so the clip is answered with the
     /// cause instead of the worker dying and the clip being counted as a crash.
-    private func deliver(_ reply: JSONValue, block: OwnedFD?, job: Int, path: String) -> JSONValue? {
-        let bytes = reply.serialized()
+    private func deliver(_ reply: WorkerReply, block: OwnedFD?, path: String) -> WorkerReply? {
+        guard case .done(let job, _, _) = reply else { return send(reply.json, fd: nil) ? reply : nil }
+        let bytes = reply.json.serialized()
         let failure: DecodeFailure
         do {
             let sent = try bytes.withUnsafeBytes { raw throws(Errno) in try SocketIO.send(control, raw, passing: block?.fd) }
@@ -171,8 +160,8 @@ final class WorkerServer {
             logLine("control socket: sending \(bytes.count) bytes: \(error)")
             return nil
         }
-        let replacement: JSONValue = ["op": "done", "job": .number(Double(job)), "ok": false, "error": failure.json, "exiting": true]
-        return send(replacement, fd: nil) ? replacement : nil
+        let replacement = WorkerReply.done(job: job, outcome: .failed(failure), exiting: true)
+        return send(replacement.json, fd: nil) ? replacement : nil
     }
 
     private func send(_ value: JSONValue, fd: FileDescriptor?, quietOnClosedPeer: Bool = false) -> Bool {
@@ -207,16 +196,13 @@ struct FileIdentity: Equatable {
         mtime = Double(info.st_mtim.tv_sec) + Double(info.st_mtim.tv_nsec) / 1e9
     }
 
-    var sizeJSON: JSONValue { .number(Double(size)) }
-    var mtimeJSON: JSONValue { .number(mtime) }
-
     /// Whether a quarantine entry's size and mtime (as the supervisor recorded them) are ours.
-    func matches(_ entry: JSONValue) -> Bool {
-        guard let size = entry["size"]?.doubleValue, let mtime = entry["mtime"]?.doubleValue else {
+    func matches(_ entry: WorkerJob.Quarantine) -> Bool {
+        guard let size = entry.size, let mtime = entry.mtime else {
             // Nothing was known about the file when it failed: only the path identifies it.
-            return entry["size"] == .null || entry["size"] == nil
+            return entry.size == nil
         }
-        return Int64(size) == self.size && abs(mtime - self.mtime) < 1e-6
+        return size == self.size && abs(mtime - self.mtime) < 1e-6
     }
 }
 

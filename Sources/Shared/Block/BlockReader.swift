@@ -1,4 +1,5 @@
 import CZstd
+import SystemPackage
 
 /// The header of a block: its tensors and the decode result it carries.
 public struct BlockHeader: Sendable, Equatable {
@@ -158,6 +159,43 @@ public enum BlockReader {
             guard n == frame.decompressedSize else { throw BlockError("frame at byte \(frame.offset) is short") }
             out += n
         }
+    }
+
+    /// The header alone, read from a block's fd with two preads: the supervisor forwards the
+    /// result it carries (it travels once, in the block) without mapping the block. Checks the
+    /// magic numbers, the sizes against `blockBytes`, and the header's CRC32; the rest of the
+    /// block is for its reader to check.
+    public static func header(of fd: FileDescriptor, blockBytes: Int) throws(BlockError) -> BlockHeader {
+        var prefix = [UInt8](repeating: 0, count: BlockFormat.headerPrefixSize)
+        guard blockBytes >= prefix.count, readFully(fd, into: &prefix, at: 0) else {
+            throw BlockError("cannot read the block's header frame")
+        }
+        let (magic, size, payloadMagic, crc) = prefix.withUnsafeBytes { bytes in
+            (bytes.readLE32(at: 0), bytes.readLE32(at: 4).map(Int.init), Array(bytes[8..<12]), bytes.readLE32(at: 12))
+        }
+        guard magic == BlockFormat.headerFrameMagic else { throw BlockError("no header frame (bad magic number at byte 0)") }
+        guard let payload = size, payload >= 8, payload <= BlockFormat.maxHeaderBytes, payload + 8 <= blockBytes else {
+            throw BlockError("header frame size is out of bounds")
+        }
+        guard payloadMagic == BlockFormat.headerPayloadMagic else { throw BlockError("header payload magic is not CVB1") }
+        var json = [UInt8](repeating: 0, count: payload - 8)
+        guard readFully(fd, into: &json, at: Int64(BlockFormat.headerPrefixSize)) else {
+            throw BlockError("cannot read the block's header")
+        }
+        guard json.withUnsafeBytes({ CRC32.checksum($0) }) == crc else { throw BlockError("header CRC32 mismatch") }
+        return try json.withUnsafeBytes { bytes in Result { () throws(BlockError) in try parseHeader(bytes) } }.get()
+    }
+
+    private static func readFully(_ fd: FileDescriptor, into buffer: inout [UInt8], at offset: Int64) -> Bool {
+        var done = 0
+        while done < buffer.count {
+            let n = buffer.withUnsafeMutableBytes { raw in
+                try? fd.read(fromAbsoluteOffset: offset + Int64(done), into: UnsafeMutableRawBufferPointer(rebasing: raw[done...]))
+            }
+            guard let n, n > 0 else { return false }
+            done += n
+        }
+        return true
     }
 
     /// Validates and decompresses every tensor.

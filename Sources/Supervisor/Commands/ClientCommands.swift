@@ -59,14 +59,20 @@ enum StatusReport {
             "clipvisor \(status["version"]?.stringValue ?? "?") pid \(number(status["pid"])), \(status["phase"]?.stringValue ?? "?"), up \(number(status["uptime_s"])) s, socket \(status["socket"]?.stringValue ?? "?")")
         let workers = status["workers"]
         lines.append(
-            "workers: \(number(workers?["live"])) live (\(number(workers?["target"])) decoding at most, \(number(workers?["spare"])) spare), recycled after \(number(workers?["clips_per_worker"])) clips")
+            "workers: \(number(workers?["live"])) live (\(number(workers?["target"])) decoding at most, \(number(workers?["spare"])) spare, at most \(number(workers?["max"])) processes), recycled after \(number(workers?["clips_per_worker"])) clips")
+        if let stalled = workers?["stalled"]?.intValue, stalled > 0 {
+            lines.append("  \(stalled) blocked in I/O (no CPU): their slots are lent to other clips until they resume or reach their deadline")
+        }
         if let error = workers?["last_start_error"]?.stringValue {
             lines.append("  last start failure: \(error) (\(number(workers?["consecutive_start_failures"])) in a row)")
         }
         if let sandbox = status["sandbox"], let line = sandboxLine(sandbox) { lines.append(line) }
         for worker in workers?["list"]?.arrayValue ?? [] {
             var line = "  pid \(number(worker["pid"]))  \(worker["state"]?.stringValue ?? "?")  clips \(number(worker["clips_done"]))"
-            if let clip = worker["clip"]?.stringValue { line += "  \(clip) (\(number(worker["busy_ms"])) ms)" }
+            if let clip = worker["clip"]?.stringValue {
+                line += "  \(clip) (\(number(worker["busy_ms"])) of \(number(worker["deadline_ms"])) ms, \(number(worker["cpu_s"])) CPU-s"
+                line += worker["stalled"]?.boolValue == true ? ", BLOCKED: slot lent)" : ")"
+            }
             lines.append(line)
         }
         let queue = status["queue"]
@@ -82,6 +88,10 @@ enum StatusReport {
             let health = log["healthy"]?.boolValue == true ? "ok" : "NOT WRITABLE: \(log["problem"]?.stringValue ?? "?")"
             lines.append("skip log: \(log["path"]?.stringValue ?? "?") (\(health)), \(number(log["quarantined"])) quarantined")
         }
+        var metrics: [String] = []
+        if let listen = status["metrics"]?["listen"]?.stringValue { metrics.append("http://\(listen)/metrics") }
+        if let file = status["metrics"]?["textfile"]?.stringValue { metrics.append("textfile \(file)") }
+        lines.append("metrics: " + (metrics.isEmpty ? "`clipvisor metrics` (no listener or textfile configured)" : metrics.joined(separator: ", ")))
         return lines.joined(separator: "\n")
     }
 }
@@ -110,13 +120,10 @@ final class EmbeddedSupervisor {
         directory = String(cString: made)
         socketPath = "\(directory)/clipvisor.sock"
         let executable = ServeConfiguration.siblingWorker().replacingSuffix("clipvisor-worker", with: "clipvisor")
-        let argv = [executable, "serve", "--socket", socketPath, "--log-level", "warning"] + extraArguments
-        var cArguments: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
-        defer { for pointer in cArguments { free(pointer) } }
-        var child: pid_t = 0
-        let rc = posix_spawn(&child, executable, nil, nil, &cArguments, cv_environ())
-        guard rc == 0 else { throw SupervisorClient.Failure("cannot start an embedded supervisor: \(Errno(rawValue: rc))") }
-        pid = child
+        switch Spawn.start(executable, ["serve", "--socket", socketPath, "--log-level", "warning"] + extraArguments) {
+        case .success(let child): pid = child
+        case .failure(let error): throw SupervisorClient.Failure("cannot start an embedded supervisor: \(error)")
+        }
     }
 
     /// Connects once the embedded supervisor accepts (within `timeoutMs`).

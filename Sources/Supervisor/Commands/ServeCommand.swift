@@ -43,124 +43,121 @@ struct ServeCommand: ParsableCommand {
     @Option(help: ArgumentHelp("TOML config file; flags override it (e.g. /etc/clipvisor/clipvisor.toml).", valueName: "path"))
     var config: String?
 
-    @Option(help: ArgumentHelp("Unix socket to listen on (ignored when systemd passes one).", valueName: "path"))
+    @Flag(help: "Print an example config file with every knob, its meaning and its default, and exit.")
+    var printExampleConfig = false
+
+    /// For docs/configuration.md.
+    @Flag(help: .hidden)
+    var printConfigTable = false
+
+    // The knobs: each one's text, default and checks live in ConfigKey.table (ConfigTable.swift);
+    // `flagValues` finds these properties by name, so a knob is declared here and there only.
+
+    @Option(help: Self.knob("socket", "path"))
     var socket: String?
 
-    @Option(name: .customLong("root"), help: ArgumentHelp(
-        "A data root; repeat for several. Requests outside every root are refused (default: none, no path policy).",
-        valueName: "path"))
+    @Option(name: .customLong("root"), help: Self.knob("roots", "path"))
     var roots: [String] = []
 
-    @Option(help: ArgumentHelp("The clipvisor-worker executable (default: next to this one).", valueName: "path"))
+    @Option(help: Self.knob("worker", "path"))
     var worker: String?
 
-    @Option(help: "Decode workers (default: CPUs available to this process, from the affinity mask and cgroup quota).")
+    @Option(help: Self.knob("workers"))
     var workers: Int?
 
-    @Option(help: """
-        Idle workers kept ready beyond --workers, so a clip never waits for a replacement after a \
-        kill or a recycle; at most --workers decode at once (default: 2: kills often come in bursts, when a batch of clips shares one deadline).
-        """)
+    @Option(help: Self.knob("spare_workers"))
     var spareWorkers: Int?
 
-    @Option(help: "A worker is replaced after this many clips, bounding leaks in codecs (default: 100).")
+    @Option(help: Self.knob("max_workers"))
+    var maxWorkers: Int?
+
+    @Option(help: Self.knob("clips_per_worker"))
     var clipsPerWorker: Int?
 
-    @Option(help: ArgumentHelp("Default per-clip deadline, seconds (default: 30).", valueName: "seconds"))
+    @Option(help: Self.knob("deadline", "seconds"))
     var deadline: Double?
 
-    @Option(help: ArgumentHelp("Largest deadline a request may ask for, seconds (default: 600).", valueName: "seconds"))
+    @Option(help: Self.knob("max_deadline", "seconds"))
     var maxDeadline: Double?
 
-    @Option(help: "Clips that may wait for a worker; beyond it requests are answered `overloaded` (default: 4096).")
+    @Option(help: Self.knob("queue_limit"))
     var queueLimit: Int?
 
-    @Option(help: ArgumentHelp(
-        "How long a clip may wait for a worker before it is answered `overloaded`, seconds (default: 60).", valueName: "seconds"))
+    @Option(help: Self.knob("queue_wait", "seconds"))
     var queueWait: Double?
 
-    @Option(help: ArgumentHelp("Address-space limit of each worker (RLIMIT_AS), MiB (default: 16384).", valueName: "MiB"))
+    @Option(help: Self.knob("worker_memory", "MiB"))
     var workerMemory: Int?
 
-    @Option(help: ArgumentHelp(
-        "CPU-time limit of each worker over its life (RLIMIT_CPU), seconds (default: 3600).", valueName: "seconds"))
+    @Option(help: Self.knob("worker_cpu_seconds", "seconds"))
     var workerCpuSeconds: Int?
 
-    @Option(help: "Open-file limit of each worker (RLIMIT_NOFILE) (default: 256).")
+    @Option(help: Self.knob("worker_open_files"))
     var workerOpenFiles: Int?
 
-    @Option(help: ArgumentHelp("""
-        The workers' Landlock write ban: auto (apply it where the kernel and the container allow it; where a \
-        seccomp filter or the kernel refuses it, decode with the remaining limits and say so once in the log and in \
-        `status`), required (decode nothing without it), off (debugging only). no_new_privs and the resource \
-        limits always apply (default: auto).
-        """, valueName: "mode"))
+    @Option(help: Self.knob("sandbox", "mode"))
     var sandbox: String?
 
     @Flag(help: "Same as --sandbox off.")
     var noSandbox = false
 
-    @Option(help: "Refuse sources with more pixels per frame than this, `too_large` (default: 67108864, 8192×8192).")
+    @Option(help: Self.knob("max_source_pixels"))
     var maxSourcePixels: Int?
 
-    @Option(help: ArgumentHelp(
-        "Refuse clips whose tensors would exceed this many bytes, `too_large` (default: 2147483648, 2 GiB).", valueName: "bytes"))
+    @Option(help: Self.knob("max_output_bytes", "bytes"))
     var maxOutputBytes: Int?
 
-    @Option(help: ArgumentHelp(
-        "Bytes of finished blocks held for slow clients before dispatch pauses (default: workers × max output).",
-        valueName: "bytes"))
+    @Option(help: Self.knob("memory_budget", "bytes"))
     var memoryBudget: Int?
 
-    @Option(help: ArgumentHelp("On SIGTERM, how long clips in flight may finish, seconds (default: 10).", valueName: "seconds"))
+    @Option(help: Self.knob("grace", "seconds"))
     var grace: Double?
 
-    @Option(help: ArgumentHelp(
-        "Skip log (default $STATE_DIRECTORY/skips.jsonl, else $XDG_STATE_HOME/clipvisor/skips.jsonl, else ~/.local/state/clipvisor/skips.jsonl).",
-        valueName: "path"))
+    @Option(help: Self.knob("skip_log", "path"))
     var skipLog: String?
 
-    @Option(help: "Timeouts of an unchanged file before it is quarantined; a crash or OOM quarantines at once (default: 2).")
+    @Option(help: Self.knob("quarantine_timeouts"))
     var quarantineTimeouts: Int?
 
-    @Option(help: ArgumentHelp("How long quarantine lasts, e.g. 7d, 12h (default: 7d).", valueName: "duration"))
+    @Option(help: Self.knob("quarantine_expiry", "duration"))
     var quarantineExpiry: String?
 
-    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical (default: info).")
+    @Option(help: Self.knob("quarantine_import", "path"))
+    var quarantineImport: String?
+
+    @Option(help: Self.knob("log_level", "level"))
     var logLevel: String?
 
-    @Option(help: ArgumentHelp(
-        "Where logs go: auto (the journal when stderr is the journal's stream), journal, stderr (default: auto).",
-        valueName: "target"))
+    @Option(help: Self.knob("log_target", "target"))
     var logTarget: String?
 
-    /// The flags that were given, keyed by config-file key (`ConfigKey`).
+    @Option(help: Self.knob("metrics_listen", "address"))
+    var metricsListen: String?
+
+    @Option(help: Self.knob("metrics_textfile", "path"))
+    var metricsTextfile: String?
+
+    @Option(help: Self.knob("metrics_interval", "seconds"))
+    var metricsInterval: Double?
+
+    /// A knob's --help: the table's text and default.
+    static func knob(_ name: String, _ valueName: String? = nil) -> ArgumentHelp {
+        let key = ConfigKey.named(name)
+        return ArgumentHelp("\(key.help) (default: \(key.defaultText))", valueName: valueName)
+    }
+
+    /// The knobs given as flags, keyed by config-file key: every `@Option` property whose name
+    /// is a knob's (`maxWorkers` → `max_workers`), found by reflection so that no knob is listed
+    /// twice. `--no-sandbox` is `sandbox = "off"`.
     var flagValues: [String: ConfigValue] {
         var values: [String: ConfigValue] = [:]
-        func put(_ name: String, _ value: ConfigValue?) { if let value { values[name] = value } }
-        put("socket", socket.map { .string($0) })
-        put("roots", roots.isEmpty ? nil : .strings(roots))
-        put("worker", worker.map { .string($0) })
-        put("workers", workers.map { .integer($0) })
-        put("spare_workers", spareWorkers.map { .integer($0) })
-        put("clips_per_worker", clipsPerWorker.map { .integer($0) })
-        put("deadline", deadline.map { .number($0) })
-        put("max_deadline", maxDeadline.map { .number($0) })
-        put("queue_limit", queueLimit.map { .integer($0) })
-        put("queue_wait", queueWait.map { .number($0) })
-        put("worker_memory", workerMemory.map { .integer($0) })
-        put("worker_cpu_seconds", workerCpuSeconds.map { .integer($0) })
-        put("worker_open_files", workerOpenFiles.map { .integer($0) })
-        put("sandbox", noSandbox ? .string(WorkerMessage.LandlockMode.off.rawValue) : sandbox.map { .string($0) })
-        put("max_source_pixels", maxSourcePixels.map { .integer($0) })
-        put("max_output_bytes", maxOutputBytes.map { .integer($0) })
-        put("memory_budget", memoryBudget.map { .integer($0) })
-        put("grace", grace.map { .number($0) })
-        put("skip_log", skipLog.map { .string($0) })
-        put("quarantine_timeouts", quarantineTimeouts.map { .integer($0) })
-        put("quarantine_expiry", quarantineExpiry.map { .string($0) })
-        put("log_level", logLevel.map { .string($0) })
-        put("log_target", logTarget.map { .string($0) })
+        for child in Mirror(reflecting: self).children {
+            guard let label = child.label, let option = child.value as? KnobOption else { continue }
+            let name = ConfigKey.name(ofProperty: label)
+            guard ConfigKey.byName[name] != nil, let value = option.configValue else { continue }
+            values[name] = value
+        }
+        if noSandbox { values["sandbox"] = .string(WorkerMessage.LandlockMode.off.rawValue) }
         return values
     }
 
@@ -180,6 +177,10 @@ struct ServeCommand: ParsableCommand {
     }
 
     func run() throws {
+        if printExampleConfig || printConfigTable {
+            print(printExampleConfig ? ConfigReference.exampleFile() : ConfigReference.markdownTable() + "\n", terminator: "")
+            return
+        }
         signal(SIGPIPE, SIG_IGN)
         let notifier = SystemdNotifier.fromEnvironment()
         let settings: ServeSettings
@@ -219,13 +220,27 @@ struct ServeCommand: ParsableCommand {
         let log = SkipLog(path: settings.skipLogPath ?? SkipLog.defaultPath, policy: settings.quarantine, logger: logger)
         let supervisor = try Supervisor(
             configuration: configuration, listener: listener, ownsSocketFile: ownsSocket, skipLog: log, logger: logger)
+        // After the Supervisor exists: its signalfd has blocked SIGTERM/SIGINT/SIGHUP in this
+        // thread, and the metrics threads started here inherit that mask.
+        let metricsServing: MetricsServing.Running
+        do {
+            metricsServing = try MetricsServing.start(settings, supervisor: supervisor, logger: logger)
+        } catch {
+            lifecycle.startFailed(error.description)
+            Self.printError("clipvisor: \(error)")
+            throw ExitCode(Self.configurationExitCode)
+        }
         lifecycle.attach(to: supervisor)
-        if useJournal { supervisor.skipAnnouncer = JournalSkipAnnouncer.announce }
+        if let path = settings.quarantineImportPath {
+            supervisor.quarantineImport = QuarantineImport(path: absolutePath(path), policy: settings.quarantine, logger: logger)
+            supervisor.quarantineImport?.start()
+        }
         let roots = configuration.roots.isEmpty ? "no data roots" : "data roots \(configuration.roots.joined(separator: ", "))"
         logger.info(
             "clipvisor \(ClipvisorVersion.string) serving on \(configuration.socketPath)\(ownsSocket ? "" : " (passed by systemd)") with \(configuration.workers) workers; skip log \(log.path); \(roots)",
             metadata: config.map { ["config.file": "\($0)"] })
         let code = supervisor.run()
+        metricsServing.stop()
         if code != 0 { throw ExitCode(code) }
     }
 
@@ -255,12 +270,13 @@ enum SocketClaim {
     static let listenFDsStart: Int32 = 3
 
     static func claim(configuration: ServeConfiguration) throws -> Claim {
-        if let pidText = SocketDiscovery.environment("LISTEN_PID"), pid_t(pidText) == getpid(),
-            let countText = SocketDiscovery.environment("LISTEN_FDS"), let count = Int32(countText), count >= 1
-        {
-            unsetenv("LISTEN_PID")
-            unsetenv("LISTEN_FDS")
-            unsetenv("LISTEN_FDNAMES")
+        // sd_listen_fds(3) checks LISTEN_PID, unsets the variables (workers must not see them)
+        // and marks the fds close-on-exec.
+        let count = sd_listen_fds(1)
+        if count < 0 {
+            throw Refusal(description: "systemd passed sockets that cannot be used: sd_listen_fds: \(Errno(rawValue: -count))")
+        }
+        if count >= 1 {
             // One ListenStream= is all we serve; anything else passed is closed, not inherited by workers.
             for extra in (listenFDsStart + 1)..<(listenFDsStart + count) { close(extra) }
             guard sd_is_socket_unix(listenFDsStart, cv_sock_stream(), 1, nil, 0) > 0 else {
@@ -315,4 +331,43 @@ enum SocketClaim {
         }
         return path.isEmpty ? nil : path
     }
+}
+
+/// An `@Option` of `serve` whose value is a knob's (see `ServeCommand.flagValues`).
+protocol KnobOption {
+    var configValue: ConfigValue? { get }
+}
+
+/// The value types the knob options have.
+protocol KnobValue {
+    var configValue: ConfigValue? { get }
+}
+
+extension Option: KnobOption where Value: KnobValue {
+    var configValue: ConfigValue? { wrappedValue.configValue }
+}
+
+extension Optional: KnobValue where Wrapped: KnobScalar {
+    var configValue: ConfigValue? { self?.scalarValue }
+}
+
+extension Array: KnobValue where Element == String {
+    var configValue: ConfigValue? { isEmpty ? nil : .strings(self) }
+}
+
+/// A single knob value: an integer, seconds, or text.
+protocol KnobScalar {
+    var scalarValue: ConfigValue { get }
+}
+
+extension Int: KnobScalar {
+    var scalarValue: ConfigValue { .integer(self) }
+}
+
+extension Double: KnobScalar {
+    var scalarValue: ConfigValue { .number(self) }
+}
+
+extension String: KnobScalar {
+    var scalarValue: ConfigValue { .string(self) }
 }

@@ -50,15 +50,22 @@ struct SkipsCommand: ParsableCommand {
         valueName: "path"))
     var skipLog: String?
 
+    @Option(parsing: .upToNextOption, help: ArgumentHelp(
+        "Merge several nodes' skip logs (files, directories of NODE.jsonl or NODE/skips.jsonl, or patterns) into one view: the same file skipped on several nodes is one entry with its nodes and counts (see docs/skip-log.md).",
+        valueName: "dir-or-glob"))
+    var merge: [String] = []
+
     @OptionGroup var connection: ConnectionOptions
 
     func validate() throws {
         if let reason, SkipReason(rawValue: reason) == nil { throw ValidationError("unknown reason \(reason)") }
         if let since, Timestamp.parseDuration(since) == nil { throw ValidationError("--since: \(since) is not a duration like 6h") }
         if forget != nil && all { throw ValidationError("give --forget PATH or --all, not both") }
+        if !merge.isEmpty && (forget != nil || all) { throw ValidationError("--merge shows gathered logs; --forget acts on this node") }
     }
 
     func run() throws {
+        if !merge.isEmpty { return try showMerged() }  // SkipLedger.swift
         let source = try SkipLogSource.locate(explicit: skipLog, connection: connection)
         FileOutput.standardError("clipvisor: skip log \(source.path) (\(source.origin))\n")
         if forget != nil || all {

@@ -42,8 +42,11 @@ struct ConfigFile: Equatable {
     /// Reads and checks `path`: TOML syntax (line and column from the parser), unknown keys,
     /// wrong types and values out of range. Every problem is reported, in file order.
     static func load(_ path: String) throws(ConfigError) -> ConfigFile {
-        guard let bytes = Filesystem.readChecked(path) else {
-            throw ConfigError(problems: [.init(file: path, message: "cannot read the config file: \(Errno(rawValue: errno))")])
+        let bytes: [UInt8]
+        do {
+            bytes = try Filesystem.contents(of: path)
+        } catch {
+            throw ConfigError(problems: [.init(file: path, message: "cannot read the config file: \(error)")])
         }
         guard let text = String(validating: bytes, as: UTF8.self) else {
             throw ConfigError(problems: [.init(file: path, message: "the config file is not valid UTF-8")])
@@ -102,7 +105,7 @@ struct ConfigFile: Equatable {
             .failure(WrongType(message: "expected \(key.expectation), got \(describe(node))"))
         }
         switch key.kind {
-        case .path, .duration, .choice:
+        case .path, .duration, .choice, .listenAddress, .pathOrOff:
             guard let string = node.string else { return wrong() }
             return .success(.string(string))
         case .integer:
@@ -159,7 +162,7 @@ struct TOMLKeyLocator {
         var openMultiline: String?
         for rawLine in text.split(separator: "\n", omittingEmptySubsequences: false) {
             lineNumber += 1
-            let line = String(rawLine).trimmingCharacters(in: " \t\r")
+            let line = rawLine.trimming(" \t\r")
             if let delimiter = openMultiline {
                 if Self.count(delimiter, in: line) % 2 == 1 { openMultiline = nil }
                 continue
@@ -213,32 +216,5 @@ extension String {
             rest = rest[range.upperBound...]
         }
         return count
-    }
-}
-
-extension Filesystem {
-    /// The whole content of a file, or nil with errno set (unlike `read`, which cannot tell an
-    /// empty file from a missing one).
-    static func readChecked(_ path: String) -> [UInt8]? {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return nil }
-        func fail(_ code: Int32) -> [UInt8]? {
-            close(fd)
-            errno = code
-            return nil
-        }
-        var info = stat()
-        if fstat(fd, &info) == 0, (info.st_mode & S_IFMT) == S_IFDIR { return fail(EISDIR) }
-        var out: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 1 << 16)
-        while true {
-            let n = Glibc.read(fd, &buffer, buffer.count)
-            if n < 0, errno == EINTR { continue }
-            if n < 0 { return fail(errno) }
-            if n == 0 { break }
-            out.append(contentsOf: buffer[0..<n])
-        }
-        close(fd)
-        return out
     }
 }

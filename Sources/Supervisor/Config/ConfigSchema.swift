@@ -39,38 +39,27 @@ struct ConfigKey: Sendable {
         case mode([String])
         /// A list of absolute paths.
         case paths
+        /// An IP literal and a port (`MetricsAddress`), or "off".
+        case listenAddress
+        /// A path (absolute in the file), or "off".
+        case pathOrOff
     }
 
     let name: String
     let flag: String
     let kind: Kind
+    /// What the knob does and why one would change it: the flag's --help, the example file's
+    /// comment and the docs' table all say this.
+    let help: String
+    /// The built-in default, as people read it ("30", "4 × workers, at least 16").
+    let defaultText: String
+    /// The value systemd/clipvisor.toml gives it (a TOML expression), for a node with 8 workers.
+    let example: String
+    /// Sets the knob's value (already checked against `kind`) in the settings.
+    let apply: @Sendable (inout ServeSettings, ConfigValue) -> Void
 
-    /// Every knob, in the order of the example file.
-    static let all: [ConfigKey] = [
-        ConfigKey(name: "socket", flag: "--socket", kind: .path),
-        ConfigKey(name: "roots", flag: "--root", kind: .paths),
-        ConfigKey(name: "worker", flag: "--worker", kind: .path),
-        ConfigKey(name: "workers", flag: "--workers", kind: .integer(1...1024)),
-        ConfigKey(name: "spare_workers", flag: "--spare-workers", kind: .integer(0...64)),
-        ConfigKey(name: "clips_per_worker", flag: "--clips-per-worker", kind: .integer(1...1_000_000)),
-        ConfigKey(name: "deadline", flag: "--deadline", kind: .seconds(lower: 0, lowerInclusive: false, upper: 86_400)),
-        ConfigKey(name: "max_deadline", flag: "--max-deadline", kind: .seconds(lower: 0, lowerInclusive: false, upper: 86_400)),
-        ConfigKey(name: "queue_limit", flag: "--queue-limit", kind: .integer(1...10_000_000)),
-        ConfigKey(name: "queue_wait", flag: "--queue-wait", kind: .seconds(lower: 0, lowerInclusive: false, upper: 86_400)),
-        ConfigKey(name: "worker_memory", flag: "--worker-memory", kind: .integer(64...(1 << 30))),
-        ConfigKey(name: "worker_cpu_seconds", flag: "--worker-cpu-seconds", kind: .integer(1...(1 << 31))),
-        ConfigKey(name: "worker_open_files", flag: "--worker-open-files", kind: .integer(16...(1 << 20))),
-        ConfigKey(name: "sandbox", flag: "--sandbox", kind: .mode(WorkerMessage.LandlockMode.allCases.map(\.rawValue))),
-        ConfigKey(name: "max_source_pixels", flag: "--max-source-pixels", kind: .integer(1...(1 << 40))),
-        ConfigKey(name: "max_output_bytes", flag: "--max-output-bytes", kind: .integer(1...(1 << 50))),
-        ConfigKey(name: "memory_budget", flag: "--memory-budget", kind: .integer(1...(1 << 50))),
-        ConfigKey(name: "grace", flag: "--grace", kind: .seconds(lower: 0, lowerInclusive: true, upper: 3_600)),
-        ConfigKey(name: "skip_log", flag: "--skip-log", kind: .path),
-        ConfigKey(name: "quarantine_timeouts", flag: "--quarantine-timeouts", kind: .integer(1...1_000)),
-        ConfigKey(name: "quarantine_expiry", flag: "--quarantine-expiry", kind: .duration),
-        ConfigKey(name: "log_level", flag: "--log-level", kind: .choice(Logger.Level.allCases.map(\.rawValue))),
-        ConfigKey(name: "log_target", flag: "--log-target", kind: .choice(LogTarget.allCases.map(\.rawValue))),
-    ]
+    /// Every knob, in the order of the example file (ConfigTable.swift).
+    static let all: [ConfigKey] = ConfigKey.table
 
     static let byName: [String: ConfigKey] = Dictionary(uniqueKeysWithValues: all.map { ($0.name, $0) })
 
@@ -86,6 +75,8 @@ struct ConfigKey: Sendable {
         case .choice(let options): "one of " + options.map { "\"\($0)\"" }.joined(separator: ", ")
         case .mode(let options): "true, false or one of " + options.map { "\"\($0)\"" }.joined(separator: ", ")
         case .paths: "a list of absolute paths"
+        case .listenAddress: "an address like \"127.0.0.1:9464\", \"[::1]:9464\", a port, or \"off\""
+        case .pathOrOff: "a path or \"off\""
         }
     }
 
@@ -94,9 +85,7 @@ struct ConfigKey: Sendable {
     func problem(with value: ConfigValue, fromFile: Bool) -> String? {
         switch (kind, value) {
         case (.path, .string(let path)):
-            if path.isEmpty { return "must not be empty" }
-            if fromFile, !path.hasPrefix("/") { return "must be an absolute path, got \(value)" }
-            return nil
+            return Self.pathProblem(path, fromFile: fromFile)
         case (.integer(let range), .integer(let number)):
             return range.contains(number) ? nil : "must be \(expectation), got \(number)"
         case (.seconds(let lower, let inclusive, let upper), .number(let seconds)):
@@ -113,9 +102,20 @@ struct ConfigKey: Sendable {
                 return "every entry must be an absolute path, got \"\(path)\""
             }
             return nil
+        case (.listenAddress, .string(let text)):
+            if text != "off", case .failure(let error) = MetricsAddress.parse(text) { return "must be \(expectation): \(error)" }
+            return nil
+        case (.pathOrOff, .string(let text)):
+            return text == "off" ? nil : Self.pathProblem(text, fromFile: fromFile)
         default:
             return "must be \(expectation), got \(value)"
         }
+    }
+
+    private static func pathProblem(_ path: String, fromFile: Bool) -> String? {
+        if path.isEmpty { return "must not be empty" }
+        if fromFile, !path.hasPrefix("/") { return "must be an absolute path, got \"\(path)\"" }
+        return nil
     }
 
     static func format(_ seconds: Double) -> String {

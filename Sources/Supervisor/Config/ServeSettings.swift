@@ -8,8 +8,14 @@ struct ServeSettings {
     /// The skip log; nil for the default (`SkipLog.defaultPath`).
     var skipLogPath: String?
     var quarantine = QuarantinePolicy()
+    /// A merged skip ledger of other nodes to quarantine from (`QuarantineImport`); nil for none.
+    var quarantineImportPath: String?
     var logLevel: Logger.Level = .info
     var logTarget: LogTarget = .auto
+    /// Metrics: the HTTP listener (off by default), the textfile and how often it is written.
+    var metricsListen: MetricsAddress?
+    var metricsTextfile: String?
+    var metricsIntervalMs = 15_000
     /// Where each knob that is not a default came from: a flag, or the file and line.
     private(set) var origins: [String: Origin] = [:]
 
@@ -57,6 +63,11 @@ struct ServeSettings {
     }
 
     private func checkCombination() throws(ConfigError) {
+        if let cap = configuration.maxWorkers, cap < configuration.workers {
+            throw ConfigError(problems: [
+                problem("max_workers", "the cap on worker processes (\(cap)) is below the decode workers (\(configuration.workers))")
+            ])
+        }
         let deadline = configuration.deadlineDefaultMs
         let maximum = configuration.deadlineMaxMs
         if deadline > maximum {
@@ -84,36 +95,9 @@ struct ServeSettings {
     }
 
     private mutating func apply(_ name: String, _ value: ConfigValue) {
-        switch (name, value) {
-        case ("socket", .string(let path)): configuration.socketPath = path
-        case ("roots", .strings(let paths)): configuration.roots = paths
-        case ("worker", .string(let path)): configuration.workerExecutable = path
-        case ("workers", .integer(let count)): configuration.workers = count
-        case ("spare_workers", .integer(let count)): configuration.spareWorkers = count
-        case ("clips_per_worker", .integer(let count)): configuration.clipsPerWorker = count
-        case ("deadline", .number(let seconds)): configuration.deadlineDefaultMs = Self.milliseconds(seconds)
-        case ("max_deadline", .number(let seconds)): configuration.deadlineMaxMs = Self.milliseconds(seconds)
-        case ("queue_limit", .integer(let count)): configuration.queueLimit = count
-        case ("queue_wait", .number(let seconds)): configuration.queueWaitMs = Self.milliseconds(seconds)
-        case ("worker_memory", .integer(let mib)): configuration.workerAddressSpaceMB = mib
-        case ("worker_cpu_seconds", .integer(let seconds)): configuration.workerCPUSeconds = seconds
-        case ("worker_open_files", .integer(let count)): configuration.workerOpenFiles = count
-        case ("sandbox", .string(let text)): configuration.landlock = WorkerMessage.LandlockMode(rawValue: text) ?? configuration.landlock
-        case ("max_source_pixels", .integer(let pixels)): configuration.maxSourcePixels = pixels
-        case ("max_output_bytes", .integer(let bytes)): configuration.maxOutputBytes = bytes
-        case ("memory_budget", .integer(let bytes)): configuration.memoryBudgetBytes = bytes
-        case ("grace", .number(let seconds)): configuration.gracePeriodMs = Self.milliseconds(seconds)
-        case ("skip_log", .string(let path)): skipLogPath = path
-        case ("quarantine_timeouts", .integer(let count)): quarantine.timeoutsToQuarantine = count
-        case ("quarantine_expiry", .string(let text)):
-            quarantine.expiryMs = Timestamp.parseDuration(text) ?? quarantine.expiryMs
-        case ("log_level", .string(let text)): logLevel = Logger.Level(rawValue: text) ?? logLevel
-        case ("log_target", .string(let text)): logTarget = LogTarget(rawValue: text) ?? logTarget
-        default:
-            // The schema and this switch disagree: a programming error, never user input.
-            preconditionFailure("config key \(name) with value \(value) has no setting")
-        }
+        // Names come from the schema (the file's keys were checked against it, the flags are
+        // its own): a name without a knob is a programming error, never user input.
+        ConfigKey.named(name).apply(&self, value)
     }
 
-    private static func milliseconds(_ seconds: Double) -> Int { Int((seconds * 1000).rounded()) }
 }

@@ -59,26 +59,17 @@ final class ClipJob {
         return false
     }
 
-    /// The worker job message (docs/worker-protocol.md).
-    func workerMessage(roots: [String]) -> JSONValue {
-        var message: [String: JSONValue] = ["job": .number(Double(id)), "path": .string(path)]
-        switch kind {
-        case .decode(let options):
-            message["op"] = "decode"
-            message["options"] = .object(options.json)
-        case .probe:
-            message["op"] = "probe"
-        }
-        if clipFD != nil { message["fd"] = true }
-        if !roots.isEmpty { message["roots"] = .array(roots.map { .string($0) }) }
-        if let quarantine {
-            message["quarantine"] = [
-                "size": quarantine.size.map { .number(Double($0)) } ?? .null,
-                "mtime": quarantine.mtime.map { .number($0) } ?? .null,
-                "reason": .string(quarantine.reason.rawValue),
-                "since": .string(Timestamp.rfc3339(milliseconds: quarantine.sinceMs)),
-            ]
-        }
-        return .object(message)
+    /// The job as the worker gets it (docs/worker-protocol.md).
+    func workerJob(roots: [String]) -> WorkerJob {
+        let operation: WorkerJob.Operation =
+            switch kind {
+            case .decode(let options): .decode(options)
+            case .probe: .probe
+            }
+        return WorkerJob(
+            id: id, operation: operation, path: path, passesFD: clipFD != nil, roots: roots,
+            quarantine: quarantine.map {
+                WorkerJob.Quarantine(size: $0.size, mtime: $0.mtime, reason: $0.reason, since: Timestamp.rfc3339(milliseconds: $0.sinceMs))
+            })
     }
 }

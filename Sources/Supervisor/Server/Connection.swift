@@ -126,24 +126,3 @@ final class Connection {
         try? fd.close()
     }
 }
-
-/// The progress of one `sample` request.
-final class SampleState {
-    let requestID: Int
-    let allOrNothing: Bool
-    /// Job of each clip, by clip index.
-    var jobs: [JobID]
-    var answered: [Bool]
-    var firstFailure: (clip: Int, failure: DecodeFailure)?
-    /// The final message went out (cancelling siblings can complete the sample from within).
-    var finished = false
-
-    init(requestID: Int, allOrNothing: Bool, jobs: [JobID]) {
-        self.requestID = requestID
-        self.allOrNothing = allOrNothing
-        self.jobs = jobs
-        self.answered = Array(repeating: false, count: jobs.count)
-    }
-
-    var isComplete: Bool { answered.allSatisfy { $0 } }
-}

@@ -59,20 +59,20 @@ final class Poller {
     deinit { try? epoll.close() }
 
     func add(_ fd: FileDescriptor, _ source: EventSource, writable: Bool = false) throws(Errno) {
-        try control(0, fd, source, writable: writable, readable: true)
+        try control(CV_EPOLL_ADD, fd, source, writable: writable, readable: true)
     }
 
     /// Changes what is watched; `readable: false` stops input events (hang-ups still come).
     func modify(_ fd: FileDescriptor, _ source: EventSource, writable: Bool, readable: Bool = true) throws(Errno) {
-        try control(1, fd, source, writable: writable, readable: readable)
+        try control(CV_EPOLL_MODIFY, fd, source, writable: writable, readable: readable)
     }
 
     /// Unregisters before the fd is closed (closing alone would leave duplicated fds registered).
     func remove(_ fd: FileDescriptor) {
-        _ = cv_epoll_ctl(epoll.rawValue, 2, fd.rawValue, 0, 0)
+        _ = cv_epoll_ctl(epoll.rawValue, CV_EPOLL_REMOVE, fd.rawValue, 0, 0)
     }
 
-    private func control(_ op: Int32, _ fd: FileDescriptor, _ source: EventSource, writable: Bool, readable: Bool) throws(Errno) {
+    private func control(_ op: cv_epoll_op, _ fd: FileDescriptor, _ source: EventSource, writable: Bool, readable: Bool) throws(Errno) {
         var interest: Int32 = 0
         if writable { interest |= Int32(CV_INTEREST_WRITE) }
         if !readable { interest |= Int32(CV_INTEREST_NO_READ) }

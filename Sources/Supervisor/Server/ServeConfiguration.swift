@@ -18,6 +18,14 @@ struct ServeConfiguration: Sendable {
     /// the next clip goes to one of them at once instead of waiting 30–700 ms for a spawn. At
     /// most `workers` decode at the same time.
     var spareWorkers = 2
+    /// Hard cap on worker processes. A worker blocked in I/O lends its slot to the next clip
+    /// and a spare is started in its place, so hangs on a stalled mount never hold the pool; this
+    /// bounds how far that goes. Default: four per decode slot and at least 16 (a handful of
+    /// clips on one stalled mount must not stop a small node), never below `workers + spareWorkers`.
+    var maxWorkers: Int? = nil
+
+    var effectiveMaxWorkers: Int { maxWorkers ?? max(16, 4 * workers, workers + spareWorkers) }
+
     /// A worker exits and is replaced after this many clips (bounds leaks in codecs).
     var clipsPerWorker = 100
     var deadlineDefaultMs = 30_000
@@ -102,23 +110,8 @@ enum CPUBudget {
     }
 
     static func readSmallFile(_ path: String) -> String? {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        var buffer = [UInt8](repeating: 0, count: 256)
-        let n = read(fd, &buffer, buffer.count)
-        guard n > 0 else { return nil }
-        return String(decoding: buffer[0..<n], as: UTF8.self).trimmingCharacters(in: " \n\t")
+        guard let bytes = Filesystem.read(path, chunk: 256), !bytes.isEmpty else { return nil }
+        return String(decoding: bytes, as: UTF8.self).trimming()
     }
 }
 
-extension String {
-    /// Drops leading and trailing characters in `set` (no Foundation in the supervisor's hot path).
-    func trimmingCharacters(in set: String) -> String {
-        let drop = Set(set)
-        var slice = Substring(self)
-        while let first = slice.first, drop.contains(first) { slice = slice.dropFirst() }
-        while let last = slice.last, drop.contains(last) { slice = slice.dropLast() }
-        return String(slice)
-    }
-}

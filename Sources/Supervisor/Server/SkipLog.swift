@@ -201,20 +201,25 @@ enum Filesystem {
         close(fd)
     }
 
-    /// The whole content of a small file, or nil.
-    static func read(_ path: String) -> [UInt8]? {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
+    /// The whole content of a small file, or nil; `chunk` is the read size (small for /proc).
+    static func read(_ path: String, chunk: Int = 1 << 16) -> [UInt8]? {
+        try? contents(of: path, chunk: chunk)
+    }
+
+    /// The whole content of a file, read until EOF (a /proc file's size reads as 0), with
+    /// swift-system's EINTR retries; the error names what failed (EISDIR for a directory).
+    static func contents(of path: String, chunk: Int = 1 << 16) throws -> [UInt8] {
+        let fd = try FileDescriptor.open(path, .readOnly, options: .closeOnExec)
+        defer { try? fd.close() }
+        var info = stat()
+        if fstat(fd.rawValue, &info) == 0, (info.st_mode & S_IFMT) == S_IFDIR { throw Errno.isDirectory }
         var out: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 1 << 16)
+        var buffer = [UInt8](repeating: 0, count: chunk)
         while true {
-            let n = Glibc.read(fd, &buffer, buffer.count)
-            if n < 0, errno == EINTR { continue }
-            guard n > 0 else { break }
+            let n = try buffer.withUnsafeMutableBytes { try fd.read(into: $0) }
+            if n == 0 { return out }
             out.append(contentsOf: buffer[0..<n])
         }
-        return out
     }
 }
 

@@ -1,3 +1,4 @@
+import Logging
 import Shared
 
 #if canImport(Glibc)
@@ -142,5 +143,31 @@ enum Timestamp {
         default: return nil
         }
         return Int64(value * scale)
+    }
+}
+
+extension SkipRecord {
+    /// `MESSAGE_ID=` of every skip's journal entry (`journalctl MESSAGE_ID=...`; catalog key).
+    static let journalMessageID = "5c3f7a0e2b9d4e61a8c4d2f19b07e3a5"
+
+    /// Every field of the record as log metadata; the journal handler turns `clip.path` into
+    /// `CLIP_PATH`, `skip.reason` into `SKIP_REASON`, and so on (docs/systemd.md).
+    var logMetadata: Logger.Metadata {
+        var metadata: Logger.Metadata = ["message.id": "\(Self.journalMessageID)"]
+        func put(_ key: String, _ value: CustomStringConvertible?) {
+            if let value { metadata[key] = "\(value.description)" }
+        }
+        put("skip.reason", reason?.rawValue)
+        put("clip.path", path)
+        put("skip.detail", detail.isEmpty ? nil : detail)
+        put("elapsed.ms", elapsedMs)
+        put("deadline.ms", deadlineMs)
+        put("request.id", requestID)
+        put("tag", tag)
+        put("client.pid", clientPID)
+        put("client.uid", clientUID)
+        put("clip.size", size)
+        put("clip.mtime", mtime)
+        return metadata
     }
 }

@@ -45,6 +45,7 @@ extension Supervisor {
             }
             connections[connection.id] = connection
             counters.connections += 1
+            metrics.connectionsAccepted.increment()
         }
     }
 
@@ -139,6 +140,7 @@ extension Supervisor {
             return
         }
         counters.requests += 1
+        metrics.request(op)
         if op == "hello" {
             handleHello(fields, from: connection)
             return
@@ -174,8 +176,10 @@ extension Supervisor {
                 connection.enqueue(JSONValue.object(["id": idValue, "ok": true]).merging(try skipsResponse(fields)))
             case "forget":
                 connection.enqueue(JSONValue.object(["id": idValue, "ok": true]).merging(try forgetResponse(fields)))
+            case "metrics":
+                connection.enqueue(JSONValue.object(["id": idValue, "ok": true]).merging(try metricsResponse(fields)))
             default:
-                throw FieldReader.invalid("op", "unknown operation \"\(op)\" (decode, sample, probe, cancel, status, skips, forget)")
+                throw FieldReader.invalid("op", "unknown operation \"\(op)\" (decode, sample, probe, cancel, status, skips, forget, metrics)")
             }
         } catch {
             reply(connection, id: idValue, failure: error)
@@ -275,10 +279,10 @@ extension Supervisor {
             throw DecodeFailure(.cancelled, "the supervisor is shutting down")
         }
         // Clips that go straight to an idle worker never wait, so they do not count.
-        let waiting = queuedCount + max(0, count - freeDecodeSlots)
+        let waiting = queue.count + max(0, count - freeDecodeSlots)
         guard waiting <= configuration.queueLimit else {
             throw DecodeFailure(
-                .overloaded, "\(queuedCount) clips are queued (limit \(configuration.queueLimit)); retry later",
+                .overloaded, "\(queue.count) clips are queued (limit \(configuration.queueLimit)); retry later",
                 retryAfterMs: 500)
         }
         if let failure = noWorkersFailure() { throw failure }
@@ -366,11 +370,11 @@ extension Supervisor {
         case .answered:
             return
         case .queued:
-            queuedCount -= 1
+            break
         case .running(let workerID, _):
-            workers[workerID]?.kill(reason: "cancelled")
+            pool[workerID]?.kill(reason: "cancelled")
         }
-        answer(job, .failed(DecodeFailure(.cancelled, message, path: job.path)), alreadyDequeued: true)
+        answer(job, .failed(DecodeFailure(.cancelled, message, path: job.path)))
     }
 
     // MARK: - Answers
@@ -383,45 +387,21 @@ extension Supervisor {
 
     /// Answers a clip exactly once. A clip-level skip is written to the skip log (durably)
     /// before the client can see the answer.
-    func answer(_ job: ClipJob, _ outcome: Outcome, alreadyDequeued: Bool = false) {
+    func answer(_ job: ClipJob, _ outcome: Outcome) {
         guard !job.isAnswered else {
             if case .decoded(_, let block, _) = outcome { try? block.close() }
             return
         }
-        if case .queued = job.state, !alreadyDequeued { queuedCount -= 1 }
+        if case .queued = job.state { queue.remove(job.id) }
         let previousState = job.state
         job.state = .answered
+        recordMetrics(answering: job, previousState: previousState, outcome: outcome)
         jobs.removeValue(forKey: job.id)
         try? job.clipFD?.close()
         job.clipFD = nil
-        let elapsed = Instant.now().milliseconds(since: job.enqueuedAt)
         var workerElapsed = 0
         if case .running(_, let since) = previousState { workerElapsed = Instant.now().milliseconds(since: since) }
-
-        var message: [String: JSONValue] = ["id": .number(Double(job.requestID)), "elapsed_ms": .number(Double(elapsed))]
-        if let clip = job.clipIndex { message["clip"] = .number(Double(clip)) }
-        var attached: FileDescriptor?
-        var blockBytes = 0
-        switch outcome {
-        case .decoded(let result, let block, let bytes):
-            counters.decoded += 1
-            counters.bytesOut += bytes
-            if job.quarantine != nil || skipLog?.entries[job.path] != nil { skipLog?.clear(path: job.path) }
-            message["ok"] = true
-            message["result"] = result
-            message["block_bytes"] = .number(Double(bytes))
-            attached = block
-            blockBytes = bytes
-        case .probed(let probe):
-            counters.probed += 1
-            message["ok"] = true
-            message["probe"] = probe
-        case .failed(let failure):
-            counters.skipped[failure.reason, default: 0] += 1
-            message["ok"] = false
-            message["error"] = failure.json
-            recordSkip(job, failure, elapsedMs: workerElapsed)
-        }
+        let (message, attached, blockBytes, failure) = clipMessage(job, outcome, workerElapsedMs: workerElapsed)
 
         guard let connection = connections[job.connectionID] else {
             try? attached?.close()
@@ -430,42 +410,59 @@ extension Supervisor {
         switch connection.pending[job.requestID] {
         case .single:
             connection.pending.removeValue(forKey: job.requestID)
-            connection.enqueue(.object(message), fd: attached, blockBytes: blockBytes)
+            connection.enqueue(message, fd: attached, blockBytes: blockBytes)
         case .sample(let sample):
-            connection.enqueue(.object(message), fd: attached, blockBytes: blockBytes)
-            if let clip = job.clipIndex { sample.answered[clip] = true }
-            if case .failed(let failure) = outcome, sample.firstFailure == nil, let clip = job.clipIndex {
-                sample.firstFailure = (clip, failure)
-                if sample.allOrNothing {
-                    for siblingID in sample.jobs where siblingID != job.id {
-                        if let sibling = jobs[siblingID] {
-                            cancel(sibling, message: "\(sibling.path): cancelled because clip \(clip) of the sample failed (\(failure.reason))")
-                        }
-                    }
+            connection.enqueue(message, fd: attached, blockBytes: blockBytes)
+            guard let clip = job.clipIndex else { break }
+            let next = sample.record(clip: clip, failure: failure)
+            if let reason = next.cancelMessage {
+                for siblingID in next.cancel {
+                    if let sibling = jobs[siblingID] { cancel(sibling, message: reason(sibling.path)) }
                 }
             }
-            if sample.isComplete, !sample.finished {
-                sample.finished = true
+            if let done = next.done {
+                metrics.sample(failure: sample.firstFailure?.failure.reason)
                 connection.pending.removeValue(forKey: job.requestID)
-                var done: [String: JSONValue] = [
-                    "id": .number(Double(sample.requestID)), "done": true, "clips": .number(Double(sample.jobs.count)),
-                ]
-                if let (clip, failure) = sample.firstFailure {
-                    var summary = failure
-                    summary.message = "clip \(clip): \(failure.message)"
-                    done["ok"] = false
-                    done["error"] = summary.json
-                    done["clip"] = .number(Double(clip))
-                } else {
-                    done["ok"] = true
-                }
-                connection.enqueue(.object(done))
+                connection.enqueue(done)
             }
         case nil:
             try? attached?.close()
             return
         }
         flush(connection)
+    }
+
+    /// The answer message of one clip, its block, and the failure if any; counts the outcome
+    /// and records a skip in the skip log.
+    private func clipMessage(
+        _ job: ClipJob, _ outcome: Outcome, workerElapsedMs: Int
+    ) -> (JSONValue, FileDescriptor?, Int, DecodeFailure?) {
+        var message: [String: JSONValue] = [
+            "id": .number(Double(job.requestID)),
+            "elapsed_ms": .number(Double(Instant.now().milliseconds(since: job.enqueuedAt))),
+        ]
+        if let clip = job.clipIndex { message["clip"] = .number(Double(clip)) }
+        switch outcome {
+        case .decoded(let result, let block, let bytes):
+            counters.decoded += 1
+            counters.bytesOut += bytes
+            if job.quarantine != nil || skipLog?.entries[job.path] != nil { skipLog?.clear(path: job.path) }
+            message["ok"] = true
+            message["result"] = result
+            message["block_bytes"] = .number(Double(bytes))
+            return (.object(message), block, bytes, nil)
+        case .probed(let probe):
+            counters.probed += 1
+            message["ok"] = true
+            message["probe"] = probe
+            return (.object(message), nil, 0, nil)
+        case .failed(let failure):
+            counters.skipped[failure.reason, default: 0] += 1
+            message["ok"] = false
+            message["error"] = failure.json
+            recordSkip(job, failure, elapsedMs: workerElapsedMs)
+            return (.object(message), nil, 0, failure)
+        }
     }
 
     func flush(_ connection: Connection) {

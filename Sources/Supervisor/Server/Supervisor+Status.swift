@@ -7,8 +7,10 @@ import Glibc
 
 /// Skip records, quarantine answers and the `status` report.
 extension Supervisor {
-    /// Records a clip-level skip durably before the answer goes out, with one readable line on
-    /// stderr. Caller outcomes and quarantine repeats are only counted.
+    /// Records a clip-level skip durably before the answer goes out, and logs it through the
+    /// logger with every field of the record as metadata: a stderr line, or under systemd one
+    /// journal entry that `journalctl SKIP_REASON=timeout` finds. Caller outcomes and
+    /// quarantine repeats are only counted.
     func recordSkip(_ job: ClipJob, _ failure: DecodeFailure, elapsedMs: Int) {
         guard failure.reason.isClipLevel else { return }
         var record = SkipRecord(path: job.path, reason: failure.reason)
@@ -23,8 +25,8 @@ extension Supervisor {
             record.clientPID = Int(connection.peer.pid)
             record.clientUID = Int(connection.peer.uid)
         }
-        skipLog?.append(record)
-        skipAnnouncer(record, failure)
+        if skipLog?.append(record) == false { metrics.skipLogWriteErrors.increment() }
+        logger.warning("skipped, \(failure.reason): \(failure.message)", metadata: record.logMetadata)
     }
 
     /// The `skips` operation: recent records, newest first, filtered like `clipvisor skips`.
@@ -70,15 +72,19 @@ extension Supervisor {
     func statusJSON() -> JSONValue {
         let now = Instant.now()
         var workerList: [JSONValue] = []
-        for worker in workers.values.sorted(by: { $0.id < $1.id }) {
+        for worker in pool.ordered {
             var entry: [String: JSONValue] = [
                 "pid": .number(Double(worker.pid)), "state": .string(worker.stateName),
                 "clips_done": .number(Double(worker.clipsDone)), "landlock": .number(Double(worker.landlockABI)),
                 "age_ms": .number(Double(now.milliseconds(since: worker.spawnedAt))),
             ]
+            if let stat = ProcStat.read(pid: worker.pid) { entry["cpu_s"] = .number(stat.cpuSeconds) }
             if case .busy(let jobID, _) = worker.state, let job = jobs[jobID] {
                 entry["clip"] = .string(job.path)
+                entry["deadline_ms"] = .number(Double(job.deadlineMs))
                 if case .running(_, let since) = job.state { entry["busy_ms"] = .number(Double(now.milliseconds(since: since))) }
+                entry["stalled"] = .bool(worker.isStalled)
+                if let cpu = worker.cpu { entry["clip_cpu_s"] = .number((cpu.secondsOnClip * 1000).rounded() / 1000) }
             }
             workerList.append(.object(entry))
         }
@@ -94,13 +100,14 @@ extension Supervisor {
             "uptime_s": .number(Double(now.milliseconds(since: startedAt)) / 1000), "socket": .string(configuration.socketPath),
             "workers": [
                 "target": .number(Double(configuration.workers)), "spare": .number(Double(configuration.spareWorkers)),
-                "live": .number(Double(workers.values.filter(\.isLive).count)),
+                "live": .number(Double(pool.census.live)), "max": .number(Double(configuration.effectiveMaxWorkers)),
+                "stalled": .number(Double(pool.census.stalled)),
                 "clips_per_worker": .number(Double(configuration.clipsPerWorker)), "list": .array(workerList),
-                "consecutive_start_failures": .number(Double(consecutiveStartFailures)),
-                "last_start_error": lastSpawnError.map { .string($0) } ?? .null,
+                "consecutive_start_failures": .number(Double(pool.consecutiveStartFailures)),
+                "last_start_error": pool.lastStartError.map { .string($0) } ?? .null,
             ],
             "queue": [
-                "length": .number(Double(queuedCount)), "limit": .number(Double(configuration.queueLimit)),
+                "length": .number(Double(queue.count)), "limit": .number(Double(configuration.queueLimit)),
                 "wait_limit_ms": .number(Double(configuration.queueWaitMs)),
             ],
             "deadlines": [
@@ -112,12 +119,33 @@ extension Supervisor {
             ],
             "sandbox": sandboxJSON,
             "connections": .number(Double(connections.count)), "counters": counters.json,
+            "clients": .array(clientsJSON()), "metrics": .object(metricsEndpoints),
             "skip_log": skipLog?.statusJSON ?? .null,
+            "quarantine_import": quarantineImport?.statusJSON ?? .null,
         ]
     }
 }
 
 extension Supervisor {
+    /// Per connection: who it is and how many of its clips wait and decode (`clipvisor top`).
+    func clientsJSON() -> [JSONValue] {
+        var queued: [UInt64: Int] = [:]
+        var running: [UInt64: Int] = [:]
+        for job in jobs.values {
+            switch job.state {
+            case .queued: queued[job.connectionID, default: 0] += 1
+            case .running: running[job.connectionID, default: 0] += 1
+            case .answered: break
+            }
+        }
+        return connections.values.sorted { $0.id < $1.id }.map { connection in
+            [
+                "pid": .number(Double(connection.peer.pid)), "uid": .number(Double(connection.peer.uid)),
+                "queued": .number(Double(queued[connection.id] ?? 0)), "running": .number(Double(running[connection.id] ?? 0)),
+            ]
+        }
+    }
+
     /// Which sandbox layers the workers run with, and why one is missing (docs/protocol.md, `status`).
     var sandboxJSON: JSONValue {
         var entry: [String: JSONValue] = [

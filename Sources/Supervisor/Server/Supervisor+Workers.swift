@@ -12,8 +12,9 @@ extension Supervisor {
     /// failures have armed the back-off (100 ms doubling to 30 s: the supervisor never spins).
     func maintainPool(now: Instant) {
         guard case .running = phase else { return }
-        var live = workers.values.filter(\.isLive).count
-        while live < configuration.workers + configuration.spareWorkers, now >= nextSpawnAllowed {
+        // A stalled worker's slot is lent, so a spare is started in its place: up to the cap.
+        let target = configuration.workers + configuration.spareWorkers + pool.census.stalled
+        for _ in 0..<pool.spawnsNeeded(target: target, cap: configuration.effectiveMaxWorkers, now: now) {
             let worker: WorkerProcess
             do {
                 worker = try spawner.spawn(id: makeID(), startTimeoutMs: configuration.workerStartTimeoutMs)
@@ -28,25 +29,27 @@ extension Supervisor {
                 logger.error("cannot watch worker \(worker.pid): \(error)")
                 worker.kill(reason: "cannot watch")
             }
-            workers[worker.id] = worker
+            pool.insert(worker)
             counters.spawns += 1
-            live += 1
+            metrics.spawns.increment()
         }
     }
 
     /// A worker could not be started or died before `ready`: log it clearly and back off.
     func recordStartFailure(_ reason: String) {
-        consecutiveStartFailures += 1
         counters.spawnFailures += 1
-        lastSpawnError = reason
-        let delay = min(30_000, 100 << min(consecutiveStartFailures - 1, 9))
-        nextSpawnAllowed = Instant.now().adding(milliseconds: delay)
+        metrics.spawnFailures.increment()
+        let delay = pool.noteStartFailure(reason, now: Instant.now())
         logger.error(
-            "decode worker failed to start (\(consecutiveStartFailures) in a row): \(reason); next try in \(delay) ms",
+            "decode worker failed to start (\(pool.consecutiveStartFailures) in a row): \(reason); next try in \(delay) ms",
             metadata: ["worker.executable": "\(configuration.workerExecutable)"])
         if let failure = noWorkersFailure() {
             // Nothing can decode: answer waiting clips now instead of at the queue bound.
-            while let job = oldestQueuedJob() {
+            while let oldest = queue.oldest() {
+                guard let job = jobs[oldest.job] else {
+                    queue.remove(oldest.job)
+                    continue
+                }
                 var named = failure
                 named.path = job.path
                 named.message = "\(job.path): \(failure.message)"
@@ -58,17 +61,10 @@ extension Supervisor {
     /// `overloaded` with `detail: "no_workers"` when start failures persist and no worker is
     /// ready: clients should not wait for this to pass (docs/protocol.md).
     func noWorkersFailure() -> DecodeFailure? {
-        guard consecutiveStartFailures >= 3 else { return nil }
-        let ready = workers.values.contains {
-            switch $0.state {
-            case .idle, .busy: true
-            default: false
-            }
-        }
-        guard !ready else { return nil }
-        let wait = max(0, nextSpawnAllowed.milliseconds(since: Instant.now()))
+        guard pool.cannotStartAny else { return nil }
+        let wait = max(0, pool.nextSpawnAllowed.milliseconds(since: Instant.now()))
         return DecodeFailure(
-            .overloaded, "no decode worker can start: \(lastSpawnError ?? "unknown error")", detail: "no_workers",
+            .overloaded, "no decode worker can start: \(pool.lastStartError ?? "unknown error")", detail: "no_workers",
             retryAfterMs: max(wait, 100))
     }
 
@@ -131,42 +127,44 @@ extension Supervisor {
     }
 
     private func handleWorkerMessage(_ message: JSONValue, fd: FileDescriptor?, from worker: WorkerProcess) {
-        switch message["op"]?.stringValue {
-        case "ready":
+        let reply: WorkerReply
+        do {
+            reply = try WorkerReply(json: message)
+        } catch {
+            try? fd?.close()
+            protocolViolation(by: worker, "sent a malformed message: \(error)")
+            return
+        }
+        switch reply {
+        case .ready(let ready):
             try? fd?.close()
             guard case .starting = worker.state else {
                 protocolViolation(by: worker, "said ready twice")
                 return
             }
-            guard message["protocol"]?.intValue == ClipvisorVersion.workerProtocol else {
+            guard ready.protocolVersion == ClipvisorVersion.workerProtocol else {
                 worker.kill(reason: "protocol mismatch")
-                recordStartFailure("worker speaks protocol \(message["protocol"]?.jsonString ?? "?"), supervisor \(ClipvisorVersion.workerProtocol): reinstall both from one build")
+                recordStartFailure("worker \(ready.version) speaks protocol \(ready.protocolVersion), supervisor \(ClipvisorVersion.string) speaks \(ClipvisorVersion.workerProtocol): reinstall both from one build")
                 return
             }
-            worker.landlockABI = message["landlock"]?.intValue ?? 0
-            worker.landlockProblem = message["landlock_problem"]?.stringValue.map { String($0.prefix(500)) }
+            worker.landlockABI = ready.landlockABI
+            worker.landlockProblem = ready.landlockProblem
             noteSandbox(of: worker)
             worker.state = .idle
-            consecutiveStartFailures = 0
-            nextSpawnAllowed = Instant(nanoseconds: 0)
-        case "started":
+            pool.noteReady()
+        case .started(let jobID, let size, let mtime):
             try? fd?.close()
-            if case .busy(let jobID, _) = worker.state, message["job"]?.intValue == Int(jobID), let job = jobs[jobID] {
-                // Worker messages are untrusted (a worker may be compromised by its media):
-                // out-of-range numbers are dropped, never trapped on.
-                job.fileSize = message["size"]?.doubleValue.flatMap { Int64(exactly: $0) }
-                job.fileMtime = message["mtime"]?.doubleValue.flatMap { $0.isFinite ? $0 : nil }
+            if case .busy(let busyWith, _) = worker.state, jobID == busyWith, let job = jobs[jobID] {
+                job.fileSize = size
+                job.fileMtime = mtime
             }
-        case "done":
-            handleDone(message, fd: fd, from: worker)
-        default:
-            try? fd?.close()
-            protocolViolation(by: worker, "sent an unknown message \(message["op"]?.jsonString ?? "without op")")
+        case .done(let jobID, let outcome, let exiting):
+            handleDone(job: jobID, outcome: outcome, exiting: exiting, fd: fd, from: worker)
         }
     }
 
-    private func handleDone(_ message: JSONValue, fd: FileDescriptor?, from worker: WorkerProcess) {
-        guard case .busy(let jobID, _) = worker.state, message["job"]?.intValue == Int(jobID) else {
+    private func handleDone(job jobID: JobID, outcome: WorkerReply.Outcome, exiting: Bool, fd: FileDescriptor?, from worker: WorkerProcess) {
+        guard case .busy(let busyWith, _) = worker.state, jobID == busyWith else {
             try? fd?.close()
             // A reply racing a kill (deadline, cancel) is expected; anything else is a bug.
             if case .killed = worker.state { return }
@@ -174,35 +172,43 @@ extension Supervisor {
             return
         }
         worker.clipsDone += 1
-        worker.state = message["exiting"]?.boolValue == true ? .retiring : .idle
-        if case .retiring = worker.state { counters.recycles += 1 }
+        worker.cpu = nil
+        worker.state = exiting ? .retiring : .idle
+        if exiting { counters.recycles += 1 }
         guard let job = jobs[jobID] else {
             try? fd?.close()
             return
         }
-        if message["ok"]?.boolValue == true {
-            switch job.kind {
-            case .decode:
-                guard let fd, let bytes = message["block_bytes"]?.intValue, let result = message["result"] else {
-                    try? fd?.close()
-                    protocolViolation(by: worker, "sent a result without its block", job: job)
-                    return
-                }
-                guard SharedMemory.isSealed(fd), (try? SharedMemory.size(of: fd)) == bytes else {
-                    try? fd.close()
-                    protocolViolation(by: worker, "sent a block that is not sealed or not \(bytes) bytes", job: job)
-                    return
-                }
-                answer(job, .decoded(result: result, block: fd, bytes: bytes))
-            case .probe:
-                try? fd?.close()
-                answer(job, .probed(message["probe"] ?? .null))
+        switch (outcome, job.kind) {
+        case (.decoded(let bytes), .decode):
+            guard let fd else {
+                protocolViolation(by: worker, "sent a result without its block", job: job)
+                return
             }
-        } else {
+            guard SharedMemory.isSealed(fd), (try? SharedMemory.size(of: fd)) == bytes else {
+                try? fd.close()
+                protocolViolation(by: worker, "sent a block that is not sealed or not \(bytes) bytes", job: job)
+                return
+            }
+            // The result travels once, in the block's header.
+            let header: BlockHeader
+            do {
+                header = try BlockReader.header(of: fd, blockBytes: bytes)
+            } catch {
+                try? fd.close()
+                protocolViolation(by: worker, "sent a block whose header cannot be read: \(error)", job: job)
+                return
+            }
+            answer(job, .decoded(result: header.result, block: fd, bytes: bytes))
+        case (.probed(let probe), .probe):
             try? fd?.close()
-            let failure = message["error"].flatMap(DecodeFailure.init(json:))
-                ?? DecodeFailure(.crashed, "\(job.path): the decode worker sent an unreadable error", path: job.path)
+            answer(job, .probed(probe))
+        case (.failed(let failure), _):
+            try? fd?.close()
             answer(job, .failed(failure))
+        default:
+            try? fd?.close()
+            protocolViolation(by: worker, "answered a \(job.kind) job with the wrong kind of result", job: job)
         }
     }
 
@@ -222,7 +228,7 @@ extension Supervisor {
         // that answered and then retired must not have its clip counted as a crash.
         readControl(of: worker)
         closeControl(of: worker)
-        workers.removeValue(forKey: worker.id)
+        pool.remove(worker)
         switch worker.state {
         case .starting:
             // During shutdown the supervisor closed its channel itself; that is no failed start.
@@ -238,6 +244,7 @@ extension Supervisor {
             guard let job = jobs[jobID] else { return }
             answer(job, .failed(classify(exit, of: worker, job: job)))
         case .killed(let reason, let at):
+            metrics.workerKilled(reason: reason)
             let waited = Instant.now().milliseconds(since: at)
             if waited > 1000 {
                 logger.warning("worker \(worker.pid) took \(waited) ms to die after SIGKILL (\(reason))")

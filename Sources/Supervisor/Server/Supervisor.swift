@@ -43,17 +43,19 @@ final class Supervisor {
 
     var phase: Phase = .running
     var connections: [UInt64: Connection] = [:]
-    var workers: [UInt64: WorkerProcess] = [:]
+    /// The decode workers and the start-up back-off.
+    let pool = WorkerPool()
+    /// Every clip accepted and not yet answered, queued or running.
     var jobs: [JobID: ClipJob] = [:]
-    /// FIFO of queued job ids; answered ids are skipped when reached.
-    var queue: [JobID] = []
-    var queueHead = 0
-    var queuedCount = 0
+    /// Clips waiting for a worker, one lane per client, served round-robin.
+    var queue = JobQueue()
     var counters = Counters()
+    /// Prometheus metrics: recorded here, read by the scrape threads (Metrics/).
+    let metrics = SupervisorMetrics()
+    var metricsQuarantineRefreshed = Instant(nanoseconds: 0)
+    /// Where metrics are served (`http://127.0.0.1:9464/metrics`) and written, for `status`.
+    var metricsEndpoints: [String: JSONValue] = [:]
     var nextID: UInt64 = 1
-    var consecutiveStartFailures = 0
-    var nextSpawnAllowed = Instant(nanoseconds: 0)
-    var lastSpawnError: String?
     /// The Landlock state the newest ready worker reported; nil before any was ready.
     var workerLandlock: (abi: Int, problem: String?)?
     var listenerPausedUntil: Instant?
@@ -62,8 +64,8 @@ final class Supervisor {
     /// Called once when the listener accepts and the pool is warm (systemd READY=1).
     var onReady: ((Supervisor) -> Void)?
     var announcedReady = false
-    /// Announces each skip to the operator: a stderr line, or a journal entry under systemd.
-    var skipAnnouncer: (SkipRecord, DecodeFailure) -> Void
+    /// Quarantine learnt from other nodes (`serve --quarantine-import`), consulted after the local one.
+    var quarantineImport: QuarantineImport?
     var receiveBuffer = [UInt8](repeating: 0, count: WorkerMessage.maxSize)
     let skipLog: SkipLog?
 
@@ -77,11 +79,6 @@ final class Supervisor {
         self.ownsSocketFile = ownsSocketFile
         self.socketFileIdentity = ownsSocketFile ? Self.fileIdentity(configuration.socketPath) : nil
         self.skipLog = skipLog
-        self.skipAnnouncer = { record, failure in
-            logger.warning(
-                "skipped \(record.path ?? "?"): \(failure.reason): \(failure.message)",
-                metadata: ["clip.path": "\(record.path ?? "")", "skip.reason": "\(failure.reason)"])
-        }
         self.poller = try Poller()
         self.spawner = WorkerSpawner(executable: configuration.workerExecutable, arguments: configuration.workerArguments)
         let signalFD = cv_signalfd_for_lifecycle()
@@ -126,6 +123,7 @@ final class Supervisor {
                 onReady?(self)
             }
             onTick?(self)
+            publishMetrics(now: after)
         }
         cleanUpAtExit()
         return 0
@@ -133,15 +131,7 @@ final class Supervisor {
 
     /// The pool is warm when as many workers as configured have said `ready` (or, after
     /// failed starts, when at least one has: a degraded pool still serves).
-    var isWarm: Bool {
-        let ready = workers.values.filter {
-            switch $0.state {
-            case .idle, .busy: true
-            default: false
-            }
-        }.count
-        return ready >= configuration.workers || (ready > 0 && consecutiveStartFailures > 0)
-    }
+    var isWarm: Bool { pool.isWarm(target: configuration.workers) }
 
     private func handle(_ event: Poller.Event) {
         switch event.source {
@@ -158,10 +148,10 @@ final class Supervisor {
                 drop(connection, reason: "client closed the connection")
             }
         case .workerControl(let id):
-            guard let worker = workers[id] else { return }
+            guard let worker = pool[id] else { return }
             readControl(of: worker)
         case .workerExit(let id):
-            guard let worker = workers[id] else { return }
+            guard let worker = pool[id] else { return }
             handleExit(of: worker)
         }
     }
@@ -174,6 +164,7 @@ final class Supervisor {
             case SIGHUP:
                 logger.info("SIGHUP: reopening the skip log")
                 skipLog?.reopen()
+                quarantineImport?.requestReload()
             default:
                 beginShutdown(reason: signalName(signal))
             }
@@ -185,15 +176,17 @@ final class Supervisor {
     private func nextTimeoutMs(now: Instant) -> Int32 {
         var earliest = now.adding(milliseconds: 1000)
         func consider(_ instant: Instant) { if instant < earliest { earliest = instant } }
-        for worker in workers.values {
+        for worker in pool.workers.values {
             switch worker.state {
             case .starting(let deadline): consider(deadline)
-            case .busy(_, let deadline): consider(deadline)
+            case .busy(_, let deadline):
+                consider(deadline)
+                if let cpu = worker.cpu { consider(cpu.nextSampleAt) }
             default: break
             }
         }
-        if let oldest = oldestQueuedJob() { consider(oldest.enqueuedAt.adding(milliseconds: configuration.queueWaitMs)) }
-        if nextSpawnAllowed > now { consider(nextSpawnAllowed) }
+        if let oldest = queue.oldest() { consider(oldest.enqueuedAt.adding(milliseconds: configuration.queueWaitMs)) }
+        if pool.nextSpawnAllowed > now { consider(pool.nextSpawnAllowed) }
         if let paused = listenerPausedUntil { consider(paused) }
         switch phase {
         case .draining(let graceEnd): consider(graceEnd)
@@ -208,16 +201,16 @@ final class Supervisor {
     }
 
     private func handleTimers(now: Instant) {
-        for worker in Array(workers.values) {
+        for worker in pool.ordered {
             switch worker.state {
             case .busy(let jobID, let deadline) where deadline <= now:
                 guard let job = jobs[jobID] else { continue }
+                _ = worker.cpu?.sample(pid: worker.pid, now: now)
                 worker.kill(reason: "deadline")
                 counters.timeouts += 1
-                answer(job, .failed(DecodeFailure(
-                    .timeout,
-                    "\(job.path): no answer within the \(job.deadlineMs) ms deadline; worker \(worker.pid) killed",
-                    path: job.path)))
+                answer(job, .failed(timeoutFailure(job, worker: worker)))
+            case .busy where worker.cpu.map { $0.nextSampleAt <= now } == true:
+                sampleCPU(of: worker, now: now)
             case .starting(let deadline) where deadline <= now:
                 worker.kill(reason: "start timeout")
                 recordStartFailure("worker \(worker.pid) did not say ready within \(configuration.workerStartTimeoutMs) ms")
@@ -225,7 +218,11 @@ final class Supervisor {
                 break
             }
         }
-        while let job = oldestQueuedJob(), job.enqueuedAt.adding(milliseconds: configuration.queueWaitMs) <= now {
+        while let oldest = queue.oldest(), oldest.enqueuedAt.adding(milliseconds: configuration.queueWaitMs) <= now {
+            guard let job = jobs[oldest.job] else {
+                queue.remove(oldest.job)
+                continue
+            }
             answer(job, .failed(DecodeFailure(
                 .overloaded,
                 "\(job.path): waited \(configuration.queueWaitMs) ms for a free worker; retry later",
@@ -237,6 +234,41 @@ final class Supervisor {
         }
     }
 
+    /// Reads a busy worker's CPU time: one that stopped using the CPU lends its slot (dispatch
+    /// and the spare count follow the census), one that resumed takes it back.
+    private func sampleCPU(of worker: WorkerProcess, now: Instant) {
+        guard worker.cpu?.sample(pid: worker.pid, now: now) == true, let cpu = worker.cpu else { return }
+        let clip: String = if case .busy(let jobID, _) = worker.state { jobs[jobID]?.path ?? "?" } else { "?" }
+        if cpu.stalled {
+            logger.info(
+                "worker \(worker.pid) is blocked (\(Self.percent(cpu.lastShare)) of a CPU) on \(clip): its slot is lent until it resumes or its deadline",
+                metadata: ["worker.pid": "\(worker.pid)", "clip.path": "\(clip)"])
+        } else {
+            logger.info("worker \(worker.pid) resumed on \(clip)", metadata: ["worker.pid": "\(worker.pid)"])
+        }
+    }
+
+    static func percent(_ share: Double) -> String { "\(Int((share * 100).rounded()))%" }
+
+    /// `timeout`, saying whether the worker was blocked (storage: a FIFO, a stalled mount) or
+    /// computing (a codec stuck in a loop) when it was killed: operators fix the two differently.
+    func timeoutFailure(_ job: ClipJob, worker: WorkerProcess) -> DecodeFailure {
+        var message = "\(job.path): no answer within the \(job.deadlineMs) ms deadline; worker \(worker.pid) killed"
+        var detail: String?
+        if let cpu = worker.cpu {
+            let used = JSONValue.format((cpu.secondsOnClip * 100).rounded() / 100)
+            let seconds = JSONValue.format(Double(job.deadlineMs) / 1000)
+            if cpu.stalled {
+                message += "; it was blocked, not decoding (\(used) CPU-s in \(seconds) s): waiting on I/O such as a FIFO or a stalled mount"
+                detail = "stalled"
+            } else {
+                message += "; it was busy on the CPU (\(used) CPU-s in \(seconds) s): the decoder may be stuck in a loop"
+                detail = "busy"
+            }
+        }
+        return DecodeFailure(.timeout, message, path: job.path, detail: detail)
+    }
+
     // MARK: - Queue
 
     /// Queues a clip and hands it to an idle worker at once if one is free, so that requests
@@ -244,37 +276,8 @@ final class Supervisor {
     /// queue limit must not refuse a clip because an earlier one has not been dispatched yet.
     func enqueue(_ job: ClipJob) {
         jobs[job.id] = job
-        queue.append(job.id)
-        queuedCount += 1
+        queue.push(job.id, client: job.connectionID, at: job.enqueuedAt)
         dispatch()
-    }
-
-    /// The oldest job still waiting, dropping answered ids from the head.
-    func oldestQueuedJob() -> ClipJob? {
-        while queueHead < queue.count {
-            if let job = jobs[queue[queueHead]], case .queued = job.state { return job }
-            queueHead += 1
-        }
-        compactQueue()
-        return nil
-    }
-
-    private func popQueuedJob() -> ClipJob? {
-        guard let job = oldestQueuedJob() else { return nil }
-        queueHead += 1
-        queuedCount -= 1
-        compactQueue()
-        return job
-    }
-
-    private func compactQueue() {
-        if queueHead > 1024, queueHead * 2 > queue.count {
-            queue.removeFirst(queueHead)
-            queueHead = 0
-        } else if queueHead == queue.count, queueHead > 0 {
-            queue.removeAll(keepingCapacity: true)
-            queueHead = 0
-        }
     }
 
     /// Bytes of finished blocks still held in client outboxes.
@@ -300,16 +303,12 @@ final class Supervisor {
         return bytes < configuration.effectiveMemoryBudget && count < Self.maxUnreadBlocks
     }
 
-    var busyWorkerCount: Int {
-        workers.values.filter { if case .busy = $0.state { return true } else { return false } }.count
-    }
-
     /// Clips that would start decoding at once rather than wait: idle workers, within the
     /// `workers` bound and the memory budget.
     var freeDecodeSlots: Int {
         guard case .running = phase, roomForBlocks else { return 0 }
-        let idle = workers.values.filter { if case .idle = $0.state { return true } else { return false } }.count
-        return max(0, min(idle, configuration.workers - busyWorkerCount))
+        let census = pool.census
+        return max(0, min(census.idle, configuration.workers - census.decoding))
     }
 
     /// Hands queued clips to idle workers while the memory budget allows.
@@ -318,20 +317,20 @@ final class Supervisor {
         // Blocks are produced one per busy worker, so the budget is checked against what
         // clients have not read yet.
         guard roomForBlocks else { return }
-        // Spare workers stand by; no more than `workers` clips decode at once.
-        var busy = busyWorkerCount
-        for worker in workers.values {
+        // Spare workers stand by; no more than `workers` clips decode at once. A stalled worker
+        // (blocked in I/O) holds no slot: its clip waits for I/O, not for the CPU.
+        var busy = pool.census.decoding
+        for worker in pool.idle {
             guard busy < configuration.workers else { return }
-            guard case .idle = worker.state else { continue }
-            guard let job = popQueuedJob() else { return }
+            guard let jobID = queue.popNext() else { return }
+            guard let job = jobs[jobID] else { continue }
             switch send(job, to: worker) {
             case .sent:
                 busy += 1
             case .workerFailed:
                 // The worker died before taking the clip: the clip has not started, so it waits
-                // for the next worker instead of failing.
-                queue.insert(job.id, at: queueHead)
-                queuedCount += 1
+                // for the next worker instead of failing, first in line.
+                queue.pushFront(job.id, client: job.connectionID, enqueuedAt: job.enqueuedAt)
             case .jobRefused(let failure):
                 // The job itself cannot travel; the worker is fine and stays idle.
                 answer(job, .failed(failure))
@@ -346,8 +345,8 @@ final class Supervisor {
     }
 
     private func send(_ job: ClipJob, to worker: WorkerProcess) -> SendOutcome {
-        job.quarantine = skipLog?.quarantine(for: job.path)
-        let bytes = job.workerMessage(roots: configuration.roots).serialized()
+        job.quarantine = skipLog?.quarantine(for: job.path) ?? quarantineImport?.entry(for: job.path)
+        let bytes = job.workerJob(roots: configuration.roots).json.serialized()
         let result = bytes.withUnsafeBytes { raw in
             Result { () throws(Errno) in try SocketIO.send(worker.control, raw, passing: job.clipFD, nonBlocking: true) }
         }
@@ -374,7 +373,9 @@ final class Supervisor {
         job.clipFD = nil
         let now = Instant.now()
         job.state = .running(worker: worker.id, since: now)
+        recordDispatch(of: job, at: now)
         worker.state = .busy(job: job.id, deadline: now.adding(milliseconds: job.deadlineMs))
+        worker.cpu = CPUWatch(pid: worker.pid, now: now)
         return .sent
     }
 
@@ -413,7 +414,7 @@ final class Supervisor {
         case .running, .finished:
             return
         case .draining(let graceEnd):
-            let busy = workers.values.filter { if case .busy = $0.state { return true }; return false }
+            let busy = pool.ordered.filter { if case .busy = $0.state { return true }; return false }
             if graceEnd <= now {
                 for worker in busy {
                     if case .busy(let jobID, _) = worker.state, let job = jobs[jobID] {
@@ -424,31 +425,31 @@ final class Supervisor {
             } else if !busy.isEmpty {
                 return
             }
-            for worker in workers.values { closeControl(of: worker) }
+            for worker in pool.ordered { closeControl(of: worker) }
             phase = .stopping(killAt: now.adding(milliseconds: 2000), giveUpAt: now.adding(milliseconds: 5000))
         case .stopping(let killAt, let giveUpAt):
             if killAt <= now {
-                for worker in workers.values { worker.kill(reason: "shutdown") }
+                for worker in pool.ordered { worker.kill(reason: "shutdown") }
             }
             let flushed = connections.values.allSatisfy { $0.outbox.isEmpty }
-            if (workers.isEmpty && flushed) || giveUpAt <= now {
+            if (pool.isEmpty && flushed) || giveUpAt <= now {
                 phase = .finished
             }
         }
     }
 
     private func cleanUpAtExit() {
-        for worker in workers.values {
+        for worker in pool.ordered {
             worker.kill(reason: "exit")
             closeControl(of: worker)
         }
         // Reap what has died; a worker stuck in uninterruptible I/O is left to init.
         let until = Instant.now().adding(milliseconds: 1000)
-        while !workers.isEmpty, Instant.now() < until {
-            for worker in Array(workers.values) where worker.reap() != nil {
+        while !pool.isEmpty, Instant.now() < until {
+            for worker in pool.ordered where worker.reap() != nil {
                 poller.remove(worker.pidfd)
                 try? worker.pidfd.close()
-                workers.removeValue(forKey: worker.id)
+                pool.remove(worker)
             }
             usleep(5000)
         }

@@ -32,6 +32,9 @@ final class WorkerProcess {
     var landlockABI = 0
     /// Why the worker runs without the Landlock write ban, as it said in `ready`.
     var landlockProblem: String?
+    /// CPU use on the clip it decodes (set when it takes one): a worker that uses no CPU is
+    /// blocked in I/O, and its slot is lent (`WorkerPool.Census.stalled`).
+    var cpu: CPUWatch?
     /// Whether its control socket is still registered and open.
     var controlOpen = true
 
@@ -50,6 +53,12 @@ final class WorkerProcess {
         case .starting, .idle, .busy: true
         case .retiring, .killed: false
         }
+    }
+
+    /// Busy on a clip but using (almost) no CPU over the last window: blocked in I/O.
+    var isStalled: Bool {
+        guard case .busy = state else { return false }
+        return cpu?.stalled == true
     }
 
     var stateName: String {
@@ -101,6 +110,21 @@ func signalName(_ signal: Int32) -> String {
     return "signal \(signal)"
 }
 
+/// posix_spawn(3) of `executable` with `arguments` (argv[0] is the executable) and this
+/// process's environment: the one place C strings are built for a child's argv.
+enum Spawn {
+    static func start(
+        _ executable: String, _ arguments: [String],
+        actions: UnsafePointer<posix_spawn_file_actions_t>? = nil, attributes: UnsafePointer<posix_spawnattr_t>? = nil
+    ) -> Result<pid_t, Errno> {
+        var cArguments: [UnsafeMutablePointer<CChar>?] = ([executable] + arguments).map { strdup($0) } + [nil]
+        defer { for pointer in cArguments { free(pointer) } }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, executable, actions, attributes, &cArguments, cv_environ())
+        return rc == 0 ? .success(pid) : .failure(Errno(rawValue: rc))
+    }
+}
+
 /// Starts workers. The spawn uses posix_spawn (vfork-like, cheap from a large process) with
 /// the control socket as fd 3, /dev/null for stdin/stdout, every other fd closed, a new process
 /// group, and signal mask and dispositions reset (the supervisor blocks SIGTERM for signalfd).
@@ -145,14 +169,15 @@ struct WorkerSpawner {
         posix_spawnattr_setpgroup(&attributes, 0)
         _ = withUnsafeMutablePointer(to: &attributes) { cv_spawnattr_reset_signals($0) }
 
-        let argv = [executable] + arguments + ["--control-fd", "3", "--parent-pid", String(getpid())]
-        var cArguments: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
-        defer { for pointer in cArguments { free(pointer) } }
-        var pid: pid_t = 0
-        let rc = posix_spawn(&pid, executable, &actions, &attributes, &cArguments, cv_environ())
-        guard rc == 0 else {
+        let pid: pid_t
+        switch Spawn.start(
+            executable, arguments + ["--control-fd", "3", "--parent-pid", String(getpid())],
+            actions: &actions, attributes: &attributes)
+        {
+        case .success(let started): pid = started
+        case .failure(let error):
             try? parentEnd.close()
-            throw SpawnError(description: "cannot start \(executable): \(Errno(rawValue: rc))")
+            throw SpawnError(description: "cannot start \(executable): \(error)")
         }
         let pidfd = cv_pidfd_open(pid)
         guard pidfd >= 0 else {

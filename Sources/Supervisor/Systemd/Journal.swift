@@ -131,39 +131,3 @@ struct JournalLogHandler: LogHandler {
         Journal.send(fields)
     }
 }
-
-/// Skips as journal entries with every field of the skip record, so that
-/// `journalctl -u clipvisor SKIP_REASON=timeout` or `CLIP_PATH=/data/x.mp4` finds them.
-enum JournalSkipAnnouncer {
-    /// `MESSAGE_ID=` shared by every skip entry (journalctl MESSAGE_ID=...; catalog key).
-    static let messageID = "5c3f7a0e2b9d4e61a8c4d2f19b07e3a5"
-
-    /// Announces one skip (the `Supervisor.skipAnnouncer` under journald).
-    static func announce(_ record: SkipRecord, _ failure: DecodeFailure) {
-        Journal.send(fields(record, failure))
-    }
-
-    static func fields(_ record: SkipRecord, _ failure: DecodeFailure) -> [(String, String)] {
-        var fields: [(String, String)] = [
-            ("MESSAGE", "skipped, \(failure.reason): \(failure.message)"),
-            ("PRIORITY", String(Journal.priority(.warning))),
-            ("SYSLOG_IDENTIFIER", Journal.identifier),
-            ("MESSAGE_ID", messageID),
-            ("SKIP_REASON", failure.reason.rawValue),
-        ]
-        func put(_ name: String, _ value: CustomStringConvertible?) {
-            if let value { fields.append((name, value.description)) }
-        }
-        put("CLIP_PATH", record.path)
-        put("SKIP_DETAIL", record.detail.isEmpty ? nil : record.detail)
-        put("ELAPSED_MS", record.elapsedMs)
-        put("DEADLINE_MS", record.deadlineMs)
-        put("REQUEST_ID", record.requestID)
-        put("TAG", record.tag)
-        put("CLIENT_PID", record.clientPID)
-        put("CLIENT_UID", record.clientUID)
-        put("CLIP_SIZE", record.size)
-        put("CLIP_MTIME", record.mtime)
-        return fields
-    }
-}

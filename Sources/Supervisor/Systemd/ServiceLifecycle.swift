@@ -91,7 +91,7 @@ final class ServiceLifecycle {
     static func statusLine(of supervisor: Supervisor) -> String {
         var ready = 0
         var busy = 0
-        for worker in supervisor.workers.values {
+        for worker in supervisor.pool.workers.values {
             switch worker.state {
             case .idle: ready += 1
             case .busy:
@@ -101,15 +101,15 @@ final class ServiceLifecycle {
             }
         }
         let skipped = supervisor.counters.skipped.values.reduce(0, +)
-        let work = "queue \(supervisor.queuedCount), \(supervisor.counters.decoded) decoded, \(skipped) skipped"
+        let work = "queue \(supervisor.queue.count), \(supervisor.counters.decoded) decoded, \(skipped) skipped"
         switch supervisor.phase {
         case .running where !supervisor.announcedReady:
             var line = "starting: \(ready)/\(supervisor.configuration.workers) workers ready"
-            if let error = supervisor.lastSpawnError { line += "; last start error: \(error)" }
+            if let error = supervisor.pool.lastStartError { line += "; last start error: \(error)" }
             return line
         case .running:
             var line = "serving: \(ready)/\(supervisor.configuration.workers) workers (\(busy) busy), \(work)"
-            if supervisor.consecutiveStartFailures > 0, let error = supervisor.lastSpawnError {
+            if supervisor.pool.consecutiveStartFailures > 0, let error = supervisor.pool.lastStartError {
                 line += "; workers fail to start: \(error)"
             }
             return line
@@ -138,7 +138,7 @@ struct ServiceFaults: Equatable, Sendable {
     static func parse(_ text: String) -> ServiceFaults {
         var faults = ServiceFaults()
         for item in text.split(separator: ",") {
-            let parts = item.split(separator: "=", maxSplits: 1).map { String($0).trimmingCharacters(in: " ") }
+            let parts = item.split(separator: "=", maxSplits: 1).map { $0.trimming(" ") }
             if parts.count == 2, parts[0] == "wedge-loop-after-ms", let ms = Int(parts[1]), ms >= 0 {
                 faults.wedgeLoopAfterMs = ms
             }

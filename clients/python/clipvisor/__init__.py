@@ -8,7 +8,7 @@ the supervisor for clips and returns numpy arrays (torch tensors on request)::
     client = clipvisor.Client()
     try:
         video = client.video("/data/a.mp4", fps=2.0, max_pixels=448 * 448)
-    except clipvisor.ClipSkipped as skip:      # timeout, crash, corrupt file...
+    except clipvisor.ClipSkipped as skip:      # timeout, crash, corrupt file... (never the caller's mistake)
         print("skipping", skip.path, skip.reason)
     else:
         frames = video.frames                  # uint8 (T, 3, H, W)
@@ -23,6 +23,7 @@ from .errors import (
     ClipCancelled,
     ClipCorrupt,
     ClipCrashed,
+    ClipIncompatible,
     ClipNotFound,
     ClipOutOfMemory,
     ClipPermission,
@@ -62,6 +63,7 @@ __all__ = [
     "ClipNotFound",
     "ClipPermission",
     "ClipQuarantined",
+    "ClipIncompatible",
     "ClipCancelled",
     "InvalidRequest",
     "ClipvisorWarning",

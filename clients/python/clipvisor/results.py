@@ -7,13 +7,14 @@ Arrays are plain numpy arrays owned by the caller (the block's memfd is already 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
+from .block import read_block_fd
 from .errors import ProtocolError
 
-__all__ = ["Video", "Audio", "Clip", "to_torch"]
+__all__ = ["Video", "Audio", "Clip", "Result", "to_torch", "build_result", "result_of_answer"]
 
 
 def to_torch(array: np.ndarray, pin_memory: bool = False, device: Any = None) -> Any:
@@ -184,7 +185,11 @@ class Clip:
         )
 
 
-def build_result(kind: str, result: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> Any:
+#: What a decode returns.
+Result = Union[Video, Audio, Clip]
+
+
+def build_result(kind: str, result: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> Result:
     """The result object of a decode of `kind` (``video``, ``audio`` or ``clip``)."""
     video = audio = None
     if "video" in tensors:
@@ -205,3 +210,14 @@ def build_result(kind: str, result: Mapping[str, Any], tensors: Mapping[str, np.
         return audio
     return Clip(video=video, audio=audio, result=dict(result), **{
         k: v for k, v in _common(result).items() if k != "decode_seconds"})
+
+
+def result_of_answer(kind: str, reply: Mapping[str, Any], fd: Optional[int], path: str) -> Result:
+    """The result of an ``ok`` answer and the block fd that came with it (read, then closed)."""
+    if fd is None:
+        raise ProtocolError(f"{path}: the supervisor answered ok without a block")
+    block = read_block_fd(fd)  # closes fd, unmaps before returning
+    result = reply.get("result")
+    if not isinstance(result, dict):
+        result = block.result
+    return build_result(kind, result, block.tensors)

@@ -15,7 +15,8 @@ It is shared by the whole process tree of the process that first made a spawning
   happens under an ``flock`` in that directory: two children that start at once get exactly
   one supervisor; the second finds the first's socket answering.
 - The process that starts it exports ``CLIPVISOR_SOCKET`` (inherited by its own children).
-- It runs under a small watchdog (``python -I -S -c``) that holds the read end of a "lifeline"
+- It runs under a small watchdog (:mod:`clipvisor._watchdog`, run with ``python -I -S``) that
+  holds the read end of a "lifeline"
   pipe whose write end every process of the tree holds (inherited across fork, closed on
   exec). When the tree is gone — even killed with SIGKILL — the watchdog sees EOF, stops the
   supervisor (SIGTERM, then SIGKILL) and removes the directory. The tree's root also stops it
@@ -144,63 +145,9 @@ def find_binary() -> Optional[str]:
     return bundled_binary() or shutil.which("clipvisor")
 
 
-# The watchdog: started with the lifeline's read end, the slot directory and the supervisor's
-# argv; its stderr is the supervisor's log file.
-_WATCHDOG = r"""
-import os, select, shutil, signal, subprocess, sys
-lifeline, slot, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-stop = []
-signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
-try:
-    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, close_fds=True)
-except OSError as exc:
-    sys.stderr.write("clipvisor watchdog: cannot start %r: %s\n" % (argv[0], exc))
-    sys.exit(70)
-with open(os.path.join(slot, "supervisor.pid"), "w") as f:
-    f.write(str(child.pid))
-poller = select.poll()
-poller.register(lifeline, select.POLLIN | select.POLLHUP)
-code = None
-while not stop:
-    code = child.poll()
-    if code is not None:
-        break
-    try:
-        if poller.poll(250):
-            break
-    except InterruptedError:
-        pass
-if code is None:
-    child.terminate()
-    try:
-        child.wait(5)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()
-    shutil.rmtree(slot, ignore_errors=True)
-    sys.exit(0)
-sys.stderr.write("clipvisor watchdog: supervisor exited with %s\n" % code)
-# Forget our pid files, under the slot's lock and only if still ours: a client may already
-# have started a successor (which writes its own).
-import fcntl
-try:
-    lock = os.open(os.path.join(slot, "lock"), os.O_RDWR | os.O_CLOEXEC)
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    for name, pid in (("watchdog.pid", os.getpid()), ("supervisor.pid", child.pid)):
-        path = os.path.join(slot, name)
-        try:
-            with open(path) as f:
-                mine = f.read().strip() == str(pid)
-            if mine:
-                os.unlink(path)
-        except OSError:
-            pass
-    os.close(lock)
-except OSError:
-    pass
-sys.exit(0)
-"""
+# The watchdog (clipvisor/_watchdog.py), run by path under ``python -I -S``: it imports only the
+# standard library, so it needs neither site-packages nor this package on sys.path.
+_WATCHDOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_watchdog.py")
 
 
 class PrivateSupervisor:
@@ -239,7 +186,8 @@ class PrivateSupervisor:
                 if time.monotonic() >= deadline:
                     os.close(fd)
                     raise SupervisorUnavailable(
-                        f"timed out waiting for another process to start the private supervisor in {self.dir}") from None
+                        "timed out waiting for another process to start the private supervisor in "
+                        + self.dir) from None
                 time.sleep(0.01)
 
     # -- starting ------------------------------------------------------------------------------
@@ -277,7 +225,7 @@ class PrivateSupervisor:
         with open(self.log_path, "ab") as log:
             try:
                 watchdog = subprocess.Popen(
-                    [sys.executable, "-I", "-S", "-c", _WATCHDOG, str(self._lifeline_r), self.dir] + argv,
+                    [sys.executable, "-I", "-S", _WATCHDOG, str(self._lifeline_r), self.dir] + argv,
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
                     pass_fds=(self._lifeline_r,), start_new_session=True,
                 )

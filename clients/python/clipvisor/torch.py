@@ -171,8 +171,11 @@ class SkippingDataset:
     Args:
         dataset: the wrapped dataset (``__getitem__``, ``__len__``).
         skip: the exception types that drop a sample (default: ``ClipSkipped``, which includes
-            ``clipvisor.compat.qwen.QwenValueError``). Infrastructure errors
-            (``ClipvisorError``) are never caught: they mean the supervisor is unusable.
+            ``ClipIncompatible`` and ``clipvisor.compat.qwen.QwenValueError``: the clip cannot
+            give what was asked). ``ClipvisorError`` is never caught: the supervisor is unusable
+            (``SupervisorUnavailable``...), or the caller got the request wrong
+            (``InvalidRequest``: a misspelled option, a value out of range), which would
+            otherwise drop every sample of the run.
         log: log each skipped path once per process (logger ``clipvisor.torch``, WARNING).
 
     Make it in the main process, before the DataLoader starts its workers: the skip records of
@@ -247,7 +250,7 @@ def _default_collate() -> Callable[[List[Any]], Any]:
         from torch.utils.data import default_collate  # torch >= 1.11
     except ImportError:
         try:
-            from torch.utils.data._utils.collate import default_collate  # type: ignore[no-redef]
+            from torch.utils.data._utils.collate import default_collate
         except ImportError as exc:
             raise ImportError("skip_collate() without collate_fn= needs PyTorch: pip install torch "
                               "(or pass collate_fn=)") from exc

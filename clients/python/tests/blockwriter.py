@@ -49,9 +49,12 @@ def write_block(
     audio_chunk: Optional[int] = 16000,
     pad: int = 0,
     extra_header: Optional[Dict[str, Any]] = None,
+    frame_options: Optional[Dict[str, bool]] = None,
 ) -> bytes:
-    """A block holding `tensors` = [(name, array, layout)], in that order."""
-    cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+    """A block holding `tensors` = [(name, array, layout)], in that order. `frame_options`
+    overrides the zstd frame flags (``write_checksum``, ``write_content_size``: both required)."""
+    flags: Dict[str, Any] = {"write_checksum": True, "write_content_size": True, **(frame_options or {})}
+    cctx = zstandard.ZstdCompressor(level=level, **flags)
     described = []
     frames: List[bytes] = []
     sizes: List[int] = []

@@ -17,10 +17,9 @@ try:
 except ImportError:  # running from the source tree
     sys.path.insert(0, os.path.dirname(HERE))
 
-from fakeserver import FakeServer  # noqa: E402
-
 import clipvisor  # noqa: E402
 from clipvisor import spawn  # noqa: E402
+from fakeserver import FakeServer  # noqa: E402
 
 
 @pytest.fixture

@@ -7,8 +7,13 @@ Behaviour is chosen by the request's path, one directive per path component, e.g
   audio-C-S            ok with C channels x S samples
   clip-T-H-W-C-S       ok with both
   delay-X              sleep X seconds first
-  error-REASON         answer error REASON (timeout, decode_error, ...)
+  error-REASON         answer error REASON (timeout, decode_error, ...) about the clip;
+                       error-invalid_request: the request refused as wrong (no path)
+  unfit                invalid_request naming the clip (it cannot give what was asked)
   overloaded-N         answer overloaded N times (per path), then go on
+  sample-invalid, sample-invalidafter-N, sample-overloaded-N, sample-shutdown
+                       in a sample: refuse the whole sample (an invalid field of this clip,
+                       always or after N times; overloaded the first N times; shutting down)
   hang                 never answer (until cancelled or the client disconnects)
   die                  close the connection at once
   unsealed / tampered / nofd / partialseal   a broken block
@@ -29,7 +34,7 @@ import struct
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -172,12 +177,14 @@ class FakeServer:
             if first:
                 first = False
                 if msg.get("op") != "hello":
-                    peer.send({"id": None, "ok": False, "error": {"reason": "invalid_request", "message": "hello first"}})
+                    peer.send({"id": None, "ok": False,
+                               "error": {"reason": "invalid_request", "message": "hello first"}})
                     peer.close()
                     return
                 peer.hello = msg
-                peer.send({"op": "hello", "ok": True, "protocol": self.protocol, "server": "fake 0.1", "pid": os.getpid(),
-                           "max_message_bytes": 1 << 20, "deadline_ms_default": 30000, "deadline_ms_max": 600000})
+                peer.send({"op": "hello", "ok": True, "protocol": self.protocol, "server": "fake 0.1",
+                           "pid": os.getpid(), "max_message_bytes": 1 << 20, "deadline_ms_default": 30000,
+                           "deadline_ms_max": 600000})
                 continue
             with self.lock:
                 self.requests.append(dict(msg, _pid=(peer.hello or {}).get("pid")))
@@ -224,18 +231,32 @@ class FakeServer:
     def _sample(self, peer: Peer, msg: Dict[str, Any]) -> None:
         rid = msg["id"]
         clips = msg.get("clips") or []
-        # Refusals of the request as a whole come as one answer without "done" (as the real
-        # supervisor does): sample-invalid (invalid_request naming the clip), sample-overloaded-N.
+        # Refusals of the request as a whole come as the final answer alone, `done` without `clip`
+        # (docs/protocol.md, as the real supervisor sends them): more than 256 clips,
+        # sample-invalid[after-N] (an invalid field of that clip), sample-overloaded-N (the first N
+        # times), sample-shutdown (the supervisor is shutting down).
+        if not clips or len(clips) > 256:
+            peer.send({"id": rid, "done": True, "ok": False, "error": {
+                "reason": "invalid_request", "detail": "clips",
+                "message": f"invalid field 'clips': must hold 1 to 256 clips, got {len(clips)}"}})
+            return
         for i, clip in enumerate(clips):
             for part in str(clip.get("path")).strip("/").split("/"):
                 bits = part.split("-")
-                if part == "sample-invalid":
-                    peer.send({"id": rid, "ok": False, "error": {
+                if part == "sample-invalid" or (bits[:2] == ["sample", "invalidafter"]
+                                                and self._count("sample:" + part) > int(bits[2])):
+                    peer.send({"id": rid, "done": True, "ok": False, "error": {
                         "reason": "invalid_request", "detail": f"clips[{i}].width",
                         "message": f"clips[{i}]: invalid field 'width': must be in [1, 65536], got 0"}})
                     return
                 if bits[:2] == ["sample", "overloaded"] and self._count("sample:" + part) <= int(bits[2]):
-                    peer.send({"id": rid, "ok": False, "error": {"reason": "overloaded", "message": "queue full"}})
+                    peer.send({"id": rid, "done": True, "ok": False, "error": {
+                        "reason": "overloaded", "retry_after_ms": 10,
+                        "message": "3 clips are queued (limit 2); retry later"}})
+                    return
+                if part == "sample-shutdown":
+                    peer.send({"id": rid, "done": True, "ok": False, "error": {
+                        "reason": "cancelled", "message": "the supervisor is shutting down"}})
                     return
         results: "queue.Queue[Tuple[int, Optional[Dict[str, Any]], Optional[int]]]" = queue.Queue()
         for i, clip in enumerate(clips):
@@ -278,7 +299,8 @@ class FakeServer:
                         if j not in answered:
                             answered[j] = False
                             peer.send({"id": rid, "clip": j, "ok": False, "error": {
-                                "reason": "cancelled", "message": f"clip {j}: cancelled", "path": clips[j].get("path")}})
+                                "reason": "cancelled", "message": f"clip {j}: cancelled",
+                                "path": clips[j].get("path")}})
         if failure is None:
             peer.send({"id": rid, "done": True, "ok": True, "clips": len(clips)})
         else:
@@ -296,6 +318,16 @@ class FakeServer:
             bits = part.split("-")
             if bits[0] == "delay":
                 time.sleep(float(bits[1]))
+            elif bits[0] == "error" and bits[1:] == ["invalid_request"]:
+                # the request itself is wrong: refused before any worker, no path (docs/protocol.md)
+                return ({"id": rid, "ok": False, "error": {
+                    "reason": "invalid_request", "detail": "fsp",
+                    "message": "invalid field 'fsp': unknown field"}}, None)
+            elif bits[0] == "unfit":
+                # the request does not fit this clip: a worker found it, the error names the clip
+                return ({"id": rid, "ok": False, "elapsed_ms": 5, "error": {
+                    "reason": "invalid_request", "path": path, "detail": "frames",
+                    "message": f"{path}: 1 frame(s) in range give 4 frames to sample"}}, None)
             elif bits[0] == "error":
                 reason = "-".join(bits[1:])
                 return ({"id": rid, "ok": False, "elapsed_ms": 5,

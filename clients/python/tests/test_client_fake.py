@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import select
 import signal
 import subprocess
@@ -62,7 +63,8 @@ def test_thwc_audio_clip(client: clipvisor.Client, fake_server: FakeServer) -> N
     req = fake_server.requests[-1]
     assert req["no_video"] is True and req["audio"] is True and req["channels"] == 2 and "fps" not in req
     c = client.clip("/fake/clip-2-4-4-1-16000", video={"fps": 1.0}, audio={"sample_rate": 16000}, audio_optional=True)
-    assert isinstance(c, clipvisor.Clip) and c.video.frames.shape == (2, 3, 4, 4) and c.audio.samples.shape == (1, 16000)
+    assert isinstance(c, clipvisor.Clip) and c.video.frames.shape == (2, 3, 4, 4)
+    assert c.audio.samples.shape == (1, 16000)
     req = fake_server.requests[-1]
     assert req["audio"] is True and req["fps"] == 1.0 and req["audio_optional"] is True and "no_video" not in req
 
@@ -72,17 +74,53 @@ def test_thwc_audio_clip(client: clipvisor.Client, fake_server: FakeServer) -> N
     ("out_of_memory", clipvisor.ClipOutOfMemory), ("decode_error", clipvisor.ClipCorrupt),
     ("unsupported", clipvisor.ClipUnsupported), ("too_large", clipvisor.ClipTooLarge),
     ("not_found", clipvisor.ClipNotFound), ("permission", clipvisor.ClipPermission),
-    ("quarantined", clipvisor.ClipQuarantined), ("cancelled", clipvisor.ClipCancelled),
-    ("invalid_request", clipvisor.InvalidRequest),
+    ("quarantined", clipvisor.ClipQuarantined),
 ])
 def test_skips_raise_their_subclass(client: clipvisor.Client, reason: str, cls) -> None:
     path = f"/fake/error-{reason}"
     with pytest.raises(cls) as info:
         client.video(path)
+    assert isinstance(info.value, clipvisor.ClipSkipped) and not isinstance(info.value, clipvisor.ClipvisorError)
     assert info.value.reason == reason and info.value.path == path and path in info.value.message
     assert info.value.detail == "fake detail" and info.value.elapsed_ms == 5
     # the connection is still fine
     assert client.video("/fake/video-1-2-2").frames.shape == (1, 3, 2, 2)
+
+
+def test_skips_are_about_the_clip_not_the_caller(client: clipvisor.Client) -> None:
+    """invalid_request naming the clip (a worker found it cannot give what was asked) is a skip;
+    a request wrong whatever the clip, and a cancellation, are not: they are ClipvisorErrors."""
+    with pytest.raises(clipvisor.ClipIncompatible) as unfit:
+        client.video("/fake/unfit", frames=4)
+    assert isinstance(unfit.value, clipvisor.ClipSkipped) and isinstance(unfit.value, ValueError)
+    assert unfit.value.reason == "invalid_request" and unfit.value.path == "/fake/unfit"
+    assert unfit.value.detail == "frames" and unfit.value.elapsed_ms == 5
+    with pytest.raises(clipvisor.InvalidRequest) as wrong:
+        client.video("/fake/error-invalid_request")
+    assert not isinstance(wrong.value, clipvisor.ClipSkipped)
+    assert isinstance(wrong.value, clipvisor.ClipvisorError) and isinstance(wrong.value, ValueError)
+    assert wrong.value.reason == "invalid_request" and wrong.value.detail == "fsp"
+    assert wrong.value.path == "/fake/error-invalid_request" and "fsp" in str(wrong.value)
+    with pytest.raises(clipvisor.ClipCancelled) as cancelled:
+        client.video("/fake/error-cancelled")
+    assert not isinstance(cancelled.value, clipvisor.ClipSkipped)
+    assert isinstance(cancelled.value, clipvisor.ClipvisorError) and cancelled.value.reason == "cancelled"
+    # in a sample without all-or-nothing: the clip that does not fit is listed, a wrong request raises
+    out = client.sample(["/fake/video-1-2-2", "/fake/unfit"], all_or_nothing=False)
+    assert isinstance(out[0], clipvisor.Video) and isinstance(out[1], clipvisor.ClipIncompatible) and out[1].clip == 1
+    with pytest.raises(clipvisor.InvalidRequest) as wrong:
+        client.sample(["/fake/video-1-2-2", "/fake/error-invalid_request"], all_or_nothing=False)
+    assert wrong.value.clip == 1
+    with pytest.raises(clipvisor.ClipCancelled):
+        client.sample(["/fake/error-cancelled", "/fake/video-1-2-2"], all_or_nothing=False, pass_fd=False)
+    # each keeps its type and attributes through pickling and through the one-argument form
+    # torch's DataLoader uses to raise a worker's exception again in the main process
+    for exc in (unfit.value, wrong.value, cancelled.value):
+        again = pickle.loads(pickle.dumps(exc))
+        assert type(again) is type(exc) and (again.reason, again.path, again.detail, again.clip) == \
+            (exc.reason, exc.path, exc.detail, exc.clip)
+        rebuilt = type(exc)("Caught it in DataLoader worker process 0")
+        assert rebuilt.reason == exc.reason and rebuilt.path is None and "worker process 0" in str(rebuilt)
 
 
 def test_overloaded_is_retried_then_infrastructure(client: clipvisor.Client, fake_server: FakeServer) -> None:
@@ -221,7 +259,7 @@ def test_close_wakes_the_reading_thread_and_disconnects(fake_server: FakeServer)
     t.start()
     # that thread has sent its request and is the one reading the socket
     assert _wait_for(lambda: any(r.get("path") == "/fake/hang" for r in fake_server.requests)
-                     and c._session is not None and c._session.reading)
+                     and c._mux.current is not None and c._mux.current.reading)
     c.close()
     t.join(20)  # the request's own bound is 62 s
     assert not t.is_alive(), "close() did not wake the thread reading the connection"
@@ -246,7 +284,7 @@ def test_timeout_in_another_thread_wakes_the_reader(fake_server: FakeServer) -> 
 
     t = threading.Thread(target=reader, daemon=True)
     t.start()
-    assert _wait_for(lambda: c._session is not None and c._session.reading
+    assert _wait_for(lambda: c._mux.current is not None and c._mux.current.reading
                      and any(r.get("path") == "/fake/hang" for r in fake_server.requests))
     with pytest.raises(clipvisor.SupervisorTimeout):
         c.video("/fake/hang", deadline=0.2)  # waits while the other thread reads, then gives up
@@ -398,23 +436,50 @@ def test_sample_all_or_nothing(client: clipvisor.Client, fake_server: FakeServer
     assert client.sample([]) == []
 
 
-def test_sample_refused_as_a_whole(client: clipvisor.Client, fake_server: FakeServer) -> None:
+@pytest.mark.parametrize("all_or_nothing", [True, False])
+def test_sample_refused_as_a_whole(client: clipvisor.Client, fake_server: FakeServer, all_or_nothing: bool) -> None:
+    """A refusal of the whole sample is its final answer alone, `done` without `clip`
+    (docs/protocol.md), with or without all-or-nothing."""
+    aon = {"all_or_nothing": all_or_nothing}
     with pytest.raises(clipvisor.InvalidRequest) as info:
-        client.sample(["/fake/video-1-2-2", "/fake/sample-invalid"])
-    assert info.value.clip == 1 and info.value.detail == "clips[1].width"
-    out = client.sample(["/fake/video-1-2-2", "/fake/sample-overloaded-2/video-1-2-4"])
+        client.sample(["/fake/video-1-2-2", "/fake/sample-invalid"], **aon)
+    assert info.value.clip == 1 and info.value.detail == "clips[1].width" and info.value.path == "/fake/sample-invalid"
+    assert info.value.reason == "invalid_request" and "clips[1]" in info.value.message
+    with pytest.raises(clipvisor.InvalidRequest) as info:
+        client.sample(["/fake/video-1-2-2"] * 257, **aon)
+    assert info.value.detail == "clips" and info.value.clip is None and "257" in info.value.message
+    # overloaded: the whole sample again, with back-off, until it goes through or the deadline passes
+    before = len(fake_server.requests)
+    out = client.sample(["/fake/video-1-2-2", f"/fake/sample-overloaded-2/x{all_or_nothing}/video-1-2-4"], **aon)
     assert [v.frames.shape for v in out] == [(1, 3, 2, 2), (1, 3, 2, 4)]
-    with pytest.raises(clipvisor.Overloaded):
-        client.sample(["/fake/sample-overloaded-1000/video-1-2-4"], deadline=0.3)
+    assert len(fake_server.requests) - before == 3
+    t0 = time.monotonic()
+    with pytest.raises(clipvisor.Overloaded) as overloaded:
+        client.sample(["/fake/sample-overloaded-1000/video-1-2-4"], deadline=0.3, **aon)
+    assert time.monotonic() - t0 < 2.0 and "overloaded" in str(overloaded.value)
+    with pytest.raises(clipvisor.ClipCancelled) as cancelled:
+        client.sample(["/fake/video-1-2-2", "/fake/sample-shutdown"], **aon)
+    assert "shutting down" in str(cancelled.value)
+    # the connection is fine after every refusal
+    assert client.video("/fake/video-1-2-2").frames.shape == (1, 3, 2, 2) and fake_server.connections == 1
+
+
+def test_sample_refused_on_retry_names_the_clip_of_the_whole_list(client: clipvisor.Client) -> None:
+    """After an overloaded clip, only the clips left are sent again: a refusal's `clips[i]`
+    counts within that shorter list, and the exception names the clip of the caller's list."""
+    clips = ["/fake/video-1-2-2", "/fake/video-1-2-4", "/fake/overloaded-1/sample-invalidafter-1/video-1-2-2"]
+    with pytest.raises(clipvisor.InvalidRequest) as info:
+        client.sample(clips, all_or_nothing=False)
+    assert info.value.clip == 2 and info.value.path == clips[2] and info.value.detail == "clips[0].width"
 
 
 def test_default_margin_follows_the_queue_bound(fake_server: FakeServer) -> None:
     with clipvisor.Client(fake_server.path, spawn=False) as c:
         c.status()
-        assert c._session.margin == pytest.approx(11.5)
+        assert c._mux.current.margin == pytest.approx(11.5)
     with clipvisor.Client(fake_server.path, spawn=False, margin=3) as c:
         c.status()
-        assert c._session.margin == 3
+        assert c._mux.current.margin == 3
 
 
 def test_sample_not_all_or_nothing(client: clipvisor.Client) -> None:
@@ -437,6 +502,14 @@ def test_sample_with_fds(client: clipvisor.Client, fake_server: FakeServer, tmp_
     assert info.value.clip == 2
     out = client.sample(paths, pass_fd=True, all_or_nothing=False)
     assert isinstance(out[2], clipvisor.ClipTimeout)
+    # not about the clip: raised without all-or-nothing too; a clip that cannot satisfy it is listed
+    for name in ("error-invalid_request", "unfit"):
+        (tmp_path / name).write_bytes(b"data")
+    out = client.sample([paths[0], str(tmp_path / "unfit")], pass_fd=True, all_or_nothing=False)
+    assert isinstance(out[0], clipvisor.Video) and isinstance(out[1], clipvisor.ClipIncompatible) and out[1].clip == 1
+    with pytest.raises(clipvisor.InvalidRequest):
+        client.sample([paths[0], str(tmp_path / "error-invalid_request")], pass_fd=True, all_or_nothing=False)
+    assert client.video(paths[0]).frames.shape == (1, 3, 2, 2) and fake_server.connections == 1
 
 
 def test_probe_status_skips(client: clipvisor.Client, fake_server: FakeServer) -> None:
@@ -468,24 +541,24 @@ def test_default_tag_from_job_ids(monkeypatch: pytest.MonkeyPatch, fake_server: 
 def test_context_manager_closes(fake_server: FakeServer) -> None:
     with clipvisor.Client(fake_server.path, spawn=False) as c:
         c.status()
-        assert c._session is not None
-    assert c._session is None
+        assert c._mux.current is not None
+    assert c._mux.current is None
 
 
 def test_fork_never_reuses_the_connection(client: clipvisor.Client, fake_server: FakeServer) -> None:
     client.video("/fake/video-1-2-2")
-    parent_session = client._session
+    parent_session = client._mux.current
 
     def child() -> bool:
         v = client.video("/fake/video-2-2-2")
-        return v.frames.shape == (2, 3, 2, 2) and client._session is not parent_session
+        return v.frames.shape == (2, 3, 2, 2) and client._mux.current is not parent_session
 
     assert status_in_child(child) == 0
     assert fake_server.connections == 2
     pids = {p.hello["pid"] for p in fake_server.peers}
     assert os.getpid() in pids and len(pids) == 2
     # the parent's connection is untouched by the child's exit
-    assert client._session is parent_session
+    assert client._mux.current is parent_session
     assert client.video("/fake/video-1-2-4").frames.shape == (1, 3, 2, 4)
     assert fake_server.connections == 2
 
@@ -525,7 +598,8 @@ def _servers(slot_socket: str) -> list:
                     continue
         except OSError:
             continue
-        if b"serve" in argv and slot_socket.encode() in argv and not any(b"-c" == a for a in argv):
+        watchdog = any(a.endswith(b"_watchdog.py") or a == b"clipvisor._watchdog" for a in argv)
+        if b"serve" in argv and slot_socket.encode() in argv and not watchdog:
             out.append(int(pid))
     return out
 
@@ -555,7 +629,7 @@ def test_spawn_private_supervisor(isolated_env: str, fake_binary: str) -> None:
     # Wait until our idle connection sees the other end closed (all of the killed process's
     # threads are gone: its pid turns zombie before that).
     poller = select.poll()
-    poller.register(c._session.conn.fileno(), select.POLLIN | select.POLLHUP)
+    poller.register(c._mux.current.conn.fileno(), select.POLLIN | select.POLLHUP)
     assert poller.poll(20_000), "the killed supervisor's end of the connection did not close"
     deadline = time.monotonic() + 20
     while not _exited(first) and time.monotonic() < deadline:

@@ -46,7 +46,8 @@ FILES = [
 
 def ffmpeg_reference(path: str, rate: int = 16000) -> np.ndarray:
     channels = int(subprocess.run(
-        ["ffprobe", "-v", "error", "-select_streams", "a:0", "-show_entries", "stream=channels", "-of", "csv=p=0", path],
+        ["ffprobe", "-v", "error", "-select_streams", "a:0", "-show_entries", "stream=channels", "-of", "csv=p=0",
+         path],
         capture_output=True, text=True, check=True).stdout.strip())
     raw = subprocess.run(["ffmpeg", "-v", "error", "-i", path, "-vn", "-ar", str(rate), "-ac", str(channels),
                           "-f", "f32le", "-"], capture_output=True, check=True).stdout

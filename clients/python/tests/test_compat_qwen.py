@@ -141,8 +141,10 @@ def corpus_clip(name: str, upright: bool = True) -> Tuple[str, int, float, int, 
 
 def test_linspace_matches_reference_and_torch() -> None:
     rng = np.random.default_rng(7)
-    cases = [(a, b, n) for a in range(0, 30, 3) for b in range(a + 1, a + 200, 13) for n in range(1, min(b - a + 2, 60), 5)]
-    cases += [(int(a), int(a + d), int(n)) for a, d, n in zip(rng.integers(0, 60000, 400), rng.integers(800, 200000, 400),
+    cases = [(a, b, n) for a in range(0, 30, 3) for b in range(a + 1, a + 200, 13)
+             for n in range(1, min(b - a + 2, 60), 5)]
+    cases += [(int(a), int(a + d), int(n)) for a, d, n in zip(rng.integers(0, 60000, 400),
+                                                                rng.integers(800, 200000, 400),
                                                                 rng.integers(2, 800, 400))]
     for a, b, n in cases:
         assert qwen.linspace_indices(a, b, n) == ref_linspace_round(a, b, n), (a, b, n)
@@ -160,7 +162,8 @@ def test_settings_defaults_env_and_module(monkeypatch: pytest.MonkeyPatch) -> No
                 "SPATIAL_MERGE_SIZE"):
         monkeypatch.delenv(var, raising=False)
     s = qwen.settings()
-    assert (s.version, s.factor, s.fps, s.fps_min_frames, s.fps_max_frames, s.frame_factor) == ("0.0.11", 28, 2.0, 4, 768, 2)
+    assert (s.version, s.factor, s.fps, s.fps_min_frames, s.fps_max_frames, s.frame_factor) == \
+        ("0.0.11", 28, 2.0, 4, 768, 2)
     assert (s.video_min_pixels, s.video_max_pixels, s.video_total_pixels) == (100352, 602112, 90316800)
     s3 = qwen.settings(image_patch_size=16)
     assert (s3.version, s3.factor, s3.video_min_pixels, s3.video_max_pixels) == ("0.0.14", 32, 128 * 1024, 768 * 1024)
@@ -293,7 +296,8 @@ def synthetic() -> Iterator[Dict[str, str]]:
         pytest.skip("no ffmpeg CLI to make the synthetic clips")
     d = tempfile.mkdtemp(prefix="cvq-syn-")
     gray = "color=c=black:s=96x64:r=25:d=8,format=yuv420p,geq=lum='16+N':cb=128:cr=128"
-    out = {"index": os.path.join(d, "index.mp4"), "vfr": os.path.join(d, "vfr.mp4"), "wide": os.path.join(d, "wide.mkv")}
+    out = {"index": os.path.join(d, "index.mp4"), "vfr": os.path.join(d, "vfr.mp4"),
+           "wide": os.path.join(d, "wide.mkv")}
     for args in (["-f", "lavfi", "-i", gray, "-c:v", "libx264", "-qp", "0", "-bf", "2", "-g", "50", out["index"]],
                  ["-f", "lavfi", "-i", gray + ",setpts='(N+floor(N/10)*0.6)/25/TB'", "-fps_mode", "vfr",
                   "-c:v", "libx264", "-qp", "0", out["vfr"]],

@@ -55,9 +55,11 @@ class FakeClips:
 
     def __getitem__(self, i: int) -> Any:
         if i in (3, 7):
-            raise clipvisor.ClipTimeout("timeout", f"/data/hang-{i}.mp4", f"/data/hang-{i}.mp4: no answer within 1000 ms")
+            raise clipvisor.ClipTimeout("timeout", f"/data/hang-{i}.mp4",
+                                        f"/data/hang-{i}.mp4: no answer within 1000 ms")
         if i == 5:
-            return {"id": i, "clips": [np.zeros(2), clipvisor.ClipCorrupt("decode_error", "/data/bad.mp4", "/data/bad.mp4: bad")]}
+            bad = clipvisor.ClipCorrupt("decode_error", "/data/bad.mp4", "/data/bad.mp4: bad")
+            return {"id": i, "clips": [np.zeros(2), bad]}
         if i == 9:
             raise clipvisor.SupervisorUnavailable("no supervisor")
         return {"id": i, "clips": [np.full(2, i)]}
@@ -84,7 +86,8 @@ def test_skipping_dataset_numpy(caplog: pytest.LogCaptureFixture) -> None:
     logged = [r.getMessage() for r in caplog.records if r.name == "clipvisor.torch"]
     assert len(logged) == 2 and any("hang-3.mp4" in m for m in logged)  # each path once per process
     marker = pickle.loads(pickle.dumps(items[3]))
-    assert isinstance(marker, Skipped) and (marker.index, marker.path, marker.reason) == (3, "/data/hang-3.mp4", "timeout")
+    assert isinstance(marker, Skipped)
+    assert (marker.index, marker.path, marker.reason) == (3, "/data/hang-3.mp4", "timeout")
 
 
 def stack(batch: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -166,7 +169,8 @@ def test_records_from_worker_processes(method: str) -> None:
     context = multiprocessing.get_context(method)
     with context.Pool(2) as pool:
         results = pool.starmap(read_items, [(data, [0, 3, 5]), (data, [7, 8, 3])])
-    assert [type(x).__name__ for x in results[0] + results[1]] == ["dict", "Skipped", "Skipped", "Skipped", "dict", "Skipped"]
+    assert [type(x).__name__ for x in results[0] + results[1]] == \
+        ["dict", "Skipped", "Skipped", "Skipped", "dict", "Skipped"]
     records = data.skipped
     assert sorted(r.index for r in records) == [3, 3, 5, 7]
     assert os.getpid() not in {r.pid for r in records}
@@ -242,7 +246,7 @@ def make_samples(bad: Dict[str, str]) -> Tuple[List[Tuple[int, List[str]]], List
         samples.append((k, [a, b]))
         good_ids.append(k)
     # each bad clip shares its sample with a good one: the whole sample goes
-    for k, (kind, path) in enumerate(sorted(bad.items()), start=100):
+    for k, (_, path) in enumerate(sorted(bad.items()), start=100):
         pair = [good[k % len(good)], path] if k % 2 else [path, good[k % len(good)]]
         samples.insert((k - 100) * 4 + 1, (k, pair))
         bad_ids[k] = path
@@ -287,9 +291,61 @@ def test_dataloader_spawned_workers(served: Tuple[clipvisor.Client, Dict[str, st
 
     client, bad = served
     samples, good_ids, bad_ids = make_samples(bad)
-    keep = [s for s in samples if s[0] in (0, 1, 2) or (s[0] in bad_ids and bad_ids[s[0]] in (bad["missing"], bad["corrupt"]))]
+    keep = [s for s in samples
+            if s[0] in (0, 1, 2) or (s[0] in bad_ids and bad_ids[s[0]] in (bad["missing"], bad["corrupt"]))]
     data = SkippingDataset(Conversations(keep, client, deadline=5.0))
     loader = DataLoader(data, batch_size=2, num_workers=2, collate_fn=skip_collate, multiprocessing_context="spawn")
     seen = [int(i) for batch in loader if batch is not None for i in batch["id"]]
     assert sorted(seen) == [0, 1, 2]
     assert data.skipped_paths == {bad["missing"], bad["corrupt"]}
+
+
+class CallerMistakes:
+    """Item 0 a good clip, item 1 the corrupt file, item 2 a good clip asked for wrongly (`wrong`:
+    a misspelled option or an out-of-range value), item 3 good again."""
+
+    def __init__(self, client: clipvisor.Client, good: str, corrupt: str, wrong: Dict[str, Any]):
+        self.client = client
+        self.paths = [good, corrupt, good, good]
+        self.wrong = wrong
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Any:
+        options: Dict[str, Any] = dict(frames=2, width=56, height=56)
+        if i == 2:
+            options.update(self.wrong)
+        return self.client.video(self.paths[i], deadline=10.0, **options).frames
+
+
+def as_list(batch: List[Any]) -> List[Any]:
+    """Collates nothing: numpy arrays, not torch tensors, cross from the workers. (A DataLoader
+    left by an exception with tensors in flight takes 10 s to shut its workers down.)"""
+    return batch
+
+
+def test_dataloader_raises_a_callers_mistake_and_skips_a_corrupt_clip(
+        served: Tuple[clipvisor.Client, Dict[str, str]]) -> None:
+    """A request the caller got wrong is not a skip: it raises out of the DataLoader (as
+    InvalidRequest, from a worker process) instead of every sample being dropped, while the corrupt
+    clip before it is still skipped. (The DataLoader left by the exception takes torch about 10 s
+    to shut down, so one DataLoader; the out-of-range value goes through SkippingDataset alone.)"""
+    from torch.utils.data import DataLoader
+
+    client, bad = served
+    data = SkippingDataset(CallerMistakes(client, media(GOOD[1]), bad["corrupt"], {"options": {"fsp": 2}}), log=False)
+    collate = functools.partial(skip_collate, collate_fn=as_list)
+    loader = DataLoader(data, batch_size=1, num_workers=2, collate_fn=collate)
+    got: List[Any] = []
+    with pytest.raises(clipvisor.InvalidRequest) as info:
+        for batch in loader:
+            got.append(batch)
+    assert len(got) == 2 and got[0][0].shape == (2, 3, 56, 56) and got[1] is None  # sample 1 skipped
+    assert "fsp" in str(info.value) and "worker process" in str(info.value)
+    assert data.skipped_paths == {bad["corrupt"]} and data.skip_counts in ({"decode_error": 1}, {"unsupported": 1})
+    out_of_range = SkippingDataset(CallerMistakes(client, media(GOOD[1]), bad["corrupt"],
+                                                  {"frames": None, "fps": -1.0}), log=False)
+    with pytest.raises(clipvisor.InvalidRequest, match="fps"):
+        out_of_range[2]
+    assert isinstance(out_of_range[1], Skipped) and out_of_range.skip_count == 1

@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -23,7 +22,7 @@ import pytest
 
 import clipvisor
 from clipvisor import block as B
-from clipvisor import client as client_module
+from clipvisor import results as results_module
 from clipvisor import spawn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -71,7 +70,8 @@ class Supervisor:
         env = dict(os.environ)
         for name in ("state", "run", "cache", "home"):
             os.makedirs(os.path.join(self.workdir, name), exist_ok=True)
-        env.update(XDG_STATE_HOME=os.path.join(self.workdir, "state"), XDG_RUNTIME_DIR=os.path.join(self.workdir, "run"),
+        env.update(XDG_STATE_HOME=os.path.join(self.workdir, "state"),
+                   XDG_RUNTIME_DIR=os.path.join(self.workdir, "run"),
                    XDG_CACHE_HOME=os.path.join(self.workdir, "cache"), HOME=os.path.join(self.workdir, "home"))
         env.pop("CLIPVISOR_SOCKET", None)
         env.pop("NOTIFY_SOCKET", None)
@@ -325,6 +325,25 @@ def test_missing_and_corrupt(cv: clipvisor.Client, short_dir: str) -> None:
         cv.video(media("jcodec__big_buck_bunny_160x90_ltr.mp4"), width=64)  # width without height
 
 
+def test_a_wrong_request_is_not_a_skip_a_clip_that_cannot_satisfy_it_is(cv: clipvisor.Client) -> None:
+    """The supervisor answers both `invalid_request`; only the one a worker found on the clip
+    names the clip, and only that one is a skip (ClipIncompatible)."""
+    good, one_frame = media("jcodec__big_buck_bunny_160x90_ltr.mp4"), media("jcodec__37.mp4")
+    for wrong in ({"options": {"fsp": 2}}, {"fps": -1.0}, {"options": {"level": "high"}}):
+        with pytest.raises(clipvisor.InvalidRequest) as info:
+            cv.video(good, **wrong)
+        assert not isinstance(info.value, clipvisor.ClipSkipped) and isinstance(info.value, clipvisor.ClipvisorError)
+        assert info.value.path == good and info.value.detail in ("fsp", "fps", "level")
+    with pytest.raises(clipvisor.ClipIncompatible) as unfit:
+        cv.video(one_frame, frames=4)
+    assert isinstance(unfit.value, clipvisor.ClipSkipped) and unfit.value.path == one_frame
+    assert unfit.value.reason == "invalid_request" and unfit.value.detail == "frames"
+    with pytest.raises(clipvisor.ClipIncompatible):
+        cv.video(good, timestamps=[100.0])  # past the end of this clip
+    out = cv.sample([{"path": good, "frames": 2}, {"path": one_frame, "frames": 4}], all_or_nothing=False)
+    assert isinstance(out[0], clipvisor.Video) and isinstance(out[1], clipvisor.ClipIncompatible) and out[1].clip == 1
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
 def test_permission(cv: clipvisor.Client, short_dir: str) -> None:
     locked = os.path.join(short_dir, "locked.mp4")
@@ -382,6 +401,65 @@ def test_sample_clip_deadline_longer_than_the_samples(supervisor: Supervisor, sh
     assert isinstance(out[1], clipvisor.Video) and out[1].frames.shape[0] == 2
 
 
+@pytest.mark.parametrize("all_or_nothing", [True, False])
+def test_sample_refused_as_a_whole(cv: clipvisor.Client, all_or_nothing: bool) -> None:
+    """The real supervisor refuses a whole sample with `done` and no `clip` (docs/protocol.md):
+    an invalid field of one clip, or more than 256 clips, is InvalidRequest naming the clip."""
+    good = media("jcodec__big_buck_bunny_160x90_ltr.mp4")
+    other = media("imageio-test_images__realshort.mp4")
+    with pytest.raises(clipvisor.InvalidRequest) as info:
+        cv.sample([good, good, {"path": other, "fps": -1.0}], all_or_nothing=all_or_nothing)
+    assert info.value.clip == 2 and info.value.path == other and info.value.detail == "clips[2].fps"
+    assert info.value.reason == "invalid_request" and "fps" in info.value.message
+    with pytest.raises(clipvisor.InvalidRequest) as info:
+        cv.sample([{"path": good, "frames": 2}] * 257, all_or_nothing=all_or_nothing)
+    assert info.value.detail == "clips" and "257" in info.value.message and info.value.clip is None
+    # the connection is fine afterwards
+    out = cv.sample([{"path": good, "frames": 2}, other], all_or_nothing=all_or_nothing)
+    assert [type(r) for r in out] == [clipvisor.Video, clipvisor.Video]
+
+
+def test_sample_overloaded_as_a_whole(short_dir: str) -> None:
+    """One decode slot and a queue limit of 1: a sample of 3 clips would leave at least 2 waiting,
+    so the supervisor refuses it `overloaded` as a whole, every time; the client retries it
+    until the deadline and raises Overloaded, in either mode. A sample of 2 clips while the slot is
+    held by a FIFO (until its 4 s deadline) is refused too, and goes through once it is free."""
+    s = Supervisor(short_dir)
+    s.start(args=["--workers", "1", "--spare-workers", "0", "--queue-limit", "1"])
+    fifo = os.path.join(short_dir, "busy.mp4")
+    os.mkfifo(fifo)
+    good = media("jcodec__big_buck_bunny_160x90_ltr.mp4")
+    outcome: List[BaseException] = []
+    try:
+        with clipvisor.Client(s.path, spawn=False, margin=15.0) as c:
+            assert c.video(good, frames=2).frames.shape[0] == 2  # the worker is up
+            for all_or_nothing in (True, False):
+                t0 = time.monotonic()
+                with pytest.raises(clipvisor.Overloaded) as info:
+                    c.sample([{"path": good, "frames": 2}] * 3, deadline=1.0, all_or_nothing=all_or_nothing)
+                assert 0.5 < time.monotonic() - t0 < 3.0 and "queued (limit 1)" in str(info.value)
+                assert not isinstance(info.value, clipvisor.ClipSkipped)
+
+            def hang() -> None:
+                try:
+                    c.video(fifo, deadline=4.0)
+                except BaseException as exc:
+                    outcome.append(exc)
+
+            t = threading.Thread(target=hang)
+            t.start()
+            until = time.monotonic() + 10
+            while not any(w.get("state") == "busy" for w in c.status()["workers"]["list"]):
+                assert time.monotonic() < until, c.status()["workers"]
+                time.sleep(0.05)
+            out = c.sample([{"path": good, "frames": 2}] * 2, deadline=30.0, all_or_nothing=False)
+            assert [v.frames.shape[0] for v in out] == [2, 2]
+            t.join(30)
+            assert len(outcome) == 1 and isinstance(outcome[0], clipvisor.ClipTimeout), outcome
+    finally:
+        s.stop()
+
+
 def test_pass_fd(cv: clipvisor.Client) -> None:
     v = cv.video(media("imageio-test_images__realshort.mp4"), fps=2.0, pass_fd=True)
     assert v.frames.shape == (4, 3, 240, 320)
@@ -417,7 +495,7 @@ def test_no_fd_leak_and_threads(cv: clipvisor.Client, short_dir: str) -> None:
 def test_real_block_sealed_and_tamper_rejected(cv: clipvisor.Client, monkeypatch: pytest.MonkeyPatch) -> None:
     captured: List[bytes] = []
     seals: List[int] = []
-    original = client_module.read_block_fd
+    original = results_module.read_block_fd
 
     def spy(fd: int, **kwargs):
         seals.append(fcntl.fcntl(fd, B.F_GET_SEALS))
@@ -425,7 +503,7 @@ def test_real_block_sealed_and_tamper_rejected(cv: clipvisor.Client, monkeypatch
         captured.append(os.pread(fd, size, 0))
         return original(fd, **kwargs)
 
-    monkeypatch.setattr(client_module, "read_block_fd", spy)
+    monkeypatch.setattr(results_module, "read_block_fd", spy)
     v = cv.video(media("imageio-test_images__realshort.mp4"), fps=2.0)
     blob = captured[0]
     assert seals[0] & B.REQUIRED_SEALS == B.REQUIRED_SEALS
@@ -543,7 +621,8 @@ def _serving(sock: str) -> List[int]:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if b"serve" in argv and sock.encode() in argv and b"-c" not in argv:
+        watchdog = any(a.endswith(b"_watchdog.py") or a == b"clipvisor._watchdog" for a in argv)
+        if b"serve" in argv and sock.encode() in argv and not watchdog:
             out.append(int(pid))
     return out
 

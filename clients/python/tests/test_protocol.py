@@ -13,8 +13,8 @@ import time
 import pytest
 
 from clipvisor import errors as E
-from clipvisor.protocol import MAX_MESSAGE_BYTES, Connection, ConnectionClosed, encode
 from clipvisor.errors import ProtocolError, SupervisorUnavailable
+from clipvisor.protocol import MAX_MESSAGE_BYTES, Connection, ConnectionClosed, encode
 from conftest import open_fds
 
 
@@ -172,8 +172,9 @@ REASONS = {
     "timeout": E.ClipTimeout, "crashed": E.ClipCrashed, "out_of_memory": E.ClipOutOfMemory,
     "decode_error": E.ClipCorrupt, "unsupported": E.ClipUnsupported, "too_large": E.ClipTooLarge,
     "not_found": E.ClipNotFound, "permission": E.ClipPermission, "quarantined": E.ClipQuarantined,
-    "cancelled": E.ClipCancelled, "invalid_request": E.InvalidRequest,
+    "invalid_request": E.ClipIncompatible,  # naming the clip: the clip cannot give what was asked
 }
+NOT_SKIPS = {"cancelled": E.ClipCancelled, "invalid_request": E.InvalidRequest}
 
 
 @pytest.mark.parametrize("reason, cls", sorted(REASONS.items()))
@@ -189,12 +190,28 @@ def test_error_mapping(reason: str, cls) -> None:
     assert type(again) is cls and again.path == "/d/x.mp4" and again.clip == 3
 
 
+@pytest.mark.parametrize("reason, cls", sorted(NOT_SKIPS.items()))
+def test_error_mapping_not_about_the_clip(reason: str, cls) -> None:
+    """A request refused before any worker (no `path` in the error) and a cancellation are the
+    caller's or the service's: ClipvisorErrors with the same attributes, never skips."""
+    error = E.skip_from_error({"reason": reason, "message": "invalid field 'fsp': unknown field", "detail": "fsp"},
+                              path="/d/x.mp4", clip=3)
+    assert type(error) is cls
+    assert isinstance(error, E.ClipvisorError) and not isinstance(error, E.ClipSkipped)
+    assert (error.reason, error.path, error.detail, error.clip) == (reason, "/d/x.mp4", "fsp", 3)
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is cls and again.path == "/d/x.mp4" and again.clip == 3 and again.detail == "fsp"
+
+
 def test_error_mapping_edges() -> None:
     unknown = E.skip_from_error({"reason": "future_reason"}, path="/a")
     assert type(unknown) is E.ClipSkipped and unknown.path == "/a" and "/a" in unknown.message
     assert isinstance(E.skip_from_error({"reason": "invalid_request", "message": "m"}), ValueError)
-    for cls in (E.SupervisorUnavailable, E.ProtocolError, E.Overloaded, E.SupervisorTimeout, E.BlockFormatError):
+    for cls in (E.SupervisorUnavailable, E.ProtocolError, E.Overloaded, E.SupervisorTimeout, E.BlockFormatError,
+                E.InvalidRequest, E.ClipCancelled):
         assert issubclass(cls, E.ClipvisorError) and not issubclass(cls, E.ClipSkipped)
+    # 0.1.0 pickles name _rebuild_skip
+    assert E._rebuild_skip(E.ClipTimeout, "timeout", "/a", "m", None, None, None).path == "/a"
 
 
 # -- undelivered sends, close() from another thread, abandon() after fork ------------------------------

@@ -7,7 +7,6 @@ import importlib.util
 import numpy as np
 import pytest
 
-import clipvisor
 from clipvisor.results import Audio, Clip, Video
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None

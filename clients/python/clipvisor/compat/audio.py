@@ -41,7 +41,9 @@ def _path(audio: Any, caller: str) -> str:
 def _audio_stream(client: Client, path: str, deadline: Optional[float]) -> Tuple[int, int]:
     """(sample rate, channels) of the file's audio stream, probed by a worker."""
     probe = client.probe(path, deadline=deadline)
-    source = probe.get("source") if isinstance(probe.get("source"), dict) else {}
+    source = probe.get("source")
+    if not isinstance(source, dict):
+        source = {}
     rate, channels = source.get("audio_sample_rate"), source.get("audio_channels")
     if not isinstance(rate, (int, float)) or rate <= 0 or not isinstance(channels, int) or channels <= 0:
         raise ClipUnsupported("unsupported", path, f"{path}: no audio stream")

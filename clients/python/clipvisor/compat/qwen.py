@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 import numpy as np
 
 from ..client import Client
-from ..errors import ClipCorrupt, ClipUnsupported, InvalidRequest
+from ..errors import ClipCorrupt, ClipIncompatible, ClipUnsupported, InvalidRequest
 from ..results import Video
 from . import default_client
 
@@ -92,11 +92,12 @@ _WORKER_MAX_FRAMES = 10_000  # the worker's per-clip frame limit (DecodeOptions.
 _UNSET: Any = object()
 
 
-class QwenValueError(InvalidRequest):
+class QwenValueError(ClipIncompatible):
     """What qwen-vl-utils raises as ``ValueError`` for an input that cannot work with this clip
     (fewer than ``FRAME_FACTOR`` frames, an empty ``video_start``/``video_end`` range, an aspect
     ratio above ``MAX_RATIO``). ``str()`` is qwen-vl-utils' message; also a
-    :class:`~clipvisor.ClipSkipped` with reason ``invalid_request`` and the clip's ``path``."""
+    :class:`~clipvisor.ClipIncompatible` (so a :class:`~clipvisor.ClipSkipped`: the clip, not
+    the caller, is at fault) with reason ``invalid_request`` and the clip's ``path``."""
 
     def __str__(self) -> str:
         return self.message
@@ -192,7 +193,8 @@ def frame_range(ele: Mapping[str, Any], total_frames: int, video_fps: float,
     if start_frame >= end_frame:
         raise _qwen_error(
             path,
-            f"Invalid time range: Start frame {start_frame} (at {video_start_clamped if video_start is not None else 0}s) "
+            f"Invalid time range: Start frame {start_frame} "
+            f"(at {video_start_clamped if video_start is not None else 0}s) "
             f"exceeds end frame {end_frame} (at {video_end_clamped if video_end is not None else max_duration}s). "
             f"Video duration: {max_duration:.2f}s ({total_frames} frames @ {video_fps}fps)")
     return start_frame, end_frame, end_frame - start_frame + 1
@@ -448,7 +450,9 @@ def _decode_planned(client: Client, path: str, ele: Mapping[str, Any], s: QwenSe
                     deadline: Optional[float]) -> Tuple[Video, _Plan, float]:
     """Probe, compute qwen's plan here, then ask for exactly those frames at exactly that size."""
     probe = client.probe(path, deadline=deadline)
-    source = probe.get("source") if isinstance(probe.get("source"), dict) else {}
+    source = probe.get("source")
+    if not isinstance(source, dict):
+        source = {}
     total_frames, fps, height, width = _stream_info(source, path, s.rotate)
     plan = _plan(ele, s, total_frames, fps, height, width, path)
     opts: Dict[str, Any] = {"frames": plan.nframes, "frame_factor": 1, "rotate": s.rotate,
@@ -476,7 +480,7 @@ def _decode(client: Client, path: str, ele: Mapping[str, Any], s: QwenSettings,
         return _decode_planned(client, path, ele, s, deadline)
     try:
         video = client.video(path, deadline=deadline, **opts)
-    except InvalidRequest:
+    except (ClipIncompatible, InvalidRequest):
         # The clip cannot give what was asked (too few frames, an extreme aspect ratio): the
         # planned path computes qwen-vl-utils' own error (or, should the worker have been wrong,
         # decodes anyway).
@@ -627,8 +631,8 @@ def patch() -> None:
     templates import), keeping the original for inputs clipvisor does not decode (lists of
     frames, URLs). Idempotent."""
     global _original
-    package = importlib.import_module("qwen_vl_utils")
-    module = importlib.import_module("qwen_vl_utils.vision_process")
+    package: Any = importlib.import_module("qwen_vl_utils")
+    module: Any = importlib.import_module("qwen_vl_utils.vision_process")
     if _original is None:
         for candidate in (getattr(module, "fetch_video", None), getattr(package, "fetch_video", None)):
             if candidate is not None and not _is_ours(candidate):
@@ -644,7 +648,7 @@ def unpatch() -> None:
     if _original is None:
         return
     for name in ("qwen_vl_utils.vision_process", "qwen_vl_utils"):
-        module = sys.modules.get(name)
+        module: Any = sys.modules.get(name)
         if module is not None and _is_ours(getattr(module, "fetch_video", None)):
             module.fetch_video = _original
     _original = None
