@@ -256,7 +256,7 @@ extension Supervisor {
     /// the package to install (WorkerLibraries); asked once per run of failures.
     private func missingLibrary(_ exit: WorkerProcess.Exit) -> String? {
         guard exit == .exited(127) else { return nil }
-        if consecutiveStartFailures > 0, let last = lastSpawnError, last.hasPrefix(WorkerLibraries.prefix) { return last }
+        if pool.consecutiveStartFailures > 0, let last = pool.lastStartError, last.hasPrefix(WorkerLibraries.prefix) { return last }
         return WorkerLibraries.diagnose(worker: configuration.workerExecutable)
     }
 

@@ -1,4 +1,5 @@
 import CClipvisorShims
+import Shared
 import SystemPackage
 
 #if canImport(Glibc)
@@ -30,7 +31,7 @@ enum WorkerLibraries {
     /// The first library the loader could not load, and why, from its trace or error output.
     static func firstProblem(in output: String) -> (library: String, problem: String)? {
         for line in output.split(separator: "\n") {
-            let text = String(line).trimmingCharacters(in: " \t")
+            let text = line.trimming(" \t")
             // "libavcodec.so.59 => not found"
             if text.hasSuffix("=> not found"), let name = text.split(separator: " ").first {
                 return (String(name), "not found on this host")
@@ -39,7 +40,7 @@ enum WorkerLibraries {
             if let range = text.range(of: "error while loading shared libraries: ") {
                 let rest = text[range.upperBound...]
                 let parts = rest.split(separator: ":", maxSplits: 1)
-                let reason = parts.count > 1 ? String(parts[1]).trimmingCharacters(in: " ") : "cannot be loaded"
+                let reason = parts.count > 1 ? parts[1].trimming(" ") : "cannot be loaded"
                 return (String(parts.first ?? rest), reason)
             }
         }
