@@ -107,8 +107,10 @@ wheeled=$SECONDS
 echo "== Debian 12 booted with systemd-nspawn"
 cache=${CLIPVISOR_TEST_ROOT_CACHE:-/var/cache/clipvisor-test-root}
 # What the root needs beyond minbase: systemd as PID 1 and the package's run-time dependencies
-# (so that dpkg -i needs no network). A new list makes a new root.
-include="systemd,dbus,libavformat59,libavcodec59,libswscale6,libswresample4,libavutil57,libzstd1,libsystemd0"
+# as the .deb declares them (first alternatives, so that dpkg -i needs no network). A new list
+# makes a new root.
+depends=$(dpkg-deb -f "$deb" Depends | tr ',' '\n' | sed 's/|.*//; s/(.*)//; s/ //g' | grep -v '^$' | sort -u | paste -sd, -)
+include="systemd,dbus,$depends"
 rootfs="$cache/bookworm-$(echo "$include" | md5sum | cut -c1-8)"
 if [ ! -x "$rootfs/usr/lib/systemd/systemd" ]; then
     step "debootstrap (once; cached in $rootfs)"
