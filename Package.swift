@@ -32,6 +32,9 @@ let package = Package(
         .systemLibrary(name: "CSystemd", path: "Sources/CSystemd", pkgConfig: "libsystemd"),
         // Linux syscalls and macros that Swift's Glibc module does not expose.
         .target(name: "CClipvisorShims", path: "Sources/CClipvisorShims"),
+        // The worker's pre-initialisation: libgcrypt set up without secure memory before
+        // FFmpeg's dependencies' constructors run (no "using insecure memory" in the journal).
+        .target(name: "CWorkerPreinit", path: "Sources/CWorkerPreinit"),
         // Vectorised byte shuffles between packed and planar RGB (the worker's output layouts).
         .target(
             name: "CPixelKernels", path: "Sources/CPixelKernels",
@@ -49,7 +52,7 @@ let package = Package(
         .executableTarget(
             name: "DecodeWorker",
             dependencies: [
-                "Shared", "CFFmpeg", "CClipvisorShims", "CPixelKernels",
+                "Shared", "CFFmpeg", "CClipvisorShims", "CPixelKernels", "CWorkerPreinit",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ],

@@ -8,7 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(libavformat-dev libavcodec-dev libswscale-dev libswresample-dev libavutil-dev
-          libzstd-dev libsystemd-dev pkg-config ffmpeg zstd util-linux systemd chromium)
+          libzstd-dev libsystemd-dev pkg-config ffmpeg zstd util-linux systemd chromium
+          # scripts/package.sh and scripts/test-packaging.sh (a .deb, and a booted Debian 12 root);
+          # libcurl's link name for the --static-swift-stdlib build (FoundationNetworking, via FlyingFox).
+          dpkg-dev binutils lintian debootstrap systemd-container libcurl4-openssl-dev)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

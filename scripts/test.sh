@@ -38,4 +38,8 @@ if [ -x scripts/check-systemd.sh ]; then
     echo "== systemd units"
     scripts/check-systemd.sh
 fi
+if [ -x scripts/test-packaging.sh ] && [ "${CLIPVISOR_SKIP_PACKAGING:-0}" != 1 ]; then
+    echo "== packaging (wheel in a fresh venv; the .deb in a booted Debian 12 container)"
+    scripts/test-packaging.sh
+fi
 echo "== all tests passed"

@@ -1,4 +1,6 @@
 /// The version both executables report; a supervisor refuses a worker of another version.
+/// The one place it is written: the Python wheels (clients/python/setup.py) and the Debian
+/// package (scripts/package.sh) take it from here.
 public enum ClipvisorVersion {
     public static let string = "0.1.0"
     /// The client protocol version (docs/protocol.md).

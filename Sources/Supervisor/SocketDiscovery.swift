@@ -29,6 +29,25 @@ enum SocketDiscovery {
         return perUserSocket
     }
 
+    /// Why a socket that exists refuses this user, or nil: the system service's socket is 0660
+    /// root:clipvisor, and a user outside the group must be told so rather than handed a private
+    /// supervisor that bypasses the service's roots, quarantine and skip log.
+    static func permissionProblem(_ path: String) -> String? {
+        var info = stat()
+        guard stat(path, &info) == 0, (info.st_mode & S_IFMT) == S_IFSOCK, access(path, W_OK) != 0, errno == EACCES else {
+            return nil
+        }
+        let group = getgrgid(info.st_gid).map { String(cString: $0.pointee.gr_name) } ?? "\(info.st_gid)"
+        return "permission denied on \(path): join group \(group) (sudo usermod -aG \(group) $USER, then log in again)"
+    }
+
+    /// Whether the user chose a private supervisor over a system service that refuses them
+    /// (`$CLIPVISOR_PRIVATE` set to anything but `0`; the CLI's `--private`).
+    static var privateFallbackChosen: Bool {
+        guard let value = environment("CLIPVISOR_PRIVATE") else { return false }
+        return value != "0"
+    }
+
     /// Candidate sockets for a client, in the order they are tried.
     static var clientCandidates: [String] {
         var list: [String] = []

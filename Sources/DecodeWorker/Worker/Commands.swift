@@ -8,7 +8,7 @@ import Glibc
 
 /// `clipvisor-worker`: the only clipvisor process that links FFmpeg.
 struct WorkerCommand: ParsableCommand {
-    static let version = "0.1.0"
+    static let version = ClipvisorVersion.string
 
     static let configuration = CommandConfiguration(
         commandName: "clipvisor-worker",

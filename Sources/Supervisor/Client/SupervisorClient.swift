@@ -40,7 +40,7 @@ final class SupervisorClient {
             do {
                 fd = try UnixSocket.connect(to: path)
             } catch {
-                problems.append("\(path): \(error)")
+                problems.append(SocketDiscovery.permissionProblem(path) ?? "\(path): \(error)")
                 continue
             }
             let client = SupervisorClient(fd: fd, socketPath: path)

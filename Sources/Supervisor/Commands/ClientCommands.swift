@@ -15,6 +15,14 @@ struct ConnectionOptions: ParsableArguments {
     var candidates: [String] { socket.map { [$0] } ?? SocketDiscovery.clientCandidates }
 }
 
+/// The choice, for commands that can start an embedded supervisor, to do so even when the
+/// system service's socket refuses this user.
+struct PrivateFallbackOption: ParsableArguments {
+    @Flag(name: .customLong("private"), help: ArgumentHelp(
+        "When the system service's socket refuses this user (not in its group), start a private supervisor for this call instead (also $CLIPVISOR_PRIVATE=1). It bypasses the service's data roots, quarantine and skip log."))
+    var enabled = false
+}
+
 struct StatusCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "status", abstract: "Show the running supervisor's workers, queue and counters.")
@@ -155,11 +163,18 @@ extension String {
 }
 
 /// Connects to a running supervisor, or starts an embedded one for this call.
-func connectOrEmbed(_ connection: ConnectionOptions, quiet: Bool) throws -> (SupervisorClient, EmbeddedSupervisor?) {
+/// When the system service's socket exists but refuses this user, that is the answer (join the
+/// group), unless `allowPrivate` or `$CLIPVISOR_PRIVATE` chose a private supervisor.
+func connectOrEmbed(_ connection: ConnectionOptions, allowPrivate: Bool = false, quiet: Bool) throws -> (SupervisorClient, EmbeddedSupervisor?) {
     do {
         return (try SupervisorClient.connect(candidates: connection.candidates), nil)
     } catch {
         if connection.socket != nil { throw error }
+        if !allowPrivate, !SocketDiscovery.privateFallbackChosen,
+            let refused = SocketDiscovery.permissionProblem(SocketDiscovery.systemSocket)
+        {
+            throw SupervisorClient.Failure("\(refused); or pass --private (or set CLIPVISOR_PRIVATE=1) to start a private supervisor for this call")
+        }
         if !quiet {
             FileOutput.standardError("clipvisor: no supervisor is running; starting one for this call\n")
         }

@@ -39,6 +39,8 @@ struct DecodeCommand: ParsableCommand {
 
     @OptionGroup var connection: ConnectionOptions
 
+    @OptionGroup var privateFallback: PrivateFallbackOption
+
     func run() throws {
         let options: DecodeOptions
         do {
@@ -52,7 +54,9 @@ struct DecodeCommand: ParsableCommand {
         request["path"] = .string(absolute)
         if let deadline { request["deadline_ms"] = .number((deadline * 1000).rounded()) }
         if let tag { request["tag"] = .string(tag) }
-        try ClipCall(path: absolute, request: request, passFD: passFd, json: json, connection: connection).run { answer, block in
+        try ClipCall(
+            path: absolute, request: request, passFD: passFd, json: json, connection: connection,
+            allowPrivate: privateFallback.enabled).run { answer, block in
             try report(answer, block: block)
         }
     }
@@ -90,11 +94,15 @@ struct ProbeCommand: ParsableCommand {
 
     @OptionGroup var connection: ConnectionOptions
 
+    @OptionGroup var privateFallback: PrivateFallbackOption
+
     func run() throws {
         let absolute = absolutePath(path)
         var request: [String: JSONValue] = ["op": "probe", "path": .string(absolute)]
         if let deadline { request["deadline_ms"] = .number((deadline * 1000).rounded()) }
-        try ClipCall(path: absolute, request: request, passFD: passFd, json: true, connection: connection).run { answer, _ in
+        try ClipCall(
+            path: absolute, request: request, passFD: passFd, json: true, connection: connection,
+            allowPrivate: privateFallback.enabled).run { answer, _ in
             print((answer["probe"] ?? .null).jsonString)
         }
     }
@@ -113,9 +121,10 @@ struct ClipCall {
     var passFD: Bool
     var json: Bool
     var connection: ConnectionOptions
+    var allowPrivate = false
 
     func run(onSuccess: (JSONValue, FileDescriptor?) throws -> Void) throws {
-        let (client, embedded) = try connectOrEmbed(connection, quiet: json)
+        let (client, embedded) = try connectOrEmbed(connection, allowPrivate: allowPrivate, quiet: json)
         defer { embedded?.stop() }
         var request = request
         var clipFD: FileDescriptor?

@@ -233,7 +233,8 @@ extension Supervisor {
         case .starting:
             // During shutdown the supervisor closed its channel itself; that is no failed start.
             if case .running = phase {
-                recordStartFailure("worker \(worker.pid) \(exit) before it was ready\(startHint(exit))")
+                recordStartFailure(
+                    missingLibrary(exit) ?? "worker \(worker.pid) \(exit) before it was ready\(startHint(exit))")
             }
         case .idle, .retiring:
             if exit != .exited(0) {
@@ -249,6 +250,14 @@ extension Supervisor {
                 logger.warning("worker \(worker.pid) took \(waited) ms to die after SIGKILL (\(reason))")
             }
         }
+    }
+
+    /// For a worker the dynamic loader stopped (exit 127), the library it could not load and
+    /// the package to install (WorkerLibraries); asked once per run of failures.
+    private func missingLibrary(_ exit: WorkerProcess.Exit) -> String? {
+        guard exit == .exited(127) else { return nil }
+        if pool.consecutiveStartFailures > 0, let last = pool.lastStartError, last.hasPrefix(WorkerLibraries.prefix) { return last }
+        return WorkerLibraries.diagnose(worker: configuration.workerExecutable)
     }
 
     private func startHint(_ exit: WorkerProcess.Exit) -> String {

@@ -4,8 +4,11 @@ Discovery (docs/protocol.md): ``$CLIPVISOR_SOCKET``, then ``/run/clipvisor/clipv
 then ``$XDG_RUNTIME_DIR/clipvisor/clipvisor.sock`` (else ``/tmp/clipvisor-$UID/clipvisor.sock``):
 the first that accepts a connection.
 
-The private supervisor (``Client(spawn=True)`` when nothing answers) is shared by the whole
-process tree of the process that first made a spawning Client:
+The private supervisor (``Client(spawn=True)`` when nothing answers) runs ``$CLIPVISOR_BIN``, else
+the binary bundled in the platform wheel (``clipvisor/bin/clipvisor``), else ``clipvisor`` on PATH.
+It is not started when the system service's socket exists but refuses this user (not in group
+``clipvisor``): that is reported, and bypassing the service takes ``CLIPVISOR_PRIVATE=1``.
+It is shared by the whole process tree of the process that first made a spawning Client:
 
 - Its socket lives in a private directory whose name is fixed when that first Client is made,
   so processes forked afterwards (DataLoader workers) look in the same place. Starting it
@@ -26,6 +29,7 @@ from __future__ import annotations
 import atexit
 import errno
 import fcntl
+import grp
 import os
 import shlex
 import shutil
@@ -50,6 +54,8 @@ __all__ = [
     "candidate_sockets",
     "try_connect",
     "find_binary",
+    "bundled_binary",
+    "refused_system_socket",
     "private_supervisor",
 ]
 
@@ -98,12 +104,45 @@ def try_connect(path: str, timeout: float) -> Optional[socket.socket]:
     return sock
 
 
+def refused_system_socket() -> Optional[str]:
+    """Why the system service's socket refuses this user, or None.
+
+    A socket that exists but that this user may not connect to (``/run/clipvisor/clipvisor.sock``
+    is 0660 root:clipvisor) means the service runs and this user is not in its group: starting
+    a private supervisor instead would silently bypass the service's data roots, quarantine and
+    skip log, so it takes an explicit ``CLIPVISOR_PRIVATE=1``."""
+    if os.environ.get("CLIPVISOR_PRIVATE", "") not in ("", "0"):
+        return None
+    try:
+        st = os.stat(SYSTEM_SOCKET)
+    except OSError:
+        return None
+    if not stat.S_ISSOCK(st.st_mode) or os.access(SYSTEM_SOCKET, os.W_OK):
+        return None
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return (f"permission denied on {SYSTEM_SOCKET}: join group {group} (sudo usermod -aG {group} $USER, "
+            f"then log in again), or set CLIPVISOR_PRIVATE=1 to start a private supervisor instead")
+
+
+def bundled_binary() -> Optional[str]:
+    """The ``clipvisor`` executable inside this package (``clipvisor/bin/``), which the
+    platform wheel built by scripts/package.sh carries; None in the pure-Python package."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bin", "clipvisor")
+    return path if os.access(path, os.X_OK) else None
+
+
 def find_binary() -> Optional[str]:
-    """``$CLIPVISOR_BIN``, else ``clipvisor`` on PATH."""
+    """``$CLIPVISOR_BIN``, else the binary bundled in the wheel, else ``clipvisor`` on PATH.
+
+    The bundled one comes before PATH because a platform wheel's binaries are the ones its
+    client was released with (and PATH may hold the wheel's own ``clipvisor`` entry point)."""
     env = os.environ.get("CLIPVISOR_BIN")
     if env:
         return env
-    return shutil.which("clipvisor")
+    return bundled_binary() or shutil.which("clipvisor")
 
 
 # The watchdog (clipvisor/_watchdog.py), run by path under ``python -I -S``: it imports only the
@@ -169,6 +208,9 @@ class PrivateSupervisor:
                 os.close(lock_fd)  # releases the flock
 
     def _start(self, deadline: float) -> socket.socket:
+        refused = refused_system_socket()
+        if refused:
+            raise SupervisorUnavailable(refused)
         binary = find_binary()
         if not binary:
             raise SupervisorUnavailable(
