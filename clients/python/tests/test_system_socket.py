@@ -16,7 +16,6 @@ import pytest
 
 from clipvisor import spawn
 from clipvisor.errors import SupervisorUnavailable
-
 from forking import status_in_child
 
 NOBODY = 65534
