@@ -41,6 +41,8 @@ pip_install() {
     }
 }
 python3 -c "import numpy, zstandard, pytest" 2>/dev/null || pip_install numpy zstandard pytest
+# The protocol fuzz tests (clients/python/tests/test_fuzz_protocol.py) generate requests with hypothesis.
+python3 -c "import hypothesis" 2>/dev/null || pip_install hypothesis
 pip_install --no-deps -e clients/python
 if [ "${CLIPVISOR_SKIP_TORCH:-0}" != 1 ]; then
     # The DataLoader tests need torch (large; pip caches it); the compatibility tests compare
