@@ -52,6 +52,13 @@ struct ConfigFile: Equatable {
     }
 
     static func parse(_ text: String, path: String) throws(ConfigError) -> ConfigFile {
+        if let bad = TOMLHeaderCheck.firstKeylessHeader(in: text) {
+            throw ConfigError(problems: [
+                .init(
+                    file: path, line: bad.line, column: bad.column,
+                    message: "TOML syntax error: \(bad.found)")
+            ])
+        }
         let table: TOMLTable
         do {
             table = try TOMLTable(string: text)
@@ -240,5 +247,97 @@ extension Filesystem {
         }
         close(fd)
         return out
+    }
+}
+
+/// toml++ (inside TOMLKit) asserts, and so aborts the whole process, on two kinds of bad input
+/// that it otherwise reports (both found by bench/fuzz.sh; regression tests in ConfigFuzzRegressionTests):
+/// - a table header whose key does not start with a key character: `[` or `[[` followed (after
+///   spaces) by a newline, `#`, `=`, `[`... (`[ ]` and `[a.` are reported properly);
+/// - a `}` where an array expects a value: `a = [ }`, `a = [1, }`.
+/// Until the library checks these itself, this scan finds them first, so a bad file is refused with
+/// its line, never a crash. It follows TOML just enough for that: strings, comments, a leading BOM,
+/// and the nesting of arrays and inline tables in values (a header can start only outside them).
+enum TOMLHeaderCheck {
+    static func firstKeylessHeader(in text: String) -> (line: Int, column: Int, found: String)? {
+        let b = Array(text.utf8)
+        var i = b.starts(with: [0xEF, 0xBB, 0xBF]) ? 3 : 0  // toml++ skips a UTF-8 byte order mark
+        var line = 1
+        var lineStart = i
+        var open: [UInt8] = []  // the arrays `[` and inline tables `{` of a value, innermost last
+        var atLineStart = true
+        func at(_ k: Int) -> UInt8? { k < b.count ? b[k] : nil }
+        func skipString(quote: UInt8, escapes: Bool) {
+            let triple = at(i + 1) == quote && at(i + 2) == quote
+            i += triple ? 3 : 1
+            while i < b.count {
+                if escapes, b[i] == UInt8(ascii: "\\") {
+                    i += 2
+                    continue
+                }
+                if b[i] == UInt8(ascii: "\n") {
+                    if !triple { return }
+                    line += 1
+                    lineStart = i + 1
+                } else if b[i] == quote, !triple || (at(i + 1) == quote && at(i + 2) == quote) {
+                    i += triple ? 3 : 1
+                    return
+                }
+                i += 1
+            }
+        }
+        while i < b.count {
+            let c = b[i]
+            switch c {
+            case UInt8(ascii: "\n"):
+                line += 1
+                lineStart = i + 1
+                atLineStart = true
+                i += 1
+                continue
+            case UInt8(ascii: " "), UInt8(ascii: "\t"), UInt8(ascii: "\r"):
+                i += 1
+                continue
+            case UInt8(ascii: "#"):
+                while i < b.count, b[i] != UInt8(ascii: "\n") { i += 1 }
+                continue
+            case UInt8(ascii: "\""), UInt8(ascii: "'"):
+                skipString(quote: c, escapes: c == UInt8(ascii: "\""))
+            case UInt8(ascii: "[") where open.isEmpty && atLineStart:
+                var k = i + 1
+                if at(k) == UInt8(ascii: "[") { k += 1 }
+                while let w = at(k), w == UInt8(ascii: " ") || w == UInt8(ascii: "\t") { k += 1 }
+                if let f = at(k), !isKeyStart(f) {
+                    let shown = f == UInt8(ascii: "\n") ? "a newline" : f == UInt8(ascii: "\r") ? "a carriage return"
+                        : f < 0x20 || f >= 0x7F ? "byte 0x\(String(f, radix: 16))" : "'\(Character(Unicode.Scalar(f)))'"
+                    return (line, k - lineStart + 1, "a table header needs a key after '[', saw \(shown)")
+                }
+                while i < b.count, b[i] != UInt8(ascii: "\n") { i += 1 }  // the header line; toml++ checks the rest
+                continue
+            case UInt8(ascii: "["), UInt8(ascii: "{"):
+                open.append(c)
+            case UInt8(ascii: "}") where open.last == UInt8(ascii: "["):
+                return (line, i - lineStart + 1, "'}' inside an array")
+            case UInt8(ascii: "]"), UInt8(ascii: "}"):
+                _ = open.popLast()
+            default:
+                break
+            }
+            if c != UInt8(ascii: "\"") && c != UInt8(ascii: "'") { i += 1 }
+            atLineStart = false
+        }
+        return nil
+    }
+
+    /// A bare-key character (TOML 1.0: A-Z a-z 0-9 _ -), a quote, or the `]` of `[ ]` (reported by toml++).
+    private static func isKeyStart(_ c: UInt8) -> Bool {
+        switch c {
+        case UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "a")...UInt8(ascii: "z"),
+            UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "_"), UInt8(ascii: "-"),
+            UInt8(ascii: "\""), UInt8(ascii: "'"), UInt8(ascii: "]"):
+            return true
+        default:
+            return false
+        }
     }
 }

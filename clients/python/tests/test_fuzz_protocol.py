@@ -259,6 +259,9 @@ def requests(draw: Any, env_clip: str) -> Tuple[Dict[str, Any], List[str], bool]
 
 
 def valid_id(v: Any) -> bool:
+    """JSON has one number type: 7.0 is the integer 7, and the supervisor rightly takes it as one."""
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**53
 
 
@@ -437,8 +440,9 @@ def test_random_fds_on_random_messages_are_answered_and_never_kept(env: Env, kin
         if op == "status":
             assert final.get("ok") is True
         if op == "decode_fd" and kind == "clip":
-            # A readable fd of a real clip decodes (or, on a loaded machine, times out).
-            assert final.get("ok") is True or final["error"]["reason"] == "timeout", final
+            # A readable fd of a real clip decodes, or times out under a tiny deadline (twice: then
+            # it is quarantined, by its file identity).
+            assert final.get("ok") is True or final["error"]["reason"] in ("timeout", "quarantined"), final
     finally:
         sock.close()
         close_all(opened)
