@@ -1039,6 +1039,12 @@ def run(cfg: Config, log: Any = print) -> Report:
     ops = ", ".join(f"{k} {sum(1 for r in records if r['op'] == k)}" for k in ("single", "sample", "disconnect", "slow"))
     report.info["requests"] = f"{len(records)} ({ops})"
     report.info["clip answers"] = f"{n_clips}: " + ", ".join(f"{k} {v}" for k, v in sorted(by_outcome.items()))
+    by_kind: Dict[str, Dict[str, int]] = {}
+    for c in clips:
+        by_kind.setdefault(c["kind"], {}).setdefault(c["outcome"], 0)
+        by_kind[c["kind"]][c["outcome"]] += 1
+    report.info["answers by kind"] = "; ".join(
+        f"{k}: " + ", ".join(f"{o} {n}" for o, n in sorted(v.items())) for k, v in sorted(by_kind.items()))
 
     late = [r for r in records if r["elapsed"] > r.get("bound", 0)]
     worst = max((r["elapsed"] - r.get("bound", 0) for r in records), default=0.0)
