@@ -913,8 +913,6 @@ def run(cfg: Config, log: Any = print) -> Report:
 
     sup = Supervisor(supervisor_bin, work, cfg)
     sup.start()
-    if cat.writers:
-        cat.writers.start()
     base = settle(sup, sup.status()["workers"]["live"])
     live_idle = base["workers"]["live"]
     fresh = snapshot(sup)  # a fresh supervisor, idle with its pool warm: the fd reference
@@ -953,6 +951,8 @@ def run(cfg: Config, log: Any = print) -> Report:
                                                    stop_at), daemon=True) for i in range(cfg.clients)]
     for p in procs:
         p.start()
+    if cat.writers:
+        cat.writers.start()  # threads only after the fork: the clients are forked from one thread
     go.set()
     rss_samples: List[Tuple[float, int, int]] = []   # (time, rss KiB, clips answered by this supervisor)
     killed = False
