@@ -932,7 +932,7 @@ def run(cfg: Config, log: Any = print) -> Report:
         for r in tp_results[1:]:
             ratio = r["good_per_s"] / alone["good_per_s"] if alone["good_per_s"] else 0.0
             report.add(f"good-clip throughput, 25% bad + {r['hangs']} I/O hangs vs alone (goal >= 0.9)", ratio >= 0.9,
-                       f"{ratio:.2f}x ({r['good_per_s']:.2f} vs {alone['good_per_s']:.2f} clips/s; "
+                       f"{ratio:.3g}x ({r['good_per_s']:.2f} vs {alone['good_per_s']:.2f} clips/s; "
                        f"p99 {r['p99_ms']:.0f} vs {alone['p99_ms']:.0f} ms)", required=False)
             report.info[f"throughput {r['label']}"] = json.dumps(r)
         failed_good = sum(r["good_failed"] for r in tp_results)

@@ -38,6 +38,9 @@ def test_short_chaos_run_keeps_every_promise(capsys: pytest.CaptureFixture[str])
     failed = [c for c in report.checks if c.required and not c.ok]
     assert not failed, "chaos checks failed (seed %d):\n%s" % (cfg.seed, table)
     names = {c.name for c in report.checks}
-    # The run really exercised what it claims: skips of every kind were answered and checked.
+    # The run really exercised what it claims: clean clips decoded, hangs timed out, crashes were
+    # answered (crashed, or quarantined once a crash is on record), the SIGKILL happened.
     assert any("skip log" in n for n in names) and any("SIGKILL" in n for n in names)
-    assert "timeout" in report.info["clip answers"] and "crashed" in report.info["clip answers"], report.info
+    answers = report.info["clip answers"]
+    assert "ok" in answers and "timeout" in answers, report.info
+    assert "crashed" in answers or "quarantined" in answers, report.info
