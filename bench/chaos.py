@@ -1148,8 +1148,10 @@ def run(cfg: Config, log: Any = print) -> Report:
     fd_after = snapshot(sup)["sup_fds"]
     report.add("zero fd growth (same supervisor, idle, before/after a burst of clips)", fd_after <= fd_before,
                f"{fd_before} -> {fd_after}")
+    workers_at_end = sup.workers()
     code = sup.terminate()
-    leftover_workers = [w for w in pids_now[1:] if proc_stat(w) is not None and proc_stat(w)[0] != "Z"]
+    time.sleep(0.2)
+    leftover_workers = [w for w in workers_at_end if proc_stat(w) is not None and proc_stat(w)[0] != "Z"]
     report.add("SIGTERM at the end: exit 0, no worker left", code == 0 and not leftover_workers,
                f"exit {code}, {len(leftover_workers)} workers left")
     report.info["total wall"] = f"{time.monotonic() - t_start:.1f} s"
