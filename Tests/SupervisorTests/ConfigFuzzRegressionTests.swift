@@ -17,6 +17,9 @@ struct ConfigFuzzRegressionTests {
         ("\u{FEFF}[[[[[", 1, 3, "a table header needs a key after '[', saw '['"),
         ("o=[}", 1, 4, "'}' inside an array"),
         ("roots = [\n  \"/data\",\n}\n", 3, 1, "'}' inside an array"),
+        ("a = 1979-05-27 7\n", 1, 16, "a date needs a full time after the space (HH:MM:SS)"),
+        ("8=4888--=--= 8 ", 1, 14, "a date needs a full time after the space (HH:MM:SS)"),
+        ("8=4888--=--= 8\u{FEFF}", 1, 14, "a date needs a full time after the space (HH:MM:SS)"),
     ]
 
     @Test(arguments: 0..<crashers.count)
@@ -51,6 +54,7 @@ struct ConfigFuzzRegressionTests {
             """
         let file = try ConfigFile.parse(text, path: "/etc/c.toml")
         #expect(file.values["workers"] != nil && file.values["roots"] != nil && file.values["socket"] != nil)
+        #expect(TOMLHeaderCheck.firstKeylessHeader(in: "d = 1979-05-27 07:32:00\ne = 1979-05-27\nf = [2024, 5]\n") == nil)
         #expect(TOMLHeaderCheck.firstKeylessHeader(in: "a = [[1], [2]]\nb = { c = [3] }\n[t]\n[[u]]\n") == nil)
         #expect(TOMLHeaderCheck.firstKeylessHeader(in: "s = \"\"\"\n[\n}\n\"\"\"\nt = '''\n[[\n'''\n") == nil)
     }
