@@ -17,6 +17,7 @@ struct ConfigFuzzRegressionTests {
         ("\u{FEFF}[[[[[", 1, 3, "a table header needs a key after '[', saw '['"),
         ("o=[}", 1, 4, "'}' inside an array"),
         ("roots = [\n  \"/data\",\n}\n", 3, 1, "'}' inside an array"),
+        ("w='''''''#'[\n[\n", 2, 2, "a table header needs a key after '[', saw a newline"),
         ("a = 1979-05-27 7\n", 1, 16, "a date needs a full time after the space (HH:MM:SS)"),
         ("8=4888--=--= 8 ", 1, 14, "a date needs a full time after the space (HH:MM:SS)"),
         ("8=4888--=--= 8\u{FEFF}", 1, 14, "a date needs a full time after the space (HH:MM:SS)"),

@@ -275,6 +275,10 @@ enum TOMLHeaderCheck {
             i += triple ? 3 : 1
             while i < b.count {
                 if escapes, b[i] == UInt8(ascii: "\\") {
+                    if at(i + 1) == UInt8(ascii: "\n") {
+                        line += 1
+                        lineStart = i + 2
+                    }
                     i += 2
                     continue
                 }
@@ -282,9 +286,18 @@ enum TOMLHeaderCheck {
                     if !triple { return }
                     line += 1
                     lineStart = i + 1
-                } else if b[i] == quote, !triple || (at(i + 1) == quote && at(i + 2) == quote) {
-                    i += triple ? 3 : 1
-                    return
+                } else if b[i] == quote {
+                    guard triple else {
+                        i += 1
+                        return
+                    }
+                    // A run of 3 to 5 quotes closes it (TOML allows two quotes of content just
+                    // before the delimiter): `''''` is `'` then the end.
+                    var run = 0
+                    while at(i + run) == quote { run += 1 }
+                    i += run
+                    if run >= 3 { return }
+                    continue
                 }
                 i += 1
             }
