@@ -48,6 +48,8 @@ python3 -c "import numpy, zstandard, pytest" 2>/dev/null || pip_install numpy zs
 python3 -c "import prometheus_client" 2>/dev/null || pip_install prometheus_client  # test-only: parses the metrics text
 # clipvisor-scan: progress bar, report plots, Parquet; its browser test renders the report in chromium.
 python3 -c "import tqdm, matplotlib, pyarrow" 2>/dev/null || pip_install tqdm matplotlib pyarrow
+# The protocol fuzz tests (clients/python/tests/test_fuzz_protocol.py) generate requests with hypothesis.
+python3 -c "import hypothesis" 2>/dev/null || pip_install hypothesis
 pip_install --no-deps -e clients/python
 # The Python client's linter and type checker (scripts/test.sh), pinned: a new release's rules
 # must not fail CI on code that did not change.

@@ -9,7 +9,10 @@ import Glibc
 struct Faults: Sendable, Equatable {
     var crashOn: [String] = []
     var abortOn: [String] = []
+    /// Paths on which the worker spins forever, busy on the CPU (`spin-on`, or its older name `hang-on`).
     var hangOn: [String] = []
+    /// Paths on which the worker blocks forever using no CPU, like a read from a stalled mount.
+    var sleepOn: [String] = []
     var oomOn: [String] = []
     /// Paths for which the worker breaks the protocol the way a compromised worker could.
     var lieOn: [String] = []
@@ -20,8 +23,8 @@ struct Faults: Sendable, Equatable {
         return parse(String(cString: raw))
     }
 
-    /// A comma-separated list of `crash-on=TEXT`, `abort-on=TEXT`, `hang-on=TEXT`, `oom-on=TEXT`,
-    /// `lie-on=TEXT`, `exit-at-start`. Unknown entries are ignored.
+    /// A comma-separated list of `crash-on=TEXT`, `abort-on=TEXT`, `spin-on=TEXT` (alias `hang-on=TEXT`),
+    /// `sleep-on=TEXT`, `oom-on=TEXT`, `lie-on=TEXT`, `exit-at-start`. Unknown entries are ignored.
     static func parse(_ text: String) -> Faults {
         var faults = Faults()
         for item in text.split(separator: ",") {
@@ -31,7 +34,8 @@ struct Faults: Sendable, Equatable {
             switch key {
             case "crash-on" where !value.isEmpty: faults.crashOn.append(value)
             case "abort-on" where !value.isEmpty: faults.abortOn.append(value)
-            case "hang-on" where !value.isEmpty: faults.hangOn.append(value)
+            case "hang-on" where !value.isEmpty, "spin-on" where !value.isEmpty: faults.hangOn.append(value)
+            case "sleep-on" where !value.isEmpty: faults.sleepOn.append(value)
             case "oom-on" where !value.isEmpty: faults.oomOn.append(value)
             case "lie-on" where !value.isEmpty: faults.lieOn.append(value)
             case "exit-at-start": faults.exitAtStart = true
@@ -45,7 +49,7 @@ struct Faults: Sendable, Equatable {
 
     func lies(about path: String) -> Bool { lieOn.contains(where: { path.contains($0) }) }
 
-    /// Acts on a job's path: crashes, aborts or hangs; returns an `out_of_memory` failure for oom-on.
+    /// Acts on a job's path: crashes, aborts, spins or sleeps; returns an `out_of_memory` failure for oom-on.
     func trigger(path: String) -> DecodeFailure? {
         if crashOn.contains(where: { path.contains($0) }) {
             signal(SIGSEGV, SIG_DFL)
@@ -57,6 +61,9 @@ struct Faults: Sendable, Equatable {
         }
         if hangOn.contains(where: { path.contains($0) }) {
             Self.spin()
+        }
+        if sleepOn.contains(where: { path.contains($0) }) {
+            Self.sleepForever()
         }
         if oomOn.contains(where: { path.contains($0) }) {
             let total = Self.exhaustMemory()
@@ -73,6 +80,14 @@ struct Faults: Sendable, Equatable {
         while true {
             x = x &* 6_364_136_223_846_793_005 &+ 1
             if x == 0 { print("") }  // never true; keeps the loop observable
+        }
+    }
+
+    /// Blocked forever without using CPU, as a worker whose `read` waits on a stalled network or
+    /// FUSE mount looks to the kernel: the supervisor can only tell it from a spin by its CPU time.
+    static func sleepForever() -> Never {
+        while true {
+            pause()
         }
     }
 

@@ -55,6 +55,13 @@ struct ConfigFile: Equatable {
     }
 
     static func parse(_ text: String, path: String) throws(ConfigError) -> ConfigFile {
+        if let bad = TOMLHeaderCheck.firstKeylessHeader(in: text) {
+            throw ConfigError(problems: [
+                .init(
+                    file: path, line: bad.line, column: bad.column,
+                    message: "TOML syntax error: \(bad.found)")
+            ])
+        }
         let table: TOMLTable
         do {
             table = try TOMLTable(string: text)
@@ -216,5 +223,152 @@ extension String {
             rest = rest[range.upperBound...]
         }
         return count
+    }
+}
+
+/// toml++ (inside TOMLKit) asserts, and so aborts the whole process, on two kinds of bad input
+/// that it otherwise reports (both found by bench/fuzz.sh; regression tests in ConfigFuzzRegressionTests):
+/// - a table header whose key does not start with a key character: `[` or `[[` followed (after
+///   spaces) by a newline, `#`, `=`, `[`... (`[ ]` and `[a.` are reported properly);
+/// - a `}` where an array expects a value: `a = [ }`, `a = [1, }`;
+/// - a date followed by a space and a one-digit "time": `a = 1979-05-27 7` (toml++ scans on past
+///   the digit when a value terminator follows). Such text is never valid TOML, so any character but
+///   a digit or `:` after that digit is refused.
+/// Until the library checks these itself, this scan finds them first, so a bad file is refused with
+/// its line, never a crash. It follows TOML just enough for that: strings, comments, a leading BOM,
+/// and the nesting of arrays and inline tables in values (a header can start only outside them).
+enum TOMLHeaderCheck {
+    static func firstKeylessHeader(in text: String) -> (line: Int, column: Int, found: String)? {
+        let b = Array(text.utf8)
+        var i = b.starts(with: [0xEF, 0xBB, 0xBF]) ? 3 : 0  // toml++ skips a UTF-8 byte order mark
+        var line = 1
+        var lineStart = i
+        var open: [UInt8] = []  // the arrays `[` and inline tables `{` of a value, innermost last
+        var atLineStart = true
+        func at(_ k: Int) -> UInt8? { k < b.count ? b[k] : nil }
+        func skipString(quote: UInt8, escapes: Bool) {
+            let triple = at(i + 1) == quote && at(i + 2) == quote
+            i += triple ? 3 : 1
+            while i < b.count {
+                if escapes, b[i] == UInt8(ascii: "\\") {
+                    if at(i + 1) == UInt8(ascii: "\n") {
+                        line += 1
+                        lineStart = i + 2
+                    }
+                    i += 2
+                    continue
+                }
+                if b[i] == UInt8(ascii: "\n") {
+                    if !triple { return }
+                    line += 1
+                    lineStart = i + 1
+                } else if b[i] == quote {
+                    guard triple else {
+                        i += 1
+                        return
+                    }
+                    // A run of 3 to 5 quotes closes it (TOML allows two quotes of content just
+                    // before the delimiter): `''''` is `'` then the end.
+                    var run = 0
+                    while at(i + run) == quote { run += 1 }
+                    i += run
+                    if run >= 3 { return }
+                    continue
+                }
+                i += 1
+            }
+        }
+        while i < b.count {
+            let c = b[i]
+            switch c {
+            case UInt8(ascii: "\n"):
+                line += 1
+                lineStart = i + 1
+                atLineStart = true
+                i += 1
+                continue
+            case UInt8(ascii: " "), UInt8(ascii: "\t"), UInt8(ascii: "\r"):
+                i += 1
+                continue
+            case UInt8(ascii: "#"):
+                while i < b.count, b[i] != UInt8(ascii: "\n") { i += 1 }
+                continue
+            case UInt8(ascii: "\""), UInt8(ascii: "'"):
+                skipString(quote: c, escapes: c == UInt8(ascii: "\""))
+            case UInt8(ascii: "[") where open.isEmpty && atLineStart:
+                var k = i + 1
+                if at(k) == UInt8(ascii: "[") { k += 1 }
+                while let n = horizontalSpace(b, at: k) { k += n }
+                if let f = at(k), !isKeyStart(f) {
+                    let shown = f == UInt8(ascii: "\n") ? "a newline" : f == UInt8(ascii: "\r") ? "a carriage return"
+                        : f < 0x20 || f >= 0x7F ? "byte 0x\(String(f, radix: 16))" : "'\(Character(Unicode.Scalar(f)))'"
+                    return (line, k - lineStart + 1, "a table header needs a key after '[', saw \(shown)")
+                }
+                while i < b.count, b[i] != UInt8(ascii: "\n") { i += 1 }  // the header line; toml++ checks the rest
+                continue
+            case UInt8(ascii: "0")...UInt8(ascii: "9") where i == 0 || valueStarts.contains(b[i - 1]):
+                // A key (at the start of a line) ends at its `=`; a value only at a terminator.
+                var end = i
+                while end < b.count, !terminators.contains(b[end]), !(atLineStart && b[end] == UInt8(ascii: "=")) {
+                    end += 1
+                }
+                // toml++ counts characters and skips `_`: keep one byte per character.
+                let token = Array(b[i..<end].filter { $0 != UInt8(ascii: "_") && $0 & 0xC0 != 0x80 })
+                let isDigit = { (c: UInt8?) in c.map { (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0) } ?? false }
+                // "DATE D" then anything but a digit or `:` is never TOML (a time is HH:MM:SS).
+                if token.count == 10, token[4] == UInt8(ascii: "-"), token[7] == UInt8(ascii: "-"),
+                    at(end) == UInt8(ascii: " "), isDigit(at(end + 1)), !isDigit(at(end + 2)),
+                    at(end + 2) != UInt8(ascii: ":")
+                {
+                    return (line, end + 1 - lineStart + 1, "a date needs a full time after the space (HH:MM:SS)")
+                }
+                i = end
+                atLineStart = false
+                continue
+            case UInt8(ascii: "["), UInt8(ascii: "{"):
+                open.append(c)
+            case UInt8(ascii: "}") where open.last == UInt8(ascii: "["):
+                return (line, i - lineStart + 1, "'}' inside an array")
+            case UInt8(ascii: "]"), UInt8(ascii: "}"):
+                _ = open.popLast()
+            default:
+                break
+            }
+            if c != UInt8(ascii: "\"") && c != UInt8(ascii: "'") { i += 1 }
+            atLineStart = false
+        }
+        return nil
+    }
+
+    /// The length in bytes of the horizontal whitespace toml++ skips at `k` (space, tab, and the
+    /// Unicode spaces U+00A0, U+1680, U+2000–U+200A, U+202F, U+205F, U+3000, U+FEFF), or nil.
+    private static func horizontalSpace(_ b: [UInt8], at k: Int) -> Int? {
+        func byte(_ j: Int) -> UInt8? { j < b.count ? b[j] : nil }
+        switch byte(k) {
+        case UInt8(ascii: " "), UInt8(ascii: "\t"): return 1
+        case 0xC2 where byte(k + 1) == 0xA0: return 2
+        case 0xE1 where byte(k + 1) == 0x9A && byte(k + 2) == 0x80: return 3
+        case 0xE2 where byte(k + 1) == 0x80 && (byte(k + 2).map { (0x80...0x8A).contains($0) || $0 == 0xAF } ?? false): return 3
+        case 0xE2 where byte(k + 1) == 0x81 && byte(k + 2) == 0x9F: return 3
+        case 0xE3 where byte(k + 1) == 0x80 && byte(k + 2) == 0x80: return 3
+        case 0xEF where byte(k + 1) == 0xBB && byte(k + 2) == 0xBF: return 3
+        default: return nil
+        }
+    }
+
+    /// Bytes that end a value for toml++ (whitespace, `,`, `]`, `}`, `#`), and bytes after which a value starts.
+    private static let terminators: Set<UInt8> = Set(" \t\r\n,]}#".utf8)
+    private static let valueStarts: Set<UInt8> = Set(" \t\n=[,{".utf8)
+
+    /// A bare-key character (TOML 1.0: A-Z a-z 0-9 _ -), a quote, or the `]` of `[ ]` (reported by toml++).
+    private static func isKeyStart(_ c: UInt8) -> Bool {
+        switch c {
+        case UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "a")...UInt8(ascii: "z"),
+            UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "_"), UInt8(ascii: "-"),
+            UInt8(ascii: "\""), UInt8(ascii: "'"), UInt8(ascii: "]"):
+            return true
+        default:
+            return false
+        }
     }
 }
