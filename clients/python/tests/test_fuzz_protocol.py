@@ -195,7 +195,8 @@ def clip_fields(draw: Any, env_clip: str, allow_path: bool = True) -> Tuple[Dict
         else:
             fields[key] = draw(typed_value(key))
     if draw(st.integers(0, 14)) == 0:
-        name = draw(st.text(min_size=1, max_size=10).filter(lambda k: k not in DECODE_KEYS + ["path", "fd", "op", "id"]))
+        known = DECODE_KEYS + ["path", "fd", "op", "id"]
+        name = draw(st.text(min_size=1, max_size=10).filter(lambda k: k not in known))
         fields[name] = draw(st.integers())
         bad.append(name)
     if "deadline_ms" not in fields:
@@ -373,7 +374,8 @@ def test_random_streams_then_hangups_never_hurt_the_supervisor(env: Env, chunks:
 
 
 @FUZZ
-@given(first=st.one_of(st.fixed_dictionaries({"op": st.sampled_from(["status", "decode", "skips"]), "id": st.integers(0, 9)}),
+@given(first=st.one_of(st.fixed_dictionaries({"op": st.sampled_from(["status", "decode", "skips"]),
+                                               "id": st.integers(0, 9)}),
                        st.fixed_dictionaries({"op": st.just("hello"), "protocol": st.one_of(st.integers(-5, 5).filter(
                            lambda v: v != 1), st.text(max_size=3), st.none())})))
 def test_anything_before_a_valid_hello_is_refused_and_closed(env: Env, first: Dict[str, Any]) -> None:
@@ -415,7 +417,8 @@ def make_fd(env: Env, kind: str) -> Tuple[int, List[int]]:
 
 
 @FUZZ
-@given(kind=st.sampled_from(FD_KINDS), op=st.sampled_from(["decode_fd", "decode", "status", "probe_fd", "sample", "junk"]),
+@given(kind=st.sampled_from(FD_KINDS),
+       op=st.sampled_from(["decode_fd", "decode", "status", "probe_fd", "sample", "junk"]),
        deadline=st.integers(1, 2000))
 def test_random_fds_on_random_messages_are_answered_and_never_kept(env: Env, kind: str, op: str, deadline: int) -> None:
     fd, opened = make_fd(env, kind)
