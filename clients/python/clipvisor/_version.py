@@ -15,7 +15,9 @@ def _version() -> str:
         PackageNotFoundError, version = Exception, None  # type: ignore[assignment,misc]
     if version is not None:
         try:
-            return version("clipvisor")
+            # The platform wheel's local label (`+ffmpeg5`: the FFmpeg its worker links) is not
+            # part of the client's version.
+            return version("clipvisor").split("+")[0]
         except PackageNotFoundError:
             pass
     swift = os.path.join(os.path.dirname(__file__), "..", "..", "..", "Sources", "Shared", "Version.swift")
