@@ -126,16 +126,26 @@ struct ServeTests {
         #expect(w.wait().code == 0)
     }
 
-    @Test func failedJobRepliesThenExits() throws {
+    /// A file that could not be opened never reached a demuxer: the worker stays (a dataset with
+    /// many missing files must not pay a worker start for each). A decode that failed on the
+    /// media replies, then exits, in case the media left state behind.
+    @Test func aMissingFileKeepsTheWorkerAndAFailedDecodeReplacesIt() throws {
         let w = try Worker()
         _ = try #require(try w.receive())
         try w.send(["op": "decode", "job": 9, "path": "/nonexistent/clip.mp4", "options": [:]])
         let (reply, fd) = try #require(try w.receive())
         #expect(fd == nil)
-        #expect(reply["ok"] == false && reply["exiting"] == true)
+        #expect(reply["ok"] == false && reply["exiting"] == false)
         #expect(reply["error"]?["reason"] == "not_found")
         #expect(reply["error"]?["path"] == "/nonexistent/clip.mp4")
         #expect(w.started.first?["size"] == .null, "a missing file has no size")
+
+        let garbage = try Support.temporaryDirectory() + "/garbage.mp4"
+        try Data((0..<65_536).map { UInt8(truncatingIfNeeded: $0 &* 2_654_435_761 >> 7) }).write(to: URL(fileURLWithPath: garbage))
+        try w.send(["op": "decode", "job": 10, "path": .string(garbage), "options": [:]])
+        let (failed, _) = try #require(try w.receive())
+        #expect(failed["ok"] == false && failed["exiting"] == true, "\(failed.jsonString)")
+        #expect(failed["error"]?["reason"] == "decode_error" || failed["error"]?["reason"] == "unsupported")
         #expect(w.wait().code == 0)
     }
 
