@@ -182,7 +182,10 @@ class Multiplexer:
                 break
         if sock is None:
             if not self.spawn or self.socket_path is not None:
-                raise SupervisorUnavailable("no clipvisor supervisor answers at " + ", ".join(tried))
+                # The service's socket refusing this user is the answer, not "nobody answers".
+                refused = _spawn.refused_system_socket() if self.socket_path is None else None
+                nobody = "no clipvisor supervisor answers at " + ", ".join(tried)
+                raise SupervisorUnavailable(f"{refused}; {nobody}" if refused else nobody)
             private = _spawn.private_supervisor()
             sock = private.ensure(max(1.0, deadline - time.monotonic()))
             path = private.socket_path

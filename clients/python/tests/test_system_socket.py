@@ -67,6 +67,10 @@ def test_a_refused_user_is_told_to_join_the_group(refusing_socket, monkeypatch):
         with pytest.raises(SupervisorUnavailable, match="join group root"):
             with clipvisor.Client(connect_timeout=5) as client:
                 client.status()
+        # Also when the client may not start one itself: the refusal is the answer.
+        with pytest.raises(SupervisorUnavailable, match="join group root"):
+            with clipvisor.Client(spawn=False, connect_timeout=5) as client:
+                client.status()
         # No private supervisor was started behind the user's back.
         assert "CLIPVISOR_SOCKET" not in os.environ
         assert not any(name.startswith("clipvisor-private-") and os.path.exists(os.path.join(runtime, name, "s.sock"))
