@@ -129,14 +129,11 @@ extension Supervisor {
 extension Supervisor {
     /// Per connection: who it is and how many of its clips wait and decode (`clipvisor top`).
     func clientsJSON() -> [JSONValue] {
-        var queued: [UInt64: Int] = [:]
+        // Waiting clips come from the queue's lanes; decoding ones from the busy workers.
+        let queued = queue.depths
         var running: [UInt64: Int] = [:]
-        for job in jobs.values {
-            switch job.state {
-            case .queued: queued[job.connectionID, default: 0] += 1
-            case .running: running[job.connectionID, default: 0] += 1
-            case .answered: break
-            }
+        for worker in pool.workers.values {
+            if case .busy(let jobID, _) = worker.state, let job = jobs[jobID] { running[job.connectionID, default: 0] += 1 }
         }
         return connections.values.sorted { $0.id < $1.id }.map { connection in
             [

@@ -11,6 +11,9 @@ from typing import Iterator
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
+#: The supervisor the integration tests start: $CLIPVISOR_BIN, else this checkout's debug build.
+BINARY = os.environ.get("CLIPVISOR_BIN") or os.path.join(REPO, ".build", "debug", "clipvisor")
 sys.path.insert(0, HERE)
 try:
     import clipvisor  # noqa: F401  (the installed package, when pip-installed)

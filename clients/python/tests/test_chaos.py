@@ -14,9 +14,8 @@ import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
-BINARY = os.environ.get("CLIPVISOR_BIN") or os.path.join(REPO, ".build", "debug", "clipvisor")
+from conftest import BINARY, REPO
+
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
 import chaos  # noqa: E402

@@ -23,13 +23,12 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
+from conftest import BINARY, REPO
+
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
-BINARY = os.environ.get("CLIPVISOR_BIN") or os.path.join(REPO, ".build", "debug", "clipvisor")
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
 import chaos  # noqa: E402

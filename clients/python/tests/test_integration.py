@@ -24,13 +24,11 @@ import clipvisor
 from clipvisor import block as B
 from clipvisor import results as results_module
 from clipvisor import spawn
+from conftest import BINARY, REPO
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
 CORPUS = os.environ.get("CLIPVISOR_CORPUS") or os.path.abspath(os.path.join(REPO, "..", "shared", "corpus", "real"))
 if not os.path.isdir(CORPUS):
     CORPUS = "/work/shared/corpus/real"
-BINARY = os.environ.get("CLIPVISOR_BIN") or os.path.join(REPO, ".build", "debug", "clipvisor")
 
 pytestmark = [
     pytest.mark.integration,

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import clipvisor
+from conftest import BINARY
 
 try:
     import ray
@@ -29,9 +30,6 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     RAY_ERROR = f"ray[data] is not importable ({exc}); pip install 'ray[data]'"
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
-BINARY = os.environ.get("CLIPVISOR_BIN") or os.path.join(REPO, ".build", "debug", "clipvisor")
 
 pytestmark = [
     pytest.mark.ray,

@@ -21,12 +21,10 @@ supervisor (SIGTERM, then SIGKILL) and removes the directory.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import shlex
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -35,14 +33,12 @@ import time
 from typing import List, Optional, Sequence
 
 from clipvisor import SupervisorUnavailable
-from clipvisor.spawn import _tail, _zombie
+from clipvisor.spawn import _WATCHDOG, _tail, _zombie, try_connect
+from clipvisor.spawn import candidate_sockets as shared_candidates
 
-SYSTEM_SOCKET = "/run/clipvisor/clipvisor.sock"
-
-# The watchdog is clipvisor/_watchdog.py (as for clipvisor.spawn), run by path under
-# ``python -I -S`` with the lifeline ``pid:RAYLET``: the supervisor stops when the raylet exits.
-# Its stderr is the slot's supervisor.log.
-_WATCHDOG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_watchdog.py")
+# The watchdog is clipvisor/_watchdog.py, as for clipvisor.spawn, run by path under ``python -I -S``
+# with the lifeline ``pid:RAYLET``: the supervisor stops when the raylet exits. Its stderr is the
+# slot's supervisor.log.
 
 # Starts the watchdog in a new session and exits at once, so that the watchdog is not a child
 # of the Ray worker process.
@@ -55,40 +51,13 @@ sys.stdout.write(str(p.pid))
 """
 
 
-def user_socket_path() -> str:
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return os.path.join(runtime, "clipvisor", "clipvisor.sock")
-    return f"/tmp/clipvisor-{os.getuid()}/clipvisor.sock"
-
-
-def shared_candidates() -> List[str]:
-    """Supervisors that already serve this node, in the discovery order of docs/protocol.md."""
-    out: List[str] = []
-    env = os.environ.get("CLIPVISOR_SOCKET")
-    if env:
-        out.append(env)
-    for path in (SYSTEM_SOCKET, user_socket_path()):
-        if path not in out:
-            out.append(path)
-    return out
-
-
 def answers(path: str, timeout: float = 1.0) -> bool:
     """Whether something accepts connections on the Unix socket `path`."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(path)
-        return True
-    except OSError as exc:
-        if isinstance(exc, socket.timeout) or exc.errno in (
-                errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK, errno.EACCES, errno.EAGAIN, errno.ENAMETOOLONG,
-                errno.EINVAL, errno.ENOTDIR, errno.EPERM):
-            return False
-        raise
-    finally:
-        sock.close()
+    sock = try_connect(path, timeout)
+    if sock is None:
+        return False
+    sock.close()
+    return True
 
 
 def slot_directory(node_id: str) -> str:
