@@ -37,6 +37,22 @@ int cv_seals_are_complete(int seals) {
 
 int cv_pidfd_open(pid_t pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
 
+pid_t cv_clone_sibling(void) {
+    // Raw clone with no new stack: the child continues on a copy of this stack, as after fork().
+    return (pid_t)syscall(SYS_clone, CLONE_PARENT | SIGCHLD, 0, NULL, NULL, 0);
+}
+
+int cv_become_worker(int control) {
+    if (control != 3) {
+        if (dup2(control, 3) < 0) return -1;  // also closes the fork server's own socket
+        close(control);
+    } else if (fcntl(3, F_SETFD, 0) < 0) {
+        return -1;
+    }
+    if (close_range(4, ~0U, 0) != 0) return -1;
+    return setpgid(0, 0);
+}
+
 int cv_pidfd_send_signal(int pidfd, int sig) {
     return (int)syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0);
 }

@@ -166,6 +166,67 @@ struct ServeTests {
         #expect(wrongParent.status == 71)
     }
 
+    /// The fork server (`serve --fork-server`): a clone speaks the worker protocol on the socket
+    /// that came with the request and is the requester's child (CLONE_PARENT), not the fork
+    /// server's; a request without a socket is refused alone; a malformed one ends it (76).
+    @Test func forkServerClonesWorkersForItsParent() throws {
+        let clip = try EngineTests.fixture.get()
+        let server = try Worker(["--fork-server", "--max-clips", "2"])
+        let (ready, _) = try #require(try server.receive())
+        #expect(ready["op"] == "fork_server_ready" && ready["pid"]?.intValue == Int(server.pid), "\(ready.jsonString)")
+
+        try server.send(ForkServerMessage.fork(request: 1).json)
+        let (refused, _) = try #require(try server.receive())
+        #expect(try ForkServerMessage(json: refused) == .failed(request: 1, message: "no control socket came with the request"))
+
+        var fds: [Int32] = [0, 0]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) == 0)
+        let ours = SystemPackage.FileDescriptor(rawValue: fds[0])
+        defer { try? ours.close() }
+        try server.send(ForkServerMessage.fork(request: 2).json, fd: SystemPackage.FileDescriptor(rawValue: fds[1]))
+        close(fds[1])
+        let (forkedMessage, _) = try #require(try server.receive())
+        guard case .forked(2, let pid) = try ForkServerMessage(json: forkedMessage) else {
+            Issue.record("no clone: \(forkedMessage.jsonString)")
+            return
+        }
+        var reaped = false
+        defer { if !reaped { kill(pid, SIGKILL); var status: Int32 = 0; waitpid(pid, &status, 0) } }
+
+        // The clone: ready with its own pid, one job, then --max-clips ends it with code 0.
+        var buffer = [UInt8](repeating: 0, count: WorkerMessage.maxSize)
+        func receive() throws -> JSONValue? {
+            while try SocketIO.waitReadable(ours, timeoutMs: 60_000) {
+                let r = try buffer.withUnsafeMutableBytes { try SocketIO.receive(ours, into: $0) }
+                try? r.fd?.close()
+                if r.count == 0 { return nil }
+                let message = try JSONValue.parse(buffer[0..<r.count])
+                if message["op"] != "started" { return message }
+            }
+            return nil
+        }
+        let workerReady = try #require(try receive())
+        #expect(workerReady["op"] == "ready" && workerReady["pid"]?.intValue == Int(pid), "\(workerReady.jsonString)")
+        // Checked once it is ready: it sets up its process group right after the clone.
+        let stat = try String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)
+        let fields = stat[stat.index(stat.lastIndex(of: ")")!, offsetBy: 2)...].split(separator: " ")
+        #expect(pid_t(fields[1]) == getpid(), "the clone's parent is not the requester")
+        #expect(pid_t(fields[2]) == pid, "the clone does not lead its own process group")
+        let probe: JSONValue = ["op": "probe", "job": 1, "path": .string(clip)]
+        _ = try probe.serialized().withUnsafeBytes { try SocketIO.send(ours, $0) }
+        let done = try #require(try receive())
+        #expect(done["op"] == "done" && done["ok"] == true, "\(done.jsonString)")
+        try ours.close()
+        var status: Int32 = 0
+        reaped = waitpid(pid, &status, 0) == pid
+        #expect(reaped && status == 0, "the clone ended with status \(status)")
+        #expect(kill(server.pid, 0) == 0, "the fork server ended with its clone")
+
+        let junk: [UInt8] = Array("{\"op\":\"decode\"}".utf8)
+        _ = try junk.withUnsafeBytes { try SocketIO.send(server.control, $0) }
+        #expect(server.wait().code == 76)
+    }
+
     @Test func faultSwitches() throws {
         let clip = try EngineTests.fixture.get()
         let faults = "crash-on=CRASH,abort-on=ABORT,hang-on=HANG,oom-on=OOM"

@@ -167,7 +167,7 @@ final class StallTests {
         let until = Date().addingTimeInterval(3)
         while Date() < until {
             let status = try supervisor.status()
-            let processes = supervisor.children().count
+            let processes = supervisor.workerProcesses().count
             most = max(most, processes)
             #expect((status["workers"]?["live"]?.intValue ?? 0) <= 3)
             usleep(50_000)

@@ -183,6 +183,12 @@ final class SupervisorProcess {
         children().filter { $0.state == "Z" }.map(\.pid)
     }
 
+    /// Its children that are workers: every child but the fork server.
+    func workerProcesses() -> [(pid: pid_t, state: String)] {
+        let forkServer = (try? status())?["workers"]?["start"]?["fork_server_pid"]?.intValue
+        return children().filter { Int($0.pid) != forkServer }
+    }
+
     func children() -> [(pid: pid_t, state: String)] {
         let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
         var out: [(pid_t, String)] = []

@@ -26,6 +26,17 @@ int cv_seals_are_complete(int seals);
 /// pidfd_open(2): there is no libc wrapper on glibc 2.36.
 int cv_pidfd_open(pid_t pid);
 
+/// The fork server's clone: a copy of the calling (single-threaded) process whose parent is the
+/// caller's parent (CLONE_PARENT), so the supervisor reaps and signals the new worker through a
+/// pidfd as if it had spawned it. Returns the child's pid in the caller, 0 in the child, -1 with
+/// errno on failure. glibc >= 2.34 asks the kernel for the thread id in raise(), so abort() in
+/// the child signals the child even though glibc's own fork bookkeeping did not run.
+pid_t cv_clone_sibling(void);
+
+/// In a freshly cloned worker: `control` becomes fd 3, every other fd above 2 is closed, and the
+/// process leads a new process group (the supervisor kills workers by group). 0 or -1 with errno.
+int cv_become_worker(int control);
+
 /// pidfd_send_signal(2): signals exactly the process we spawned, never a recycled pid.
 int cv_pidfd_send_signal(int pidfd, int sig);
 

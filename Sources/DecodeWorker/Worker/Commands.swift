@@ -166,6 +166,11 @@ struct ServeCommand: ParsableCommand {
     @Flag(help: "Same as --landlock off.")
     var noSandbox = false
 
+    @Flag(help: ArgumentHelp(
+        "Be the supervisor's fork server: clone workers with these options on request instead of decoding (docs/worker-protocol.md, \"The fork server\").",
+        visibility: .hidden))
+    var forkServer = false
+
     func validate() throws {
         if let maxClips, maxClips < 1 { throw ValidationError("--max-clips must be at least 1") }
         if let addressSpaceMb, addressSpaceMb < 64 { throw ValidationError("--address-space-mb must be at least 64") }
@@ -179,7 +184,8 @@ struct ServeCommand: ParsableCommand {
             controlFD: controlFd, parentPID: parentPid, maxClips: maxClips,
             limits: Sandbox.Limits(addressSpaceMB: addressSpaceMb, cpuSeconds: cpuSeconds, openFiles: openFiles),
             landlock: noSandbox ? .off : landlock)
-        let code = WorkerServer(config, faults: Faults.fromEnvironment()).run()
+        let faults = Faults.fromEnvironment()
+        let code = forkServer ? ForkServer(config: config, faults: faults).run() : WorkerServer(config, faults: faults).run()
         Glibc.exit(code)
     }
 }

@@ -101,6 +101,9 @@ struct ServeCommand: ParsableCommand {
     @Flag(help: "Same as --sandbox off.")
     var noSandbox = false
 
+    @Option(help: Self.knob("worker_start", "mode"))
+    var workerStart: String?
+
     @Option(help: Self.knob("max_source_pixels"))
     var maxSourcePixels: Int?
 

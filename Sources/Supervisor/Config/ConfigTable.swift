@@ -41,7 +41,8 @@ extension ConfigKey {
             name: "spare_workers", flag: "--spare-workers", kind: .integer(0...64),
             help: """
                 Idle workers kept started beyond `workers`, so a clip never waits for a replacement after a kill \
-                or a recycle (30-700 ms of spawn); at most `workers` decode at once. Kills come in bursts when a \
+                or a recycle (about 1 ms from the fork server, 30-700 ms with exec under load); at most `workers` \
+                decode at once. Kills come in bursts when a \
                 batch of clips shares one deadline.
                 """,
             defaultText: "2", example: "2",
@@ -113,6 +114,21 @@ extension ConfigKey {
             apply: { settings, value in
                 if case .string(let text) = value, let mode = WorkerMessage.LandlockMode(rawValue: text) {
                     settings.configuration.landlock = mode
+                }
+            }),
+        ConfigKey(
+            name: "worker_start", flag: "--worker-start", kind: .mode(WorkerStartMode.allCases.map(\.rawValue)),
+            help: """
+                How workers start. "fork-server": one worker process, linked against FFmpeg once, clones each new \
+                worker in well under a millisecond (exec costs ~25 ms of CPU, paid again after every crash, timeout \
+                and failed clip); each clone applies the full sandbox itself. "exec": every worker is exec'd and gets \
+                its own address-space layout (ASLR), at that cost. When the fork server fails, workers are exec'd \
+                (said in the log and in `clipvisor status`) and the fork server is tried again 30 s later.
+                """,
+            defaultText: "\"fork-server\"", example: "\"fork-server\"",
+            apply: { settings, value in
+                if case .string(let text) = value, let mode = WorkerStartMode(rawValue: text) {
+                    settings.configuration.workerStart = mode
                 }
             }),
         ConfigKey(

@@ -9,12 +9,15 @@ import Glibc
 ///
 /// Two clocks: /proc/PID/stat's utime + stime (every thread, but in 10 ms ticks) and
 /// /proc/PID/schedstat's time on the CPU (nanoseconds, the main thread). A worker is stalled when
-/// neither moved over a window and it is asleep: the first check comes 50 ms after it takes the
+/// neither moved over a window and it is asleep: the first check comes 20 ms after it takes the
 /// clip (a FIFO blocks at once; the nanosecond clock tells at that scale), then every 100 ms,
-/// so a hang holds a decode slot for about 50 ms, not for its whole deadline.
+/// so a hang holds a decode slot for about 20 ms, not for its whole deadline. (At 50 ms, eight
+/// hangs with a 2 s deadline held 10 % of a 2-worker pool's time; at 20 ms, 7 %: bench/chaos.py.)
+/// A worker that merely waits a moment for the disk may be lent out too: it counts again when it
+/// resumes, a brief over-subscription bounded by `max_workers`.
 struct CPUWatch {
     /// The first check after the worker takes the clip, then the interval between checks.
-    static let firstSampleMs = 50
+    static let firstSampleMs = 20
     static let sampleIntervalMs = 100
     /// Below this share of one CPU over a window, the worker counts as stalled.
     static let stallShare = 0.05

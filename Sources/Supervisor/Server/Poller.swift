@@ -14,6 +14,8 @@ enum EventSource: Hashable, Sendable {
     case connection(UInt64)
     case workerControl(UInt64)
     case workerExit(UInt64)
+    /// The fork server's pidfd (the id counts its starts).
+    case forkServerExit(UInt64)
 
     var token: UInt64 {
         switch self {
@@ -22,6 +24,7 @@ enum EventSource: Hashable, Sendable {
         case .connection(let id): 3 << 56 | id
         case .workerControl(let id): 4 << 56 | id
         case .workerExit(let id): 5 << 56 | id
+        case .forkServerExit(let id): 6 << 56 | id
         }
     }
 
@@ -33,6 +36,7 @@ enum EventSource: Hashable, Sendable {
         case 3: self = .connection(id)
         case 4: self = .workerControl(id)
         case 5: self = .workerExit(id)
+        case 6: self = .forkServerExit(id)
         default: return nil
         }
     }

@@ -45,6 +45,8 @@ struct ServeConfiguration: Sendable {
     /// The Landlock write ban in workers (`sandbox`): where it is refused, `.auto` decodes with
     /// the remaining limits (no_new_privs and rlimits always apply) and `.required` decodes nothing.
     var landlock: WorkerMessage.LandlockMode = .auto
+    /// Workers cloned from a fork server (fast) or exec'd each (its own address-space layout).
+    var workerStart: WorkerStartMode = .forkServer
     var maxSourcePixels = 8192 * 8192
     var maxOutputBytes = 2 << 30
     /// Bytes of finished blocks the supervisor may hold for clients that have not read them yet;

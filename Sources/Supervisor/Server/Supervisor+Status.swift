@@ -105,6 +105,7 @@ extension Supervisor {
                 "clips_per_worker": .number(Double(configuration.clipsPerWorker)), "list": .array(workerList),
                 "consecutive_start_failures": .number(Double(pool.consecutiveStartFailures)),
                 "last_start_error": pool.lastStartError.map { .string($0) } ?? .null,
+                "start": spawner.statusJSON,
             ],
             "queue": [
                 "length": .number(Double(queue.count)), "limit": .number(Double(configuration.queueLimit)),

@@ -14,7 +14,15 @@ extension Supervisor {
         guard case .running = phase else { return }
         // A stalled worker's slot is lent, so a spare is started in its place: up to the cap.
         let target = configuration.workers + configuration.spareWorkers + pool.census.stalled
-        for _ in 0..<pool.spawnsNeeded(target: target, cap: configuration.effectiveMaxWorkers, now: now) {
+        let spawns = pool.spawnsNeeded(target: target, cap: configuration.effectiveMaxWorkers, now: now)
+        if spawns > 0, let server = spawner.prepareForkServer(now: now, startTimeoutMs: configuration.workerStartTimeoutMs) {
+            do {
+                try poller.add(server.pidfd, .forkServerExit(UInt64(spawner.forkServerStarts)))
+            } catch {
+                logger.error("cannot watch the fork server \(server.pid): \(error)")
+            }
+        }
+        for _ in 0..<spawns {
             let worker: WorkerProcess
             do {
                 worker = try spawner.spawn(id: makeID(), startTimeoutMs: configuration.workerStartTimeoutMs)

@@ -80,7 +80,9 @@ final class Supervisor {
         self.socketFileIdentity = ownsSocketFile ? Self.fileIdentity(configuration.socketPath) : nil
         self.skipLog = skipLog
         self.poller = try Poller()
-        self.spawner = WorkerSpawner(executable: configuration.workerExecutable, arguments: configuration.workerArguments)
+        self.spawner = WorkerSpawner(
+            executable: configuration.workerExecutable, arguments: configuration.workerArguments,
+            mode: configuration.workerStart, logger: logger)
         let signalFD = cv_signalfd_for_lifecycle()
         guard signalFD >= 0 else { throw Errno(rawValue: errno) }
         self.signals = FileDescriptor(rawValue: signalFD)
@@ -153,6 +155,10 @@ final class Supervisor {
         case .workerExit(let id):
             guard let worker = pool[id] else { return }
             handleExit(of: worker)
+        case .forkServerExit(let id):
+            guard let server = spawner.forkServer, UInt64(spawner.forkServerStarts) == id else { return }
+            poller.remove(server.pidfd)
+            spawner.forkServerExited(now: Instant.now())
         }
     }
 
@@ -439,6 +445,8 @@ final class Supervisor {
     }
 
     private func cleanUpAtExit() {
+        if let server = spawner.forkServer { poller.remove(server.pidfd) }
+        spawner.stopForkServer()
         for worker in pool.ordered {
             worker.kill(reason: "exit")
             closeControl(of: worker)

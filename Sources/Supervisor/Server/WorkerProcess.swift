@@ -1,4 +1,5 @@
 import CClipvisorShims
+import Logging
 import Shared
 import SystemPackage
 
@@ -94,8 +95,11 @@ final class WorkerProcess {
         }
     }
 
-    /// Reaps the worker if it has exited (`waitid(P_PIDFD, WNOHANG)`).
-    func reap() -> Exit? {
+    /// Reaps the worker if it has exited.
+    func reap() -> Exit? { Self.reap(pidfd: pidfd) }
+
+    /// Reaps the child behind `pidfd` if it has exited (`waitid(P_PIDFD, WNOHANG)`).
+    static func reap(pidfd: FileDescriptor) -> Exit? {
         var code: Int32 = 0
         var status: Int32 = 0
         let rc = cv_waitid_pidfd(pidfd.rawValue, &code, &status)
@@ -125,17 +129,99 @@ enum Spawn {
     }
 }
 
-/// Starts workers. The spawn uses posix_spawn (vfork-like, cheap from a large process) with
-/// the control socket as fd 3, /dev/null for stdin/stdout, every other fd closed, a new process
-/// group, and signal mask and dispositions reset (the supervisor blocks SIGTERM for signalfd).
-struct WorkerSpawner {
+/// How the supervisor starts workers (`worker_start`).
+enum WorkerStartMode: String, CaseIterable, Sendable {
+    /// Clone them from a fork server linked once (Shared/ForkServerProtocol.swift): a fresh
+    /// worker costs well under a millisecond instead of ~25 ms of dynamic linking.
+    case forkServer = "fork-server"
+    /// exec `clipvisor-worker serve` for each: every worker gets its own address-space layout.
+    case exec
+}
+
+/// Starts workers: cloned by the fork server, or exec'd with posix_spawn (vfork-like, cheap
+/// from a large process) with the control socket as fd 3, /dev/null for stdin/stdout, every
+/// other fd closed, a new process group, and signal mask and dispositions reset (the supervisor
+/// blocks SIGTERM for signalfd). Either way the worker is the supervisor's child, watched
+/// through a pidfd, and applies its own sandbox before it reads a job.
+final class WorkerSpawner {
     /// Absolute path of `clipvisor-worker`.
-    var executable: String
+    let executable: String
     /// `serve` and its limit options, without `--control-fd` and `--parent-pid`.
-    var arguments: [String]
+    let arguments: [String]
+    let mode: WorkerStartMode
+    private let logger: Logger
+    /// The running fork server, in `.forkServer` mode.
+    private(set) var forkServer: ForkServerProcess?
+    /// Why workers are exec'd although the mode says fork server (shown in status); nil otherwise.
+    private(set) var forkServerProblem: String?
+    /// When a failed fork server is tried again: it is never retried in a tight loop.
+    private var forkServerRetryAt: Instant?
+    private(set) var forkServerStarts = 0
 
     struct SpawnError: Error, CustomStringConvertible {
         var description: String
+    }
+
+    init(executable: String, arguments: [String], mode: WorkerStartMode, logger: Logger) {
+        self.executable = executable
+        self.arguments = arguments
+        self.mode = mode
+        self.logger = logger
+    }
+
+    /// Starts the fork server if the mode wants one and none runs (after a failure, once its
+    /// back-off has passed). Returns a newly started one, whose pidfd the caller watches.
+    func prepareForkServer(now: Instant, startTimeoutMs: Int) -> ForkServerProcess? {
+        guard mode == .forkServer, forkServer == nil else { return nil }
+        if let retryAt = forkServerRetryAt, now < retryAt { return nil }
+        do {
+            let server = try ForkServerProcess.start(
+                timeoutMs: startTimeoutMs,
+                exec: { control throws(SpawnError) in try execWorker(control: control, extraArguments: ["--fork-server"]) })
+            forkServer = server
+            forkServerStarts += 1
+            forkServerRetryAt = nil
+            if forkServerProblem != nil {
+                logger.notice("fork server running again (pid \(server.pid)): workers are cloned from it")
+            }
+            forkServerProblem = nil
+            return server
+        } catch {
+            forkServerFailed("cannot start the fork server: \(error)", now: now)
+            return nil
+        }
+    }
+
+    /// The fork server exited on its own (its pidfd became readable): reap it and exec workers
+    /// until the retry.
+    func forkServerExited(now: Instant) {
+        guard let server = forkServer else { return }
+        let exit = server.stop()
+        forkServer = nil
+        forkServerFailed("the fork server (pid \(server.pid)) \(exit.map(\.description) ?? "exited")", now: now)
+    }
+
+    /// At shutdown.
+    func stopForkServer() {
+        _ = forkServer?.stop()
+        forkServer = nil
+    }
+
+    /// Said once per failure, loudly: workers still start (exec'd), only slower.
+    private func forkServerFailed(_ problem: String, now: Instant) {
+        forkServerProblem = problem
+        forkServerRetryAt = now.adding(milliseconds: 30_000)
+        logger.warning("\(problem); starting workers with exec (~25 ms of CPU each) and trying the fork server again in 30 s")
+    }
+
+    var statusJSON: JSONValue {
+        [
+            "mode": .string(mode.rawValue),
+            "fork_server_pid": forkServer.map { .number(Double($0.pid)) } ?? .null,
+            "fork_server_starts": .number(Double(forkServerStarts)),
+            "forks": .number(Double(forkServer?.forks ?? 0)),
+            "problem": forkServerProblem.map { .string($0) } ?? .null,
+        ]
     }
 
     func spawn(id: UInt64, startTimeoutMs: Int) throws(SpawnError) -> WorkerProcess {
@@ -144,14 +230,54 @@ struct WorkerSpawner {
             throw SpawnError(description: "socketpair failed: \(Errno(rawValue: errno))")
         }
         let parentEnd = FileDescriptor(rawValue: pair[0])
-        var childEnd = pair[1]
+        let childEnd = pair[1]
         defer { close(childEnd) }
-        // dup2(3, 3) would keep FD_CLOEXEC and the worker would start without its socket.
-        if childEnd == 3 {
-            childEnd = fcntl(3, F_DUPFD_CLOEXEC, 10)
-            close(3)
-        }
         _ = fcntl(parentEnd.rawValue, F_SETFL, fcntl(parentEnd.rawValue, F_GETFL) | O_NONBLOCK)
+
+        let pid: pid_t
+        do {
+            if let server = forkServer {
+                do {
+                    pid = try server.fork(control: childEnd)
+                } catch {
+                    forkServer = nil
+                    _ = server.stop()
+                    forkServerFailed("the fork server (pid \(server.pid)) failed: \(error)", now: Instant.now())
+                    pid = try execWorker(control: childEnd)
+                }
+            } else {
+                pid = try execWorker(control: childEnd)
+            }
+        } catch {
+            try? parentEnd.close()
+            throw error
+        }
+        let pidfd = cv_pidfd_open(pid)
+        guard pidfd >= 0 else {
+            let error = Errno(rawValue: errno)
+            _ = Glibc.kill(-pid, SIGKILL)
+            _ = Glibc.kill(pid, SIGKILL)
+            var status: Int32 = 0
+            waitpid(pid, &status, 0)
+            try? parentEnd.close()
+            throw SpawnError(description: "pidfd_open(\(pid)) failed: \(error)")
+        }
+        _ = fcntl(pidfd, F_SETFD, FD_CLOEXEC)
+        return WorkerProcess(
+            id: id, pid: pid, pidfd: FileDescriptor(rawValue: pidfd), control: parentEnd,
+            startDeadline: Instant.now().adding(milliseconds: startTimeoutMs))
+    }
+
+    /// posix_spawn of `clipvisor-worker serve` with `control` as its fd 3.
+    private func execWorker(control: Int32, extraArguments: [String] = []) throws(SpawnError) -> pid_t {
+        var childEnd = control
+        // dup2(3, 3) would keep FD_CLOEXEC and the worker would start without its socket.
+        var moved: Int32 = -1
+        if childEnd == 3 {
+            moved = fcntl(3, F_DUPFD_CLOEXEC, 10)
+            childEnd = moved
+        }
+        defer { if moved >= 0 { close(moved) } }
 
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
@@ -169,29 +295,12 @@ struct WorkerSpawner {
         posix_spawnattr_setpgroup(&attributes, 0)
         _ = withUnsafeMutablePointer(to: &attributes) { cv_spawnattr_reset_signals($0) }
 
-        let pid: pid_t
         switch Spawn.start(
-            executable, arguments + ["--control-fd", "3", "--parent-pid", String(getpid())],
+            executable, arguments + extraArguments + ["--control-fd", "3", "--parent-pid", String(getpid())],
             actions: &actions, attributes: &attributes)
         {
-        case .success(let started): pid = started
-        case .failure(let error):
-            try? parentEnd.close()
-            throw SpawnError(description: "cannot start \(executable): \(error)")
+        case .success(let started): return started
+        case .failure(let error): throw SpawnError(description: "cannot start \(executable): \(error)")
         }
-        let pidfd = cv_pidfd_open(pid)
-        guard pidfd >= 0 else {
-            let error = Errno(rawValue: errno)
-            _ = Glibc.kill(-pid, SIGKILL)
-            _ = Glibc.kill(pid, SIGKILL)
-            var status: Int32 = 0
-            waitpid(pid, &status, 0)
-            try? parentEnd.close()
-            throw SpawnError(description: "pidfd_open(\(pid)) failed: \(error)")
-        }
-        _ = fcntl(pidfd, F_SETFD, FD_CLOEXEC)
-        return WorkerProcess(
-            id: id, pid: pid, pidfd: FileDescriptor(rawValue: pidfd), control: parentEnd,
-            startDeadline: Instant.now().adding(milliseconds: startTimeoutMs))
     }
 }
