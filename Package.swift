@@ -35,6 +35,10 @@ let package = Package(
         // The worker's pre-initialisation: libgcrypt set up without secure memory before
         // FFmpeg's dependencies' constructors run (no "using insecure memory" in the journal).
         .target(name: "CWorkerPreinit", path: "Sources/CWorkerPreinit"),
+        // Stored zstd frames (raw blocks + XXH64) written straight from the frame with pwritev.
+        .target(
+            name: "CStoredFrame", path: "Sources/CStoredFrame",
+            cSettings: [.unsafeFlags(["-O3"])]),
         // Vectorised byte shuffles between packed and planar RGB (the worker's output layouts).
         .target(
             name: "CPixelKernels", path: "Sources/CPixelKernels",
@@ -43,7 +47,7 @@ let package = Package(
         .target(
             name: "Shared",
             dependencies: [
-                "CZstd", "CClipvisorShims",
+                "CZstd", "CClipvisorShims", "CStoredFrame",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ],

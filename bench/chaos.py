@@ -17,9 +17,10 @@ restarted on the same socket and skip log.
 
 The throughput phase measures good-clip throughput alone, with 25 % bad clips, and with the
 same bad clips plus H concurrent I/O hangs (FIFOs and the sleep fault, fresh paths so quarantine
-cannot help). Ratios are reported, never asserted (the goal of issue 13 is >= 0.9 against
-alone); the run with bad clips and no hangs separates what the bad clips cost by themselves
-(most damaged copies still decode, a whole decode each) from what the hangs cost.
+cannot help). The bad clips are crash faults and damaged copies that the worker alone fails to
+decode (most random damage still decodes: such a copy is not a bad clip). Ratios are reported,
+never asserted (the goal of issue 13 is >= 0.9 against alone); the run with bad clips and no
+hangs separates what the bad clips cost by themselves from what the hangs cost.
 
 Exit status: 0 when every correctness check passed, 1 otherwise (the throughput ratio does not
 count; the RSS bound counts only with --long).
@@ -742,10 +743,45 @@ def throughput_candidates(cfg: Config, sup: Supervisor, cat: Catalog) -> List[It
     return _THROUGHPUT_CANDIDATES[key]
 
 
+_THROUGHPUT_BAD: Dict[str, List[Path]] = {}
+
+
+def failing_damaged(cfg: Config, cat: Catalog, work: Path, count: int, seed: int) -> List[Path]:
+    """`count` damaged copies of the good clips that the worker alone cannot decode with the
+    throughput request (`clipvisor-worker decode --fps 2 --max-pixels 20000` exits 1). About
+    two thirds of random damage still decodes: such a copy is a good clip by another name, not
+    one of the 25 % bad clips the throughput goal is about. Made once per run; each phase copies
+    them to fresh paths."""
+    key = f"{seed}:{count}"
+    if key in _THROUGHPUT_BAD:
+        return _THROUGHPUT_BAD[key]
+    _, worker = find_binaries(cfg.bin_dir)
+    rng = random.Random(seed)
+    out = work / "tp-bad"
+    out.mkdir(exist_ok=True)
+    found: List[Path] = []
+    attempts = 0
+    while len(found) < count and attempts < 20 * count:
+        batch = damaged_clips(rng, out, cat.good, 8, prefix=f"cand{attempts}")
+        attempts += len(batch)
+        for item in batch:
+            r = subprocess.run([str(worker), "decode", item.path, "--fps", "2", "--max-pixels", "20000"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+            if r.returncode == 1 and len(found) < count:
+                found.append(Path(item.path))
+            else:
+                os.unlink(item.path)
+    if len(found) < count:
+        raise RuntimeError(f"only {len(found)} of {attempts} damaged copies fail to decode; wanted {count}")
+    _THROUGHPUT_BAD[key] = found
+    return found
+
+
 def throughput(cfg: Config, sup: Supervisor, cat: Catalog, work: Path, hangs: int, with_bad: bool,
                rng: random.Random, label: str) -> Dict[str, Any]:
     """Good clips from 4 client threads, optionally shuffled with 25 % bad clips (half damaged
-    copies, half crash faults) and with `hangs` I/O hangs kept in flight beside them."""
+    copies that fail to decode, half crash faults) and with `hangs` I/O hangs kept in flight
+    beside them."""
     candidates = throughput_candidates(cfg, sup, cat)
     goods = [rng.choice(candidates) for _ in range(cfg.throughput_good)]
     jobs: List[Tuple[str, Item]] = [("good", g) for g in goods]
@@ -753,7 +789,11 @@ def throughput(cfg: Config, sup: Supervisor, cat: Catalog, work: Path, hangs: in
     phase_dir.mkdir()
     bad_outcomes: Dict[str, int] = {}
     if with_bad:
-        bad = damaged_clips(rng, phase_dir, cat.good, max(1, cfg.throughput_good // 6), prefix="tpd")
+        bad = []
+        for i, source in enumerate(failing_damaged(cfg, cat, work, max(1, cfg.throughput_good // 6), cfg.seed + 23)):
+            copy = phase_dir / f"tpd-{i}{source.suffix}"  # a fresh path: quarantine cannot answer for it
+            shutil.copyfile(source, copy)
+            bad.append(Item(str(copy), "damaged", ["v1"]))
         bad += [Item(str(phase_dir / f"tp-CRASHME-{i}.mp4"), "crash", ["v1"]) for i in range(cfg.throughput_good // 6)]
         for it in bad:
             if it.kind == "crash":

@@ -97,6 +97,51 @@ struct SplitMix {
         #expect(Array(output) == video + audio)
     }
 
+    /// Stored frames (level <= -1000) at the edges of their 128 KiB raw blocks and of XXH64's
+    /// 32-byte stripes: the zstd CLI, which verifies every frame's checksum, gives back the bytes.
+    @Test func storedFramesOfEverySizeAreReadByZstdItself() throws {
+        let sizes = [0, 1, 3, 4, 7, 8, 31, 32, 33, 63, 131_071, 131_072, 131_073, 262_144, 300_005]
+        var generator = SplitMix(seed: 7)
+        let bytes = (0..<sizes.reduce(0, +)).map { _ in UInt8(truncatingIfNeeded: generator.next()) }
+        let fd = try SharedMemory.createSealable(name: "test-stored")
+        defer { try? fd.close() }
+        let writer = try BlockWriter(fd: fd, level: BlockFormat.defaultLevel, reservedHeaderBytes: 4096)
+        var start = 0
+        try bytes.withUnsafeBytes { raw in
+            for size in sizes {
+                try writer.append(tensor: 0, UnsafeRawBufferPointer(rebasing: raw[start..<(start + size)]))
+                start += size
+            }
+        }
+        let total = try writer.finish(
+            tensors: [BlockTensor(name: "audio", dtype: .uint8, shape: [bytes.count], layout: "N", frameSizes: [])],
+            result: [:])
+        var block = [UInt8](repeating: 0, count: total)
+        _ = try block.withUnsafeMutableBytes { try fd.read(fromAbsoluteOffset: 0, into: $0) }
+        let (header, tensors) = try block.withUnsafeBytes { try BlockReader.read($0) }
+        #expect(header.tensors[0].frameSizes == sizes)
+        #expect(tensors[0] == bytes)
+
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("cv-stored-\(getpid())")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let file = directory.appendingPathComponent("block.zst")
+        try Data(block).write(to: file)
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/zstd")
+        process.arguments = ["-q", "-d", "-c", file.path]
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        try process.run()
+        let output = pipe.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        #expect(process.terminationStatus == 0, "zstd refused a stored frame (bad XXH64 or header)")
+        #expect(Array(output) == bytes)
+        // Stored: the payload is there as it is, 3 bytes of block header per 128 KiB.
+        let overhead = sizes.reduce(0) { $0 + 10 + 3 * max(1, ($1 + 131_071) / 131_072) + 4 }
+        #expect(total <= 4096 + bytes.count + overhead + 1024, "\(total) bytes for \(bytes.count) stored")
+    }
+
     /// Every byte of the block is covered by a check: the header CRC, the zstd frame headers'
     /// CRC, the seek table cross-checks, or a frame's content checksum.
     @Test(arguments: [UInt8(0x01), 0x10, 0x80, 0xFF])

@@ -31,6 +31,12 @@ public enum BlockFormat {
     /// stored raw blocks copy at ~5 GB/s, so the hop stores; bench/zstd_levels.py measures it.
     public static let defaultLevel = -1000
     public static let minLevel = Int(ZSTD_minCLevel())
+    /// At or below this level frames are *stored*: raw zstd blocks, no compression. Natural video
+    /// frames do not compress at these levels anyway (ratio 1.00-1.01, docs/benchmark-method.md
+    /// §4.1), and skipping the compressor saves a pass and two copies per frame.
+    public static let storedLevelBound = -1000
+
+    public static func storesFrames(level: Int) -> Bool { level <= storedLevelBound }
     public static let maxLevel = Int(ZSTD_maxCLevel())
 
     /// Bytes of a zstd frame's header (magic, descriptor, window, dictionary id, content size),

@@ -1,3 +1,4 @@
+import CStoredFrame
 import CZstd
 import SystemPackage
 
@@ -13,7 +14,8 @@ import Glibc
 /// mapping exists), and output is never held twice in memory.
 public final class BlockWriter {
     private let fd: FileDescriptor
-    private let context: OpaquePointer
+    /// The zstd context; nil when frames are stored (`BlockFormat.storesFrames(level:)`).
+    private let context: OpaquePointer?
     private var scratch: [UInt8] = []
     private let reservedHeaderBytes: Int
     private var position: Int
@@ -31,17 +33,21 @@ public final class BlockWriter {
     ///   - reservedHeaderBytes: space kept free for the header frame; `estimatedHeaderBytes`
     ///     gives a good value. A larger header still works, at the cost of moving the data once.
     public init(fd: FileDescriptor, level: Int, reservedHeaderBytes: Int) throws(BlockError) {
-        guard let context = ZSTD_createCCtx() else { throw BlockError("out of memory creating a zstd context") }
-        self.context = context
         self.fd = fd
         self.reservedHeaderBytes = max(reservedHeaderBytes, BlockFormat.headerPrefixSize + 64)
         self.position = self.reservedHeaderBytes
+        guard !BlockFormat.storesFrames(level: level) else {
+            context = nil
+            return
+        }
+        guard let context = ZSTD_createCCtx() else { throw BlockError("out of memory creating a zstd context") }
+        self.context = context
         try check(ZSTD_CCtx_setParameter(context, ZSTD_c_compressionLevel, Int32(level)), "level \(level)")
         try check(ZSTD_CCtx_setParameter(context, ZSTD_c_checksumFlag, 1), "checksum flag")
         try check(ZSTD_CCtx_setParameter(context, ZSTD_c_contentSizeFlag, 1), "content size flag")
     }
 
-    deinit { ZSTD_freeCCtx(context) }
+    deinit { if let context { ZSTD_freeCCtx(context) } }
 
     /// A generous bound on the header of a block with this many frames (pts, indices and sizes
     /// take well under 64 bytes a frame in JSON).
@@ -55,6 +61,10 @@ public final class BlockWriter {
     public func append(tensor: Int, _ bytes: UnsafeRawBufferPointer) throws(BlockError) {
         if let last = frameTensors.last, tensor < last {
             throw BlockError("frames of tensor \(tensor) after tensor \(last)")
+        }
+        guard let context else {
+            try appendStored(tensor: tensor, bytes)
+            return
         }
         let bound = ZSTD_compressBound(bytes.count)
         if scratch.count < bound { scratch = [UInt8](repeating: 0, count: bound) }
@@ -75,6 +85,35 @@ public final class BlockWriter {
         entries.append(SeekEntry(compressed: written, decompressed: bytes.count, checksum: checksum))
         frameTensors.append(tensor)
         position += written
+    }
+
+    /// A stored frame, written from `bytes` with no copy (CStoredFrame).
+    private func appendStored(tensor: Int, _ bytes: UnsafeRawBufferPointer) throws(BlockError) {
+        var checksum: UInt32 = 0
+        var headerBytes = 0
+        let written = cv_write_stored_zstd_frame(
+            fd.rawValue, Int64(position), bytes.baseAddress, bytes.count, &checksum, &headerBytes)
+        guard written >= 0 else {
+            let errno = Errno(rawValue: Glibc.errno)
+            throw BlockError("writing the block: \(errno) (errno \(errno.rawValue))")
+        }
+        // The frame header as written, for the header CRC (10 or 14 bytes: magic, descriptor,
+        // window, content size).
+        var header = [UInt8]()
+        header.appendLE32(0xFD2F_B528)
+        let large = bytes.count > Int(UInt32.max)
+        header.append(UInt8(((large ? 3 : 2) << 6) | (1 << 2)))
+        header.append(7 << 3)
+        var content = UInt64(bytes.count)
+        for _ in 0..<(large ? 8 : 4) {
+            header.append(UInt8(truncatingIfNeeded: content))
+            content >>= 8
+        }
+        precondition(header.count == headerBytes, "the stored frame header is \(headerBytes) bytes")
+        header.withUnsafeBytes { frameHeadersCRC.update($0) }
+        entries.append(SeekEntry(compressed: Int(written), decompressed: bytes.count, checksum: checksum))
+        frameTensors.append(tensor)
+        position += Int(written)
     }
 
     /// Writes the header and the seek table; returns the block's total size.
