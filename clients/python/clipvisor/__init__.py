@@ -16,7 +16,8 @@ the supervisor for clips and returns numpy arrays (torch tensors on request)::
 See docs/python-client.md.
 """
 
-from .block import Block, read_block, read_block_fd, read_block_file, validate_block
+from .block import Allocator, Block, read_block, read_block_fd, read_block_file, validate_block
+from .buffers import ReusedBuffers
 from .client import Client, __version__, default_tag
 from .errors import (
     BlockFormatError,
@@ -44,6 +45,8 @@ from .spawn import ClipvisorWarning
 
 __all__ = [
     "Client",
+    "Allocator",
+    "ReusedBuffers",
     "Video",
     "Audio",
     "Clip",

@@ -29,7 +29,7 @@ import threading
 import weakref
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import zstandard
@@ -37,6 +37,7 @@ import zstandard
 from .errors import BlockFormatError
 
 __all__ = [
+    "Allocator",
     "Block",
     "BlockLayout",
     "TensorInfo",
@@ -553,12 +554,33 @@ def decompress_tensor(buf: Buffer, layout: BlockLayout, index: int, out: Optiona
     return out
 
 
-def read_block(buf: Buffer) -> Block:
-    """Validates a block and decompresses every tensor into a new numpy array."""
+Allocator = Callable[[str, Tuple[int, ...], np.dtype], np.ndarray]
+"""Where a block's tensors are decompressed: called with the tensor's name (``"video"``,
+``"audio"``), shape and dtype; returns a writable C-contiguous array of exactly that shape and
+dtype (a reused buffer, pinned memory for GPU copies, a slice of a batch). See
+:class:`clipvisor.ReusedBuffers` and docs/python-client.md, "Decoding into your own buffers"."""
+
+
+def _allocated(allocator: Allocator, info: TensorInfo) -> np.ndarray:
+    out = allocator(info.name, info.shape, np.dtype(info.dtype))
+    if not isinstance(out, np.ndarray) or out.shape != info.shape or out.dtype != np.dtype(info.dtype) \
+            or not out.flags.c_contiguous or not out.flags.writeable:
+        got = (f"a {'writable' if out.flags.writeable else 'read-only'} "
+               f"{'C-contiguous' if out.flags.c_contiguous else 'strided'} {out.dtype} array of shape {out.shape}"
+               if isinstance(out, np.ndarray) else type(out).__name__)
+        raise ValueError(f"the allocator returned {got} for tensor {info.name!r}; it must return a writable "
+                         f"C-contiguous {info.dtype} array of shape {info.shape}")
+    return out
+
+
+def read_block(buf: Buffer, allocator: Optional[Allocator] = None) -> Block:
+    """Validates a block and decompresses every tensor into a new numpy array, or into the
+    array ``allocator`` returns for it."""
     layout = validate_block(buf)
     block = Block(layout.header)
     for i, info in enumerate(layout.tensors):
-        block.tensors[info.name] = decompress_tensor(buf, layout, i)
+        out = _allocated(allocator, info) if allocator is not None else None
+        block.tensors[info.name] = decompress_tensor(buf, layout, i, out)
     return block
 
 
@@ -608,11 +630,13 @@ def _unmap(mm: mmap.mmap) -> None:
     _untrack_mapping(mm)
 
 
-def read_block_fd(fd: int, *, require_seals: bool = True, close: bool = True) -> Block:
+def read_block_fd(fd: int, *, require_seals: bool = True, close: bool = True,
+                  allocator: Optional[Allocator] = None) -> Block:
     """Reads a block from an fd: checks the seals (unless ``require_seals`` is false, e.g. for
     a cache file), maps it read-only, closes the fd (when ``close``), validates and decompresses
-    every tensor into new arrays, and unmaps before returning — the pages of a supervisor's
-    memfd stay charged to the service until both the fd and the mapping are gone."""
+    every tensor into new arrays (or those ``allocator`` returns), and unmaps before returning —
+    the pages of a supervisor's memfd stay charged to the service until both the fd and the
+    mapping are gone."""
     try:
         if require_seals:
             check_seals(fd)
@@ -624,7 +648,7 @@ def read_block_fd(fd: int, *, require_seals: bool = True, close: bool = True) ->
         if close:
             close_fd(fd)
     try:
-        return read_block(mm)
+        return read_block(mm, allocator)
     finally:
         _unmap(mm)
 

@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import spawn as _spawn
 from ._version import __version__
+from .block import Allocator
+from .buffers import ReusedBuffers
 from .errors import ClipSkipped, ProtocolError, skip_from_error
 from .options import (
     ClipSpec,
@@ -65,6 +67,7 @@ class Client:
         margin: Optional[float] = None,
         connect_timeout: float = 10.0,
         tag: Optional[str] = None,
+        allocator: Optional[Allocator] = None,
     ):
         self.socket_path = os.fspath(socket) if socket is not None else None
         self.deadline = deadline
@@ -72,6 +75,7 @@ class Client:
         self.margin = margin
         self.connect_timeout = connect_timeout
         self.tag = tag if tag is not None else default_tag()
+        self.allocator = allocator
         self._mux = Multiplexer(self.socket_path, spawn, margin, connect_timeout)
         if spawn and socket is None:
             _spawn.private_supervisor()  # fix the private slot now, before any fork
@@ -101,7 +105,7 @@ class Client:
         if path is None:
             path = self._mux.session().conn.path
         return {"socket": path, "deadline": self.deadline, "spawn": False, "margin": self.margin,
-                "connect_timeout": self.connect_timeout, "tag": self.tag}
+                "connect_timeout": self.connect_timeout, "tag": self.tag, "allocator": self.allocator}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__init__(**state)  # type: ignore[misc]
@@ -117,13 +121,13 @@ class Client:
         return deadline if deadline is not None else self.deadline
 
     def _decode(self, kind: str, path: PathLike, options: Dict[str, Any], deadline: Optional[float],
-                tag: Optional[str], pass_fd: bool) -> Result:
+                tag: Optional[str], pass_fd: bool, allocator: Optional[Allocator]) -> Result:
         fields = protocol_fields(options)
         tag = tag if tag is not None else self.tag
         if tag is not None:
             fields["tag"] = tag
         reply, block_fd, name = self._clip_request("decode", path, fields, deadline, pass_fd)
-        return result_of_answer(kind, reply, block_fd, name)
+        return result_of_answer(kind, reply, block_fd, name, allocator if allocator is not None else self.allocator)
 
     def _clip_request(self, op: str, path: PathLike, fields: Dict[str, Any], deadline: Optional[float],
                       pass_fd: bool) -> Tuple[Dict[str, Any], Optional[int], str]:
@@ -177,6 +181,7 @@ class Client:
         tag: Optional[str] = None,
         pass_fd: bool = False,
         options: Optional[Mapping[str, Any]] = None,
+        allocator: Optional[Allocator] = None,
     ) -> Video:
         """Decodes video frames to uint8 RGB.
 
@@ -185,7 +190,9 @@ class Client:
         Size: ``width``+``height``, or a Qwen pixel budget (``max_pixels``, ``min_pixels``,
         ``total_pixels``, ``factor``). ``start``/``end`` bound the range in seconds. ``deadline``
         in seconds; ``pass_fd`` opens the file here and passes the fd (containers).
-        ``options`` holds raw protocol keys (e.g. ``{"level": 3}``).
+        ``options`` holds raw protocol keys (e.g. ``{"level": 3}``). ``allocator`` (default:
+        the client's) says where the frames are decompressed (:class:`ReusedBuffers`, pinned
+        memory; docs/python-client.md, "Decoding into your own buffers").
 
         Raises :class:`ClipSkipped` (a subclass per reason) or :class:`ClipvisorError`.
         """
@@ -193,7 +200,7 @@ class Client:
             fps, frames, timestamps, start=start, end=end, min_frames=min_frames, max_frames=max_frames,
             frame_factor=frame_factor, width=width, height=height, max_pixels=max_pixels, min_pixels=min_pixels,
             total_pixels=total_pixels, factor=factor, layout=layout, rotate=rotate, options=options)
-        return self._decode("video", path, opts, deadline, tag, pass_fd)  # type: ignore[return-value]
+        return self._decode("video", path, opts, deadline, tag, pass_fd, allocator)  # type: ignore[return-value]
 
     def audio(
         self,
@@ -207,11 +214,12 @@ class Client:
         tag: Optional[str] = None,
         pass_fd: bool = False,
         options: Optional[Mapping[str, Any]] = None,
+        allocator: Optional[Allocator] = None,
     ) -> Audio:
         """Decodes the best audio stream to float32 ``(channels, n)`` at ``sample_rate``."""
         opts = dict(video=False, audio=True, sample_rate=sample_rate, channels=channels, start=start, end=end,
                     options=options)
-        return self._decode("audio", path, opts, deadline, tag, pass_fd)  # type: ignore[return-value]
+        return self._decode("audio", path, opts, deadline, tag, pass_fd, allocator)  # type: ignore[return-value]
 
     def clip(
         self,
@@ -226,6 +234,7 @@ class Client:
         tag: Optional[str] = None,
         pass_fd: bool = False,
         options: Optional[Mapping[str, Any]] = None,
+        allocator: Optional[Allocator] = None,
     ) -> Clip:
         """Decodes video and audio of one clip together, on the same time origin (audio-in-video).
 
@@ -248,7 +257,7 @@ class Client:
                 opts.update(audio)
             if audio_optional:
                 opts["audio_optional"] = True
-        return self._decode("clip", path, opts, deadline, tag, pass_fd)  # type: ignore[return-value]
+        return self._decode("clip", path, opts, deadline, tag, pass_fd, allocator)  # type: ignore[return-value]
 
     # -- sample --------------------------------------------------------------------------------
 
@@ -260,6 +269,7 @@ class Client:
         deadline: Optional[float] = None,
         tag: Optional[str] = None,
         pass_fd: bool = False,
+        allocator: Optional[Allocator] = None,
         **defaults: Any,
     ) -> List[Union[Result, ClipSkipped]]:
         """Decodes a list of clips (one training sample: a conversation with many videos) in
@@ -278,18 +288,25 @@ class Client:
         (:class:`InvalidRequest`, :class:`ClipCancelled`, :class:`Overloaded`, any
         :class:`ClipvisorError`) raises. A sample the supervisor refuses as a whole raises in
         both modes, except ``overloaded``, which is retried (module :mod:`clipvisor.sample`).
+        ``allocator`` (default: the client's) receives every clip's tensors; it must hand out
+        memory that stays valid for the whole sample, so :class:`ReusedBuffers` is refused.
         """
+        allocator = allocator if allocator is not None else self.allocator
+        if isinstance(allocator, ReusedBuffers):
+            raise ValueError("ReusedBuffers keeps one buffer per tensor, so a sample's clips would overwrite each "
+                             "other: pass allocator=None to sample(), or an allocator that hands out fresh memory")
         if len(clips) == 0:
             return []
         specs = sample_specs(clips, defaults)
         tag = tag if tag is not None else self.tag
         if pass_fd:
             def decode_one(spec: ClipSpec) -> Result:
-                return self._decode(spec.kind, spec.path, {"options": spec.fields}, deadline, tag, True)
+                return self._decode(spec.kind, spec.path, {"options": spec.fields}, deadline, tag, True, allocator)
 
             return run_sample_with_fds(self._mux, specs, all_or_nothing=all_or_nothing,
                                        deadline=self._deadline(deadline), tag=tag, decode_one=decode_one)
-        return run_sample(self._mux, specs, all_or_nothing=all_or_nothing, deadline=self._deadline(deadline), tag=tag)
+        return run_sample(self._mux, specs, all_or_nothing=all_or_nothing, deadline=self._deadline(deadline), tag=tag,
+                          allocator=allocator)
 
     # -- other operations ----------------------------------------------------------------------
 

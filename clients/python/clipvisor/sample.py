@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Union
 
+from .block import Allocator
 from .errors import ClipFailure, ClipSkipped, ProtocolError, SupervisorTimeout, skip_from_error
 from .options import ClipSpec, clip_deadline_seconds, deadline_seconds, ms
 from .results import Audio, Clip, Result, Video, result_of_answer
@@ -45,7 +46,7 @@ def _clip_from_detail(detail: Any) -> Optional[int]:
 
 
 def run_sample(mux: Multiplexer, specs: Sequence[ClipSpec], *, all_or_nothing: bool, deadline: Optional[float],
-               tag: Optional[str]) -> List[Outcome]:
+               tag: Optional[str], allocator: Optional[Allocator] = None) -> List[Outcome]:
     """One ``sample`` request for `specs` (sent again for the clips answered ``overloaded``)."""
     results: List[Optional[Union[Result, ClipFailure]]] = [None] * len(specs)
     todo = list(range(len(specs)))
@@ -85,7 +86,7 @@ def run_sample(mux: Multiplexer, specs: Sequence[ClipSpec], *, all_or_nothing: b
                 index = todo[local]
                 kind, name, _ = specs[index]
                 if reply.get("ok") is True:
-                    results[index] = result_of_answer(kind, reply, fd, name)
+                    results[index] = result_of_answer(kind, reply, fd, name, allocator)
                     continue
                 close_fd(fd)
                 error = error_of(reply)
