@@ -175,7 +175,7 @@ class Measured:
 
 
 def run_clipvisor(client, sup: common.Supervisor, jobs: List[Job], m: Measured, layout: str = "THWC",
-                  allocator=None) -> None:
+                  allocator=None, threads: int = 0) -> None:
     def one(job: Job) -> int:
         if job.kind == "audio":
             return client.audio(job.path, allocator=allocator, **job.request).samples.nbytes
@@ -186,7 +186,7 @@ def run_clipvisor(client, sup: common.Supervisor, jobs: List[Job], m: Measured, 
     s0 = sup.cpu() + sum(common.proc_cpu(p) for p in pids)
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     c0, w0 = common.cpu_self(), time.perf_counter()
-    with ThreadPoolExecutor(CLIENT_THREADS) as ex:
+    with ThreadPoolExecutor(threads or CLIENT_THREADS) as ex:
         total = sum(ex.map(one, jobs))
     wall, here = time.perf_counter() - w0, common.cpu_self() - c0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -214,6 +214,40 @@ def run_peer(fn: Callable[[Job], np.ndarray], jobs: List[Job], threads: int, m: 
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     m.wall.append(wall), m.here.append(here), m.cpu.append(here), m.faults.append(r1.ru_minflt - r0.ru_minflt)
     m.bytes = total
+
+
+def run_peer_one_caller(fn: Callable[[Job], np.ndarray], jobs: List[Job], threads: int, m: Measured) -> None:
+    """One clip at a time with `threads` decoder threads: a script or an inference server."""
+    c0, w0 = common.cpu_self(), time.perf_counter()
+    total = sum(fn(job, threads).nbytes for job in jobs)
+    wall, here = time.perf_counter() - w0, common.cpu_self() - c0
+    m.wall.append(wall), m.here.append(here), m.cpu.append(here)
+    m.bytes = total
+
+
+def one_caller(name: str, client, sup, jobs: List[Job], repeat: int) -> Dict[str, Measured]:
+    """Issue 14's first table: one caller, one clip at a time (num_workers=0); the peers at 1 and
+    2 decoder threads. clipvisor gives the lone clip the idle decode slots (as decoder threads
+    on a dense selection)."""
+    rows: Dict[str, Measured] = {"clipvisor one caller": Measured()}
+    for peer in PEERS["video"]:
+        rows[f"{peer} 1 thread"] = Measured()
+        rows[f"{peer} 2 decoder threads"] = Measured()
+    for _ in range(repeat):
+        run_clipvisor(client, sup, jobs, rows["clipvisor one caller"], threads=1)
+        for peer, fn in PEERS["video"].items():
+            run_peer_one_caller(fn, jobs, 1, rows[f"{peer} 1 thread"])
+            run_peer_one_caller(fn, jobs, 2, rows[f"{peer} 2 decoder threads"])
+    cvw = common.median(rows["clipvisor one caller"].wall)
+    print(f"{name}, one caller (one clip at a time):")
+    for label, m in rows.items():
+        w = common.median(m.wall)
+        ratio = "" if label.startswith("clipvisor") else f"{w / cvw:.2f}x"
+        print(f"  {label:<32} {w:>7.2f} {ratio:>8} | CPU {common.median(m.cpu):.2f}")
+    fastest = min((k for k in rows if not k.startswith("clipvisor")), key=lambda k: common.median(rows[k].wall))
+    r = common.median(rows[fastest].wall) / cvw
+    print(f"  one caller vs the fastest peer ({fastest}): {r:.2f}x {'met' if round(r, 2) >= 1.0 else 'MISSED'}")
+    return rows
 
 
 def run_ffmpeg(jobs: List[Job], m: Measured) -> None:
@@ -356,14 +390,17 @@ def main() -> None:
             jobs = plan(client, w1, "video", dict(fps=2.0, max_pixels=448 * 448, factor=28))
             workload("W1", f"720p H.264 {'+'.join(f'{x}s' for x in w1_seconds)} with AAC, fps 2, max_pixels 448*448 -> "
                      f"{jobs[0].size[0]}x{jobs[0].size[1]}", client, sup, jobs, repeat, True)
+            one_caller("W1", client, sup, jobs, repeat)
         if "W2" in only:
             jobs = plan(client, w2, "video", dict(fps=30.0))
             workload("W2", f"320x240 3 s clips, all frames ({len(jobs[0].indices)} per clip)", client, sup, jobs,
                      repeat, False)
+            one_caller("W2", client, sup, jobs, repeat)
         if "W3" in only:
             jobs = plan(client, [w3], "video", dict(fps=0.25, max_pixels=448 * 448, factor=28))
             workload("W3", f"{Path(w3).name}: fps 0.25 -> {len(jobs[0].indices)} frames {jobs[0].size[0]}x"
                      f"{jobs[0].size[1]}", client, sup, jobs, repeat, False)
+            one_caller("W3", client, sup, jobs, repeat)
         if "W4" in only:
             try:
                 client.audio(str(w4))

@@ -53,10 +53,13 @@ public struct VideoResult: Sendable, Equatable, Codable {
     public var framesInRange: Int
     /// "seek" when frames were reached by seeking to keyframes, "sequential" otherwise.
     public var access: String
+    /// Decoder threads used: the request's `threads`, or more when the worker was given idle
+    /// slots (`WorkerJob.threadBudget`). Absent in results of older workers.
+    public var decoderThreads: Int?
 
     public init(
         shape: [Int], layout: DecodeOptions.Layout, pts: [Double], indices: [Int], sampleFps: Double,
-        width: Int, height: Int, rotationApplied: Int, framesInRange: Int, access: String
+        width: Int, height: Int, rotationApplied: Int, framesInRange: Int, access: String, decoderThreads: Int? = nil
     ) {
         self.shape = shape
         self.layout = layout
@@ -68,6 +71,7 @@ public struct VideoResult: Sendable, Equatable, Codable {
         self.rotationApplied = rotationApplied
         self.framesInRange = framesInRange
         self.access = access
+        self.decoderThreads = decoderThreads
     }
 }
 

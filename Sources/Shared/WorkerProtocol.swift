@@ -83,14 +83,23 @@ public struct WorkerJob: Sendable {
     /// The service's data roots; empty for no path policy.
     public var roots: [String]
     public var quarantine: Quarantine?
+    /// Decoder threads the worker may use for a dense selection (most frames of the range) when
+    /// the request did not choose `threads`: the supervisor gives a clip the decode slots that
+    /// would otherwise stay idle (one caller on an idle pool). 1: no more than the request says.
+    public var threadBudget: Int
+    public static let maxThreadBudget = 8
 
-    public init(id: UInt64, operation: Operation, path: String, passesFD: Bool, roots: [String], quarantine: Quarantine?) {
+    public init(
+        id: UInt64, operation: Operation, path: String, passesFD: Bool, roots: [String], quarantine: Quarantine?,
+        threadBudget: Int = 1
+    ) {
         self.id = id
         self.operation = operation
         self.path = path
         self.passesFD = passesFD
         self.roots = roots
         self.quarantine = quarantine
+        self.threadBudget = threadBudget
     }
 
     public var json: JSONValue {
@@ -103,6 +112,7 @@ public struct WorkerJob: Sendable {
             message["op"] = "probe"
         }
         if passesFD { message["fd"] = true }
+        if threadBudget > 1 { message["thread_budget"] = .number(Double(threadBudget)) }
         if !roots.isEmpty { message["roots"] = .array(roots.map { .string($0) }) }
         if let quarantine {
             message["quarantine"] = [
@@ -133,6 +143,7 @@ public struct WorkerJob: Sendable {
         self.id = id
         path = json["path"]?.stringValue ?? ""
         passesFD = json["fd"]?.boolValue ?? false
+        threadBudget = min(max(json["thread_budget"]?.intValue ?? 1, 1), Self.maxThreadBudget)
         roots = json["roots"]?.arrayValue?.compactMap(\.stringValue) ?? []
         quarantine = json["quarantine"].flatMap { entry -> Quarantine? in
             guard let reason = entry["reason"]?.stringValue.flatMap(SkipReason.init(rawValue:)) else { return nil }

@@ -34,6 +34,42 @@ final class SupervisorTests {
         #expect(viaSupervisor == viaWorker, "tensors differ between the supervisor and the worker CLI")
     }
 
+    /// One caller on an idle pool: the lone clip gets the idle slots as decoder threads when it
+    /// wants most frames, never when the request chose `threads` or the selection is sparse, and
+    /// the frames are the same either way.
+    @Test func aLoneDenseClipGetsTheIdleSlotsAsDecoderThreads() throws {
+        let supervisor = try SupervisorProcess(arguments: ["--workers", "3"])
+        let client = try supervisor.client()
+        let threads = { (answer: JSONValue) in answer["result"]?["video"]?["decoder_threads"]?.intValue }
+        let (dense, denseBlock) = try client.decode(goodClip, ["fps": 30])
+        #expect(dense["ok"]?.boolValue == true, "\(dense.jsonString)")
+        #expect(threads(dense) == 3, "all 60 frames of an idle 3-slot pool: \(dense["result"]?["video"]?.jsonString ?? "")")
+        let (chosen, chosenBlock) = try client.decode(goodClip, ["fps": 30, "threads": 1])
+        #expect(threads(chosen) == 1, "the request's threads are kept")
+        let (sparse, _) = try client.decode(goodClip, ["fps": 2])
+        #expect(threads(sparse) == 1, "4 of 60 frames: no frame threads")
+        let tensors = { (block: [UInt8]?) throws in try #require(block).withUnsafeBytes { try BlockReader.read($0).1 } }
+        #expect(try tensors(denseBlock) == tensors(chosenBlock), "frame threads changed the frames")
+
+    }
+
+    /// Slots held by other clips are not idle: two spinning decoders (they use their CPU, so
+    /// their slots are not lent) leave the third clip one thread on a 3-slot pool.
+    @Test func busySlotsAreNotGivenAsThreads() throws {
+        let supervisor = try SupervisorProcess(
+            arguments: ["--workers", "3"], environment: [WorkerMessage.faultEnvironmentKey: "spin-on=SPINME"])
+        let spinner = fixtures.file("budget-SPINME.mp4")
+        if !FileManager.default.fileExists(atPath: spinner) { try FileManager.default.copyItem(atPath: goodClip, toPath: spinner) }
+        let busy = try supervisor.client()
+        for id in 1...2 {
+            try busy.send(["op": "decode", "id": .number(Double(id)), "path": .string(spinner), "deadline_ms": 4000, "threads": 1])
+        }
+        #expect(supervisor.waitForStatus { ($0["workers"]?["list"]?.arrayValue ?? []).filter { $0["state"] == "busy" }.count == 2 })
+        let (answer, _) = try supervisor.client().decode(goodClip, ["fps": 30])
+        #expect(answer["ok"]?.boolValue == true)
+        #expect(answer["result"]?["video"]?["decoder_threads"]?.intValue == 1, "\(answer["result"]?["video"]?.jsonString ?? "")")
+    }
+
     @Test func hangingClipsTimeOutOnTimeWhileOtherClipsAreAnswered() throws {
         let supervisor = try SupervisorProcess(arguments: ["--workers", "3"])
         let baseline = supervisor.settledFDCount()

@@ -29,6 +29,8 @@ struct ClipRequest {
     var displayPath: String
     var options: DecodeOptions
     var access: AccessPolicy = .auto
+    /// Decoder threads allowed for a dense selection beyond `options.threads` (WorkerJob.threadBudget).
+    var threadBudget = 1
 }
 
 /// A decoded clip: the result metadata and its block in a sealed memfd.
@@ -276,10 +278,11 @@ enum ClipDecoder {
         let converter = FrameConverter(
             width: video.width, height: video.height, rotation: video.rotation, layout: options.layout)
         let sink = FrameSink(outputs: plan.outputs, writer: writer, path: path)
+        let threads = decoderThreads(plan: plan, request: request)
         let reader = try VideoFrameReader(
             demuxer: demuxer,
             reopen: { () throws(DecodeFailure) in try Demuxer(path: request.path, displayPath: path, maxPixels: options.maxSourcePixels) },
-            streamIndex: video.streamIndex, table: table, threads: options.threads, maxPixels: options.maxSourcePixels,
+            streamIndex: video.streamIndex, table: table, threads: threads, maxPixels: options.maxSourcePixels,
             converter: converter, path: path)
         let wanted = Array(Set(plan.outputs)).sorted()
         let outcome = try reader.run(wanted: wanted, policy: request.access) { index, bytes, _ throws(DecodeFailure) in
@@ -337,8 +340,17 @@ enum ClipDecoder {
         let result = VideoResult(
             shape: shape, layout: options.layout, pts: sink.written.map { table.times[$0] }, indices: sink.written,
             sampleFps: plan.sampleFps, width: video.width, height: video.height, rotationApplied: video.rotation,
-            framesInRange: plan.framesInRange, access: outcome.usedSeek ? "seek" : "sequential")
+            framesInRange: plan.framesInRange, access: outcome.usedSeek ? "seek" : "sequential", decoderThreads: threads)
         return (result, partialReasons, warnings)
+    }
+
+    /// The request's decoder threads, or the budget the supervisor gave when most frames of the
+    /// range are wanted: frame threads then keep every core busy, while on a sparse selection
+    /// they decode frames that skipping would have dropped (measured slower on W1).
+    static func decoderThreads(plan: FrameSelectionPlan, request: ClipRequest) -> Int {
+        let wanted = Set(plan.outputs).count
+        let dense = plan.framesInRange > 0 && 2 * wanted >= plan.framesInRange
+        return request.threadBudget > 1 && dense ? request.threadBudget : request.options.threads
     }
 
     // MARK: - Selection

@@ -130,7 +130,8 @@ final class WorkerServer {
             case .probe:
                 return (.probed(try Prober.probe(path: openPath, displayPath: displayPath)), nil, quotaReached)
             case .decode(let options):
-                let clip = try ClipDecoder.decode(ClipRequest(path: openPath, displayPath: displayPath, options: options))
+                let clip = try ClipDecoder.decode(ClipRequest(
+                    path: openPath, displayPath: displayPath, options: options, threadBudget: job.threadBudget))
                 return (.decoded(blockBytes: clip.blockBytes), clip.block, quotaReached)
             }
         } catch {

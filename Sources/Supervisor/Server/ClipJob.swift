@@ -28,6 +28,8 @@ final class ClipJob {
     var clipFD: FileDescriptor?
     let deadlineMs: Int
     let tag: String?
+    /// The request chose `threads`; otherwise idle slots may become decoder threads.
+    let threadsChosen: Bool
     let enqueuedAt: Instant
     var state: State = .queued
     /// Size and mtime of the file as the worker saw them when it took the clip (for the skip
@@ -40,7 +42,7 @@ final class ClipJob {
 
     init(
         id: JobID, connectionID: UInt64, requestID: Int, clipIndex: Int?, kind: Kind, path: String,
-        clipFD: FileDescriptor?, deadlineMs: Int, tag: String?
+        clipFD: FileDescriptor?, deadlineMs: Int, tag: String?, threadsChosen: Bool = false
     ) {
         self.id = id
         self.connectionID = connectionID
@@ -51,6 +53,7 @@ final class ClipJob {
         self.clipFD = clipFD
         self.deadlineMs = deadlineMs
         self.tag = tag
+        self.threadsChosen = threadsChosen
         self.enqueuedAt = Instant.now()
     }
 
@@ -59,8 +62,16 @@ final class ClipJob {
         return false
     }
 
+    /// How many decoder threads this job may have when `idleSlots` decode slots would stay
+    /// unused beside it: a video decode whose request left `threads` alone gets them (the worker
+    /// uses them only on a dense selection), anything else gets 1.
+    func threadBudget(idleSlots: Int) -> Int {
+        guard idleSlots > 0, !threadsChosen, case .decode(let options) = kind, options.video else { return 1 }
+        return min(1 + idleSlots, WorkerJob.maxThreadBudget)
+    }
+
     /// The job as the worker gets it (docs/worker-protocol.md).
-    func workerJob(roots: [String]) -> WorkerJob {
+    func workerJob(roots: [String], threadBudget: Int = 1) -> WorkerJob {
         let operation: WorkerJob.Operation =
             switch kind {
             case .decode(let options): .decode(options)
@@ -70,6 +81,6 @@ final class ClipJob {
             id: id, operation: operation, path: path, passesFD: clipFD != nil, roots: roots,
             quarantine: quarantine.map {
                 WorkerJob.Quarantine(size: $0.size, mtime: $0.mtime, reason: $0.reason, since: Timestamp.rfc3339(milliseconds: $0.sinceMs))
-            })
+            }, threadBudget: threadBudget)
     }
 }

@@ -225,6 +225,8 @@ extension Supervisor {
         var options: DecodeOptions
         var deadlineMs: Int
         var tag: String?
+        /// The request set `threads` itself: the pool then gives it no idle slots as threads.
+        var threadsChosen: Bool
     }
 
     /// Validates one clip's fields. Takes the client's fd when the clip declares `"fd": true`;
@@ -258,7 +260,8 @@ extension Supervisor {
             let deadline = try reader.int("deadline_ms", min: 1, max: configuration.deadlineMaxMs) ?? configuration.deadlineDefaultMs
             let tag = try reader.string("tag", maxLength: 256)
             return ClipRequest(
-                path: path ?? Self.name(ofPassedFile: clipFD!), clipFD: clipFD, options: options, deadlineMs: deadline, tag: tag)
+                path: path ?? Self.name(ofPassedFile: clipFD!), clipFD: clipFD, options: options, deadlineMs: deadline, tag: tag,
+                threadsChosen: fields["threads"] != nil)
         } catch {
             try? clipFD?.close()
             throw error
@@ -299,7 +302,7 @@ extension Supervisor {
         let job = ClipJob(
             id: makeID(), connectionID: connection.id, requestID: id, clipIndex: nil,
             kind: kind == .decode ? .decode(clip.options) : .probe, path: clip.path, clipFD: clip.clipFD,
-            deadlineMs: clip.deadlineMs, tag: clip.tag)
+            deadlineMs: clip.deadlineMs, tag: clip.tag, threadsChosen: clip.threadsChosen)
         connection.pending[id] = .single(job.id)
         enqueue(job)
     }
@@ -334,7 +337,8 @@ extension Supervisor {
         let jobList = requests.enumerated().map { index, clip in
             ClipJob(
                 id: makeID(), connectionID: connection.id, requestID: id, clipIndex: index,
-                kind: .decode(clip.options), path: clip.path, clipFD: nil, deadlineMs: clip.deadlineMs, tag: clip.tag)
+                kind: .decode(clip.options), path: clip.path, clipFD: nil, deadlineMs: clip.deadlineMs, tag: clip.tag,
+                threadsChosen: clip.threadsChosen)
         }
         let sample = SampleState(requestID: id, allOrNothing: allOrNothing, jobs: jobList.map(\.id))
         connection.pending[id] = .sample(sample)

@@ -330,7 +330,11 @@ final class Supervisor {
             guard busy < configuration.workers else { return }
             guard let jobID = queue.popNext() else { return }
             guard let job = jobs[jobID] else { continue }
-            switch send(job, to: worker) {
+            // The last clip waiting, with slots to spare: one caller on an idle pool gets the idle
+            // cores as decoder threads (issue 14 §3). Clips that arrive meanwhile still take a
+            // slot each; the over-subscription lasts one clip.
+            let idleSlots = queue.count == 0 ? configuration.workers - busy - 1 : 0
+            switch send(job, to: worker, threadBudget: job.threadBudget(idleSlots: idleSlots)) {
             case .sent:
                 busy += 1
             case .workerFailed:
@@ -350,9 +354,9 @@ final class Supervisor {
         case jobRefused(DecodeFailure)
     }
 
-    private func send(_ job: ClipJob, to worker: WorkerProcess) -> SendOutcome {
+    private func send(_ job: ClipJob, to worker: WorkerProcess, threadBudget: Int) -> SendOutcome {
         job.quarantine = skipLog?.quarantine(for: job.path) ?? quarantineImport?.entry(for: job.path)
-        let bytes = job.workerJob(roots: configuration.roots).json.serialized()
+        let bytes = job.workerJob(roots: configuration.roots, threadBudget: threadBudget).json.serialized()
         let result = bytes.withUnsafeBytes { raw in
             Result { () throws(Errno) in try SocketIO.send(worker.control, raw, passing: job.clipFD, nonBlocking: true) }
         }
