@@ -117,6 +117,9 @@ class Config:
     throughput_good: int = 40       # good clips per throughput run (0: skip the phase)
     throughput_hangs: Tuple[int, ...] = (2,)
     throughput_threads: int = 4
+    # Output size of the throughput requests: tiny by default (a good clip is ~13 ms of work, so
+    # a bad clip's fixed costs weigh most); 200704 (448x448) is Qwen2.5-VL's usual budget.
+    throughput_max_pixels: int = 20000
     kill: bool = True
     long_form: bool = False
     bin_dir: Optional[str] = None
@@ -735,7 +738,7 @@ def throughput_candidates(cfg: Config, sup: Supervisor, cat: Catalog) -> List[It
         with clipvisor.Client(sup.socket, spawn=False, connect_timeout=5.0) as c:
             for item in {it.path: it for it in cat.good}.values():
                 try:
-                    c.video(item.path, fps=2.0, max_pixels=20000, deadline=cfg.deadline)
+                    c.video(item.path, fps=2.0, max_pixels=cfg.throughput_max_pixels, deadline=cfg.deadline)
                     usable.append(item)
                 except (clipvisor.ClipSkipped, clipvisor.ClipvisorError):
                     pass
@@ -748,7 +751,7 @@ _THROUGHPUT_BAD: Dict[str, List[Path]] = {}
 
 def failing_damaged(cfg: Config, cat: Catalog, work: Path, count: int, seed: int) -> List[Path]:
     """`count` damaged copies of the good clips that the worker alone cannot decode with the
-    throughput request (`clipvisor-worker decode --fps 2 --max-pixels 20000` exits 1). About
+    throughput request (`clipvisor-worker decode --fps 2 --max-pixels N` exits 1). About
     two thirds of random damage still decodes: such a copy is a good clip by another name, not
     one of the 25 % bad clips the throughput goal is about. Made once per run; each phase copies
     them to fresh paths."""
@@ -765,7 +768,7 @@ def failing_damaged(cfg: Config, cat: Catalog, work: Path, count: int, seed: int
         batch = damaged_clips(rng, out, cat.good, 8, prefix=f"cand{attempts}")
         attempts += len(batch)
         for item in batch:
-            r = subprocess.run([str(worker), "decode", item.path, "--fps", "2", "--max-pixels", "20000"],
+            r = subprocess.run([str(worker), "decode", item.path, "--fps", "2", "--max-pixels", str(cfg.throughput_max_pixels)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
             if r.returncode == 1 and len(found) < count:
                 found.append(Path(item.path))
@@ -819,7 +822,7 @@ def throughput(cfg: Config, sup: Supervisor, cat: Catalog, work: Path, hangs: in
                 s = time.monotonic()
                 outcome = "decoded"
                 try:
-                    c.video(item.path, fps=2.0, max_pixels=20000, deadline=cfg.deadline)
+                    c.video(item.path, fps=2.0, max_pixels=cfg.throughput_max_pixels, deadline=cfg.deadline)
                 except (clipvisor.ClipSkipped, clipvisor.ClipvisorError) as exc:
                     outcome = getattr(exc, "reason", type(exc).__name__)
                     if kind == "good":
@@ -846,7 +849,7 @@ def throughput(cfg: Config, sup: Supervisor, cat: Catalog, work: Path, hangs: in
                     path = str(phase_dir / f"hang-SLEEPME-{i}-{n}.mp4")
                     shutil.copyfile(cat.good[0].path, path)
                 try:
-                    c.video(path, fps=2.0, max_pixels=20000, deadline=cfg.hang_deadline)
+                    c.video(path, fps=2.0, max_pixels=cfg.throughput_max_pixels, deadline=cfg.hang_deadline)
                 except (clipvisor.ClipSkipped, clipvisor.ClipvisorError):
                     pass
                 hang_count[0] += 1
@@ -1261,6 +1264,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--workers", type=int, help="supervisor --workers (default 2; CPUs with --long)")
     ap.add_argument("--hangs", help="concurrent I/O hangs of the throughput runs, e.g. 2,8 (0: skip the phase)")
     ap.add_argument("--throughput-clips", type=int, help="good clips per throughput run")
+    ap.add_argument("--throughput-max-pixels", type=int,
+                    help="max_pixels of the throughput requests (default 20000; 200704 = 448x448)")
     ap.add_argument("--no-kill", action="store_true", help="do not SIGKILL the supervisor mid-run")
     ap.add_argument("--bin-dir", help="directory with clipvisor and clipvisor-worker (default: a release "
                     "build, else .build/debug)")
@@ -1282,6 +1287,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cfg.throughput_good = 0
     if a.throughput_clips is not None:
         cfg.throughput_good = a.throughput_clips
+    if a.throughput_max_pixels is not None:
+        cfg.throughput_max_pixels = a.throughput_max_pixels
     cfg.kill = not a.no_kill
     cfg.bin_dir, cfg.workdir, cfg.keep = a.bin_dir, a.workdir, a.keep
     report = run(cfg)

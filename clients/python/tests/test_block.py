@@ -268,11 +268,11 @@ def test_forked_child_does_not_inherit_a_block_being_read(monkeypatch: pytest.Mo
     seen = {}
     real_read_block = B.read_block
 
-    def read_block_and_fork(buf):
+    def read_block_and_fork(buf, allocator=None):
         # The fd is closed by now; the mapping (and the mmap object's own dup of the fd) live.
         seen["parent"] = _memfd_copies(ident)
         seen["child"] = status_in_child(lambda: _memfd_copies(ident) == ([], []))
-        return real_read_block(buf)
+        return real_read_block(buf, allocator)
 
     monkeypatch.setattr(B, "read_block", read_block_and_fork)
     block = B.read_block_fd(fd)
@@ -292,9 +292,9 @@ def test_child_never_unmaps_an_inherited_live_mapping(monkeypatch: pytest.Monkey
     stash = []
     real_read_block = B.read_block
 
-    def keep_a_view(buf):
+    def keep_a_view(buf, allocator=None):
         stash.append(memoryview(buf))
-        return real_read_block(buf)
+        return real_read_block(buf, allocator)
 
     monkeypatch.setattr(B, "read_block", keep_a_view)
     B.read_block_fd(memfd_with(blob))
