@@ -89,8 +89,7 @@ size_t cv_stored_zstd_frame_size(size_t size) {
 }
 
 int64_t cv_write_stored_zstd_frame(int fd, int64_t offset, const void *data, size_t size,
-                                   uint32_t *checksum, size_t *header_bytes) {
-    uint8_t header[14];
+                                   uint32_t *checksum, uint8_t *header, size_t *header_bytes) {
     size_t header_size = frame_header_size(size);
     const uint32_t magic = 0xFD2FB528u;
     memcpy(header, &magic, 4);

@@ -90,27 +90,15 @@ public final class BlockWriter {
     /// A stored frame, written from `bytes` with no copy (CStoredFrame).
     private func appendStored(tensor: Int, _ bytes: UnsafeRawBufferPointer) throws(BlockError) {
         var checksum: UInt32 = 0
+        var header = [UInt8](repeating: 0, count: Int(CV_STORED_FRAME_MAX_HEADER))
         var headerBytes = 0
         let written = cv_write_stored_zstd_frame(
-            fd.rawValue, Int64(position), bytes.baseAddress, bytes.count, &checksum, &headerBytes)
+            fd.rawValue, Int64(position), bytes.baseAddress, bytes.count, &checksum, &header, &headerBytes)
         guard written >= 0 else {
             let errno = Errno(rawValue: Glibc.errno)
             throw BlockError("writing the block: \(errno) (errno \(errno.rawValue))")
         }
-        // The frame header as written, for the header CRC (10 or 14 bytes: magic, descriptor,
-        // window, content size).
-        var header = [UInt8]()
-        header.appendLE32(0xFD2F_B528)
-        let large = bytes.count > Int(UInt32.max)
-        header.append(UInt8(((large ? 3 : 2) << 6) | (1 << 2)))
-        header.append(7 << 3)
-        var content = UInt64(bytes.count)
-        for _ in 0..<(large ? 8 : 4) {
-            header.append(UInt8(truncatingIfNeeded: content))
-            content >>= 8
-        }
-        precondition(header.count == headerBytes, "the stored frame header is \(headerBytes) bytes")
-        header.withUnsafeBytes { frameHeadersCRC.update($0) }
+        header.withUnsafeBytes { frameHeadersCRC.update(UnsafeRawBufferPointer(rebasing: $0[0..<headerBytes])) }
         entries.append(SeekEntry(compressed: Int(written), decompressed: bytes.count, checksum: checksum))
         frameTensors.append(tensor)
         position += Int(written)

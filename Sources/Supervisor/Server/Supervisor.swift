@@ -88,6 +88,7 @@ final class Supervisor {
         self.signals = FileDescriptor(rawValue: signalFD)
         try poller.add(listener, .listener)
         try poller.add(signals, .signals)
+        spawner.willStopForkServer = { [poller] server in poller.remove(server.pidfd) }
     }
 
     func makeID() -> UInt64 {
@@ -156,8 +157,7 @@ final class Supervisor {
             guard let worker = pool[id] else { return }
             handleExit(of: worker)
         case .forkServerExit(let id):
-            guard let server = spawner.forkServer, UInt64(spawner.forkServerStarts) == id else { return }
-            poller.remove(server.pidfd)
+            guard spawner.forkServer != nil, UInt64(spawner.forkServerStarts) == id else { return }
             spawner.forkServerExited(now: Instant.now())
         }
     }
@@ -449,7 +449,6 @@ final class Supervisor {
     }
 
     private func cleanUpAtExit() {
-        if let server = spawner.forkServer { poller.remove(server.pidfd) }
         spawner.stopForkServer()
         for worker in pool.ordered {
             worker.kill(reason: "exit")

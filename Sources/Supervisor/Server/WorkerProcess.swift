@@ -157,6 +157,8 @@ final class WorkerSpawner {
     /// When a failed fork server is tried again: it is never retried in a tight loop.
     private var forkServerRetryAt: Instant?
     private(set) var forkServerStarts = 0
+    /// Called before a fork server is stopped and its pidfd closed (the event loop unwatches it).
+    var willStopForkServer: ((ForkServerProcess) -> Void)?
 
     struct SpawnError: Error, CustomStringConvertible {
         var description: String
@@ -196,15 +198,20 @@ final class WorkerSpawner {
     /// until the retry.
     func forkServerExited(now: Instant) {
         guard let server = forkServer else { return }
-        let exit = server.stop()
-        forkServer = nil
+        let exit = stop(server)
         forkServerFailed("the fork server (pid \(server.pid)) \(exit.map(\.description) ?? "exited")", now: now)
     }
 
     /// At shutdown.
     func stopForkServer() {
-        _ = forkServer?.stop()
+        if let server = forkServer { stop(server) }
+    }
+
+    @discardableResult
+    private func stop(_ server: ForkServerProcess) -> WorkerProcess.Exit? {
+        willStopForkServer?(server)
         forkServer = nil
+        return server.stop()
     }
 
     /// Said once per failure, loudly: workers still start (exec'd), only slower.
@@ -240,8 +247,7 @@ final class WorkerSpawner {
                 do {
                     pid = try server.fork(control: childEnd)
                 } catch {
-                    forkServer = nil
-                    _ = server.stop()
+                    stop(server)
                     forkServerFailed("the fork server (pid \(server.pid)) failed: \(error)", now: Instant.now())
                     pid = try execWorker(control: childEnd)
                 }
