@@ -76,7 +76,7 @@ struct ForkServer {
         }
         var workerConfig = config
         workerConfig.controlFD = 3
-        exit(WorkerServer(workerConfig, faults: faults).run())
+        _exit(WorkerServer(workerConfig, faults: faults).run())  // as `serve` does (Commands.swift)
     }
 
     private func send(_ message: ForkServerMessage, on control: FileDescriptor) -> Bool {

@@ -115,16 +115,30 @@ func signalName(_ signal: Int32) -> String {
 }
 
 /// posix_spawn(3) of `executable` with `arguments` (argv[0] is the executable) and this
-/// process's environment: the one place C strings are built for a child's argv.
+/// process's environment plus `extraEnvironment` ("NAME=value"): the one place C strings are
+/// built for a child's argv.
 enum Spawn {
     static func start(
-        _ executable: String, _ arguments: [String],
+        _ executable: String, _ arguments: [String], extraEnvironment: [String] = [],
         actions: UnsafePointer<posix_spawn_file_actions_t>? = nil, attributes: UnsafePointer<posix_spawnattr_t>? = nil
     ) -> Result<pid_t, Errno> {
         var cArguments: [UnsafeMutablePointer<CChar>?] = ([executable] + arguments).map { strdup($0) } + [nil]
         defer { for pointer in cArguments { free(pointer) } }
         var pid: pid_t = 0
-        let rc = posix_spawn(&pid, executable, actions, attributes, &cArguments, cv_environ())
+        guard !extraEnvironment.isEmpty else {
+            let rc = posix_spawn(&pid, executable, actions, attributes, &cArguments, cv_environ())
+            return rc == 0 ? .success(pid) : .failure(Errno(rawValue: rc))
+        }
+        var inherited: [UnsafeMutablePointer<CChar>?] = []
+        var entry = cv_environ()
+        while let variable = entry.pointee {
+            inherited.append(variable)
+            entry += 1
+        }
+        let added = extraEnvironment.map { strdup($0) }
+        defer { for pointer in added { free(pointer) } }
+        var environment = inherited + added + [nil]
+        let rc = posix_spawn(&pid, executable, actions, attributes, &cArguments, &environment)
         return rc == 0 ? .success(pid) : .failure(Errno(rawValue: rc))
     }
 }
@@ -179,7 +193,10 @@ final class WorkerSpawner {
         do {
             let server = try ForkServerProcess.start(
                 timeoutMs: startTimeoutMs,
-                exec: { control throws(SpawnError) in try execWorker(control: control, extraArguments: ["--fork-server"]) })
+                exec: { control throws(SpawnError) in
+                    // Bound eagerly once here, so no clone resolves a symbol lazily on its own.
+                    try execWorker(control: control, extraArguments: ["--fork-server"], extraEnvironment: ["LD_BIND_NOW=1"])
+                })
             forkServer = server
             forkServerStarts += 1
             forkServerRetryAt = nil
@@ -275,7 +292,9 @@ final class WorkerSpawner {
     }
 
     /// posix_spawn of `clipvisor-worker serve` with `control` as its fd 3.
-    private func execWorker(control: Int32, extraArguments: [String] = []) throws(SpawnError) -> pid_t {
+    private func execWorker(
+        control: Int32, extraArguments: [String] = [], extraEnvironment: [String] = []
+    ) throws(SpawnError) -> pid_t {
         var childEnd = control
         // dup2(3, 3) would keep FD_CLOEXEC and the worker would start without its socket.
         var moved: Int32 = -1
@@ -303,7 +322,7 @@ final class WorkerSpawner {
 
         switch Spawn.start(
             executable, arguments + extraArguments + ["--control-fd", "3", "--parent-pid", String(getpid())],
-            actions: &actions, attributes: &attributes)
+            extraEnvironment: extraEnvironment, actions: &actions, attributes: &attributes)
         {
         case .success(let started): return started
         case .failure(let error): throw SpawnError(description: "cannot start \(executable): \(error)")
