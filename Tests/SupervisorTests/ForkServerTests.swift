@@ -45,6 +45,7 @@ final class ForkServerTests {
         #expect(start["mode"]?.stringValue == "fork-server")
         let forkServer = try #require(start["fork_server_pid"]?.intValue.map { pid_t($0) })
         #expect(start["problem"] == .null)
+        #expect(StatusReport.render(try supervisor.status()).contains("cloned by the fork server, pid \(forkServer)"))
         #expect(supervisor.waitForStatus { status in
             let list = status["workers"]?["list"]?.arrayValue ?? []
             return (status["workers"]?["start"]?["forks"]?.intValue ?? 0) >= 4 && list.count >= 4
@@ -97,6 +98,7 @@ final class ForkServerTests {
         let start = try startInfo(supervisor)
         #expect(start["problem"]?.stringValue?.contains("killed by SIGKILL") == true, "\(start)")
         #expect(supervisor.zombieChildren().isEmpty, "the dead fork server was not reaped")
+        #expect(StatusReport.render(try supervisor.status()).contains("started with exec for now: the fork server"))
 
         // A crash needs a replacement: it is exec'd, and decoding goes on.
         let client = try supervisor.client()

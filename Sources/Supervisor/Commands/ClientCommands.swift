@@ -53,6 +53,18 @@ enum StatusReport {
         return JSONValue.format(n)
     }
 
+    /// How workers start: "cloned by the fork server pid N (M so far)", or why they are exec'd.
+    static func workerStartLine(_ start: JSONValue) -> String? {
+        guard let mode = start["mode"]?.stringValue else { return nil }
+        if let problem = start["problem"]?.stringValue {
+            return "  started with exec for now: \(problem); the fork server is tried again at the first worker start 30 s after it failed"
+        }
+        guard mode == "fork-server", let pid = start["fork_server_pid"]?.intValue else {
+            return "  started with exec (worker_start = \"\(mode)\")"
+        }
+        return "  cloned by the fork server, pid \(pid) (\(number(start["forks"])) so far)"
+    }
+
     static func render(_ status: JSONValue) -> String {
         var lines: [String] = []
         lines.append(
@@ -66,6 +78,7 @@ enum StatusReport {
         if let error = workers?["last_start_error"]?.stringValue {
             lines.append("  last start failure: \(error) (\(number(workers?["consecutive_start_failures"])) in a row)")
         }
+        if let start = workers?["start"], let line = workerStartLine(start) { lines.append(line) }
         if let sandbox = status["sandbox"], let line = sandboxLine(sandbox) { lines.append(line) }
         for worker in workers?["list"]?.arrayValue ?? [] {
             var line = "  pid \(number(worker["pid"]))  \(worker["state"]?.stringValue ?? "?")  clips \(number(worker["clips_done"]))"

@@ -123,7 +123,7 @@ extension ConfigKey {
                 worker in well under a millisecond (exec costs ~25 ms of CPU, paid again after every crash, timeout \
                 and failed clip); each clone applies the full sandbox itself. "exec": every worker is exec'd and gets \
                 its own address-space layout (ASLR), at that cost. When the fork server fails, workers are exec'd \
-                (said in the log and in `clipvisor status`) and the fork server is tried again 30 s later.
+                (said in the log and in `clipvisor status`) and the fork server is tried again at the first worker start 30 s or more later.
                 """,
             defaultText: "\"fork-server\"", example: "\"fork-server\"",
             apply: { settings, value in

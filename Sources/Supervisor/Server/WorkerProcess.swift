@@ -235,7 +235,7 @@ final class WorkerSpawner {
     private func forkServerFailed(_ problem: String, now: Instant) {
         forkServerProblem = problem
         forkServerRetryAt = now.adding(milliseconds: 30_000)
-        logger.warning("\(problem); starting workers with exec (~25 ms of CPU each) and trying the fork server again in 30 s")
+        logger.warning("\(problem); starting workers with exec (~25 ms of CPU each) and trying the fork server again at the first worker start after 30 s")
     }
 
     var statusJSON: JSONValue {
