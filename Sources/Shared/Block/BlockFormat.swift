@@ -31,13 +31,13 @@ public enum BlockFormat {
     /// stored raw blocks copy at ~5 GB/s, so the hop stores; bench/zstd_levels.py measures it.
     public static let defaultLevel = -1000
     public static let minLevel = Int(ZSTD_minCLevel())
+    public static let maxLevel = Int(ZSTD_maxCLevel())
     /// At or below this level frames are *stored*: raw zstd blocks, no compression. Natural video
-    /// frames do not compress at these levels anyway (ratio 1.00-1.01, docs/benchmark-method.md
-    /// §4.1), and skipping the compressor saves a pass and two copies per frame.
+    /// frames barely compress at these levels anyway (ratio 1.00-1.04, docs/benchmark-method.md,
+    /// the zstd level tables), and skipping the compressor saves a pass and a copy per frame.
     public static let storedLevelBound = -1000
 
     public static func storesFrames(level: Int) -> Bool { level <= storedLevelBound }
-    public static let maxLevel = Int(ZSTD_maxCLevel())
 
     /// Bytes of a zstd frame's header (magic, descriptor, window, dictionary id, content size),
     /// or nil when `frame` is too short. Those bytes are covered by the block header's
