@@ -193,6 +193,11 @@ case "$status" in
 esac
 workers=$(inside clipvisor status --json 2>/dev/null | python3 -c 'import json,sys; w=json.load(sys.stdin)["workers"]; print(w.get("last_start_error"))' 2>/dev/null || true)
 [ "$workers" = None ] || fail "worker start error in the container: $workers"
+# Under the unit's sandbox (SystemCallFilter, RestrictNamespaces, nspawn's own filter) workers are
+# cloned by the fork server, not exec'd after a refused clone.
+start=$(inside clipvisor status --json 2>/dev/null | python3 -c 'import json,sys; s=json.load(sys.stdin)["workers"]["start"]; print(s["mode"], s["fork_server_pid"] is not None, s["problem"])' 2>/dev/null || true)
+[ "$start" = "fork-server True None" ] || { journal | tail -20; fail "workers are not cloned by the fork server in the service: $start"; }
+echo "workers cloned by the fork server"
 
 step "watchdog pings"
 first=$(unit WatchdogTimestampMonotonic)
