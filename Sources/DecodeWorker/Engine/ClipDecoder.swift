@@ -93,6 +93,7 @@ enum ClipDecoder {
 
         // The audio's time origin and range (docs/decoding.md, "Audio").
         var audioPlan: AudioTrackReader.Plan? = nil
+        var audioBytesEstimate: Int? = nil
         if let audioIndex {
             var origin = AudioTrackReader.Origin.firstSample
             if let video {
@@ -113,7 +114,8 @@ enum ClipDecoder {
                 origin: origin, start: options.start ?? (video != nil ? 0 : nil), end: end, padToEnd: video != nil,
                 rate: options.sampleRate, channels: options.channels, threads: options.threads,
                 byteBudget: options.maxOutputBytes - (video?.totalBytes ?? 0), allowSkip: request.access != .sequential)
-            if let estimate = estimatedAudioBytes(demuxer, audioIndex, audioPlan!), estimate > audioPlan!.byteBudget {
+            audioBytesEstimate = estimatedAudioBytes(demuxer, audioIndex, audioPlan!)
+            if let estimate = audioBytesEstimate, estimate > audioPlan!.byteBudget {
                 let videoPart = video.map { " plus \($0.totalBytes) bytes of video" } ?? ""
                 throw DecodeFailure(
                     .tooLarge,
@@ -131,8 +133,17 @@ enum ClipDecoder {
         let block = OwnedFD(memfd)
         let writer: BlockWriter
         do {
+            // One frame per channel per second of audio: from the range, else from the stream's
+            // claimed duration with a margin (a header that outgrows its room still works, moved
+            // once), else an hour. Every reserved byte is written, checksummed and read.
             let audioFrames = audioPlan.map { plan in
-                plan.channels * Int(((plan.end ?? 3600) - (plan.start ?? 0)).rounded(.up)).clamped(to: 1...100_000)
+                var seconds = 3600.0
+                if let end = plan.end, end.isFinite {
+                    seconds = end - (plan.start ?? 0)
+                } else if let bytes = audioBytesEstimate {
+                    seconds = 1.25 * Double(bytes) / Double(4 * plan.channels * plan.rate) + 2
+                }
+                return plan.channels * Int(seconds.rounded(.up)).clamped(to: 1...100_000)
             } ?? 0
             writer = try BlockWriter(
                 fd: memfd, level: options.level,
