@@ -111,6 +111,35 @@ final class ForkServerTests {
         #expect(supervisor.stderr.contains("starting workers with exec"), "the fallback was not said")
     }
 
+    /// A fork server that stops answering, or answers out of turn, holds the event loop for at
+    /// most its fork timeout, once: it is stopped, said, and the workers are exec'd.
+    @Test(arguments: ["fork-server-stall-at=5", "fork-server-lie-at=5"])
+    func aForkServerThatStallsOrLiesIsReplacedByExec(fault: String) throws {
+        let supervisor = try SupervisorProcess(
+            arguments: ["--workers", "1"], environment: [WorkerMessage.faultEnvironmentKey: "crash-on=CRASHME,\(fault)"])
+        // 1 worker + 2 spares took forks 1-3; each crash needs a replacement: the 4th is fine,
+        // the 5th meets the fault.
+        let client = try supervisor.client()
+        for index in 0..<3 {
+            // A new file each time: a crashed file is quarantined and never reaches a worker again.
+            let (crash, _) = try client.decode(try copy("CRASHME-\(fault)-\(index).mp4"))
+            #expect(crash.errorReason == "crashed")
+        }
+        #expect(supervisor.waitForStatus { $0["workers"]?["start"]?["problem"]?.stringValue != nil },
+                "the supervisor still uses a fork server that \(fault)")
+        let start = try startInfo(supervisor)
+        let problem = start["problem"]?.stringValue ?? ""
+        #expect(
+            fault.hasPrefix("fork-server-stall") ? problem.contains("no answer to fork request 5 within 250 ms") : problem.contains("to fork request 5"),
+            "\(problem)")
+        #expect(start["fork_server_pid"] == .null)
+        let started = Date()
+        let (decoded, _) = try client.decode(goodClip, ["fps": 2])
+        #expect(decoded["ok"]?.boolValue == true, "\(decoded)")
+        #expect(Date().timeIntervalSince(started) < 5)
+        #expect(supervisor.zombieChildren().isEmpty)
+    }
+
     @Test func execModeStartsNoForkServer() throws {
         let supervisor = try SupervisorProcess(arguments: ["--workers", "1", "--worker-start", "exec"])
         let start = try startInfo(supervisor)

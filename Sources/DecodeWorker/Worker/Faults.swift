@@ -17,6 +17,10 @@ struct Faults: Sendable, Equatable {
     /// Paths for which the worker breaks the protocol the way a compromised worker could.
     var lieOn: [String] = []
     var exitAtStart = false
+    /// The fork server stops answering (blocks in `pause()`) at this fork request (1-based).
+    var forkServerStallAt: Int?
+    /// The fork server answers this fork request (1-based) out of turn, with another request number.
+    var forkServerLieAt: Int?
 
     static func fromEnvironment() -> Faults {
         guard let raw = getenv(WorkerMessage.faultEnvironmentKey) else { return Faults() }
@@ -24,7 +28,8 @@ struct Faults: Sendable, Equatable {
     }
 
     /// A comma-separated list of `crash-on=TEXT`, `abort-on=TEXT`, `spin-on=TEXT` (alias `hang-on=TEXT`),
-    /// `sleep-on=TEXT`, `oom-on=TEXT`, `lie-on=TEXT`, `exit-at-start`. Unknown entries are ignored.
+    /// `sleep-on=TEXT`, `oom-on=TEXT`, `lie-on=TEXT`, `exit-at-start`, `fork-server-stall-at=N`,
+    /// `fork-server-lie-at=N`. Unknown entries are ignored.
     static func parse(_ text: String) -> Faults {
         var faults = Faults()
         for item in text.split(separator: ",") {
@@ -39,6 +44,8 @@ struct Faults: Sendable, Equatable {
             case "oom-on" where !value.isEmpty: faults.oomOn.append(value)
             case "lie-on" where !value.isEmpty: faults.lieOn.append(value)
             case "exit-at-start": faults.exitAtStart = true
+            case "fork-server-stall-at": faults.forkServerStallAt = Int(value)
+            case "fork-server-lie-at": faults.forkServerLieAt = Int(value)
             default: break
             }
         }

@@ -26,6 +26,7 @@ struct ForkServer {
             return WorkerMessage.ExitCode.recycled.rawValue
         }
         var buffer = [UInt8](repeating: 0, count: 4096)
+        var forks = 0
         while true {
             let received: SocketIO.Received
             do {
@@ -52,6 +53,18 @@ struct ForkServer {
             }
             guard let workerControl = received.fd else {
                 guard send(.failed(request: request, message: "no control socket came with the request"), on: control) else {
+                    return WorkerMessage.ExitCode.protocolError.rawValue
+                }
+                continue
+            }
+            forks += 1
+            if faults.forkServerStallAt == forks {
+                logLine("not answering fork request \(request) (test fault fork-server-stall-at)")
+                while true { pause() }
+            }
+            if faults.forkServerLieAt == forks {
+                try? workerControl.close()
+                guard send(.forked(request: request + 1000, pid: 1), on: control) else {
                     return WorkerMessage.ExitCode.protocolError.rawValue
                 }
                 continue

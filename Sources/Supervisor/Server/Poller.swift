@@ -14,8 +14,9 @@ enum EventSource: Hashable, Sendable {
     case connection(UInt64)
     case workerControl(UInt64)
     case workerExit(UInt64)
-    /// The fork server's pidfd (the id counts its starts).
+    /// The fork server's pidfd and channel (the id counts its starts).
     case forkServerExit(UInt64)
+    case forkServerControl(UInt64)
 
     var token: UInt64 {
         switch self {
@@ -25,6 +26,7 @@ enum EventSource: Hashable, Sendable {
         case .workerControl(let id): 4 << 56 | id
         case .workerExit(let id): 5 << 56 | id
         case .forkServerExit(let id): 6 << 56 | id
+        case .forkServerControl(let id): 7 << 56 | id
         }
     }
 
@@ -37,6 +39,7 @@ enum EventSource: Hashable, Sendable {
         case 4: self = .workerControl(id)
         case 5: self = .workerExit(id)
         case 6: self = .forkServerExit(id)
+        case 7: self = .forkServerControl(id)
         default: return nil
         }
     }

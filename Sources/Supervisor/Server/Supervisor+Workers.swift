@@ -10,14 +10,21 @@ import Glibc
 extension Supervisor {
     /// Keeps `configuration.workers` live workers, spawning replacements at once unless start
     /// failures have armed the back-off (100 ms doubling to 30 s: the supervisor never spins).
-    func maintainPool(now: Instant) {
+    /// `first`: the supervisor's first call, which waits briefly for the fork server so that the
+    /// first workers are clones too; later calls never wait for it.
+    func maintainPool(now: Instant, first: Bool = false) {
         guard case .running = phase else { return }
         // A stalled worker's slot is lent, so a spare is started in its place: up to the cap.
         let target = configuration.workers + configuration.spareWorkers + pool.census.stalled
         let spawns = pool.spawnsNeeded(target: target, cap: configuration.effectiveMaxWorkers, now: now)
-        if spawns > 0, let server = spawner.prepareForkServer(now: now, startTimeoutMs: configuration.workerStartTimeoutMs) {
+        if spawns > 0,
+            let server = spawner.prepareForkServer(
+                now: now, startTimeoutMs: configuration.workerStartTimeoutMs, waitMs: first ? 2000 : 0)
+        {
+            let id = UInt64(spawner.forkServerStarts)
             do {
-                try poller.add(server.pidfd, .forkServerExit(UInt64(spawner.forkServerStarts)))
+                try poller.add(server.pidfd, .forkServerExit(id))
+                try poller.add(server.control, .forkServerControl(id))
             } catch {
                 logger.error("cannot watch the fork server \(server.pid): \(error)")
             }

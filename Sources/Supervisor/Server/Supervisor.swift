@@ -88,7 +88,10 @@ final class Supervisor {
         self.signals = FileDescriptor(rawValue: signalFD)
         try poller.add(listener, .listener)
         try poller.add(signals, .signals)
-        spawner.willStopForkServer = { [poller] server in poller.remove(server.pidfd) }
+        spawner.willStopForkServer = { [poller] server in
+            poller.remove(server.pidfd)
+            poller.remove(server.control)
+        }
     }
 
     func makeID() -> UInt64 {
@@ -98,7 +101,7 @@ final class Supervisor {
 
     /// Runs until shutdown completes. Returns the process exit code.
     func run() -> Int32 {
-        maintainPool(now: Instant.now())
+        maintainPool(now: Instant.now(), first: true)
         while true {
             if case .finished = phase { break }
             let now = Instant.now()
@@ -159,6 +162,9 @@ final class Supervisor {
         case .forkServerExit(let id):
             guard spawner.forkServer != nil, UInt64(spawner.forkServerStarts) == id else { return }
             spawner.forkServerExited(now: Instant.now())
+        case .forkServerControl(let id):
+            guard spawner.forkServer != nil, UInt64(spawner.forkServerStarts) == id else { return }
+            spawner.forkServerReadable(now: Instant.now())
         }
     }
 

@@ -185,29 +185,48 @@ final class WorkerSpawner {
         self.logger = logger
     }
 
-    /// Starts the fork server if the mode wants one and none runs (after a failure, once its
-    /// back-off has passed). Returns a newly started one, whose pidfd the caller watches.
-    func prepareForkServer(now: Instant, startTimeoutMs: Int) -> ForkServerProcess? {
+    /// Launches the fork server if the mode wants one and none runs (after a failure, once its
+    /// back-off has passed). Returns a newly launched one, whose pidfd and channel the caller
+    /// watches; it is used once ready (`forkServerReadable`). `waitMs` > 0 waits that long for
+    /// it to be ready: the supervisor's first spawn, so its first workers are clones too.
+    func prepareForkServer(now: Instant, startTimeoutMs: Int, waitMs: Int32 = 0) -> ForkServerProcess? {
         guard mode == .forkServer, forkServer == nil else { return nil }
         if let retryAt = forkServerRetryAt, now < retryAt { return nil }
+        let server: ForkServerProcess
         do {
-            let server = try ForkServerProcess.start(
-                timeoutMs: startTimeoutMs,
+            server = try ForkServerProcess.launch(
+                startTimeoutMs: startTimeoutMs,
                 exec: { control throws(SpawnError) in
                     // Bound eagerly once here, so no clone resolves a symbol lazily on its own.
                     try execWorker(control: control, extraArguments: ["--fork-server"], extraEnvironment: ["LD_BIND_NOW=1"])
                 })
-            forkServer = server
-            forkServerStarts += 1
-            forkServerRetryAt = nil
-            if forkServerProblem != nil {
-                logger.notice("fork server running again (pid \(server.pid)): workers are cloned from it")
-            }
-            forkServerProblem = nil
-            return server
         } catch {
             forkServerFailed("cannot start the fork server: \(error)", now: now)
             return nil
+        }
+        forkServer = server
+        forkServerStarts += 1
+        forkServerRetryAt = nil
+        if waitMs > 0 { forkServerReadable(now: now, waitMs: waitMs) }
+        return forkServer === server ? server : nil  // nil: it failed while we waited (said, stopped)
+    }
+
+    /// Its channel became readable (or the caller checks on a starting one): the start
+    /// message, or, once ready, something it should not have said.
+    func forkServerReadable(now: Instant, waitMs: Int32 = 0) {
+        guard let server = forkServer else { return }
+        do throws(SpawnError) {
+            if case .ready = server.state {
+                try server.checkQuiet()
+            } else if try server.readReady(now: now, waitMs: waitMs) {
+                if forkServerProblem != nil {
+                    logger.notice("fork server running again (pid \(server.pid)): workers are cloned from it")
+                }
+                forkServerProblem = nil
+            }
+        } catch {
+            let exit = stop(server)
+            forkServerFailed("the fork server (pid \(server.pid)) failed: \(error)\(exit.map { " (\($0))" } ?? "")", now: now)
         }
     }
 
@@ -244,6 +263,7 @@ final class WorkerSpawner {
             "fork_server_pid": forkServer.map { .number(Double($0.pid)) } ?? .null,
             "fork_server_starts": .number(Double(forkServerStarts)),
             "forks": .number(Double(forkServer?.forks ?? 0)),
+            "fork_server_ready": .bool(forkServer?.state == .ready),
             "problem": forkServerProblem.map { .string($0) } ?? .null,
         ]
     }
@@ -258,14 +278,18 @@ final class WorkerSpawner {
         defer { close(childEnd) }
         _ = fcntl(parentEnd.rawValue, F_SETFL, fcntl(parentEnd.rawValue, F_GETFL) | O_NONBLOCK)
 
+        if let server = forkServer, case .starting = server.state {
+            forkServerReadable(now: Instant.now())  // ready by now, or past its start deadline
+        }
         let pid: pid_t
         do {
-            if let server = forkServer {
+            if let server = forkServer, server.state == .ready {
                 do {
                     pid = try server.fork(control: childEnd)
                 } catch {
-                    stop(server)
-                    forkServerFailed("the fork server (pid \(server.pid)) failed: \(error)", now: Instant.now())
+                    let exit = stop(server)
+                    forkServerFailed(
+                        "the fork server (pid \(server.pid)) failed: \(error)\(exit.map { " (\($0))" } ?? "")", now: Instant.now())
                     pid = try execWorker(control: childEnd)
                 }
             } else {
