@@ -56,10 +56,14 @@ public struct VideoResult: Sendable, Equatable, Codable {
     /// Decoder threads used: the request's `threads`, or more when the worker was given idle
     /// slots (`WorkerJob.threadBudget`). Absent in results of older workers.
     public var decoderThreads: Int?
+    /// Readers that decoded the clip in parallel, each from its own keyframes (a sparse
+    /// selection given idle slots); 1 normally. Absent in results of older workers.
+    public var readers: Int?
 
     public init(
         shape: [Int], layout: DecodeOptions.Layout, pts: [Double], indices: [Int], sampleFps: Double,
-        width: Int, height: Int, rotationApplied: Int, framesInRange: Int, access: String, decoderThreads: Int? = nil
+        width: Int, height: Int, rotationApplied: Int, framesInRange: Int, access: String, decoderThreads: Int? = nil,
+        readers: Int? = nil
     ) {
         self.shape = shape
         self.layout = layout
@@ -72,6 +76,7 @@ public struct VideoResult: Sendable, Equatable, Codable {
         self.framesInRange = framesInRange
         self.access = access
         self.decoderThreads = decoderThreads
+        self.readers = readers
     }
 }
 

@@ -123,11 +123,11 @@ enum Support {
     }
 
     /// Decodes in process and returns the result and the raw tensor bytes.
-    static func decode(_ path: String, _ options: DecodeOptions = DecodeOptions(), access: AccessPolicy = .auto)
-        throws(DecodeFailure) -> (DecodeResult, [UInt8])
-    {
+    static func decode(
+        _ path: String, _ options: DecodeOptions = DecodeOptions(), access: AccessPolicy = .auto, threadBudget: Int = 1
+    ) throws(DecodeFailure) -> (DecodeResult, [UInt8]) {
         let clip = try withEngine { () throws(DecodeFailure) in
-            try ClipDecoder.decode(ClipRequest(path: path, displayPath: path, options: options, access: access))
+            try ClipDecoder.decode(ClipRequest(path: path, displayPath: path, options: options, access: access, threadBudget: threadBudget))
         }
         do {
             return (clip.result, try readBlock(clip.block.fd!))

@@ -290,14 +290,31 @@ enum ClipDecoder {
             width: video.width, height: video.height, rotation: video.rotation, layout: options.layout)
         let sink = FrameSink(outputs: plan.outputs, writer: writer, path: path)
         let threads = decoderThreads(plan: plan, request: request)
-        let reader = try VideoFrameReader(
-            demuxer: demuxer,
-            reopen: { () throws(DecodeFailure) in try Demuxer(path: request.path, displayPath: path, maxPixels: options.maxSourcePixels) },
-            streamIndex: video.streamIndex, table: table, threads: threads, maxPixels: options.maxSourcePixels,
-            converter: converter, path: path)
+        let reopen = { () throws(DecodeFailure) in try Demuxer(path: request.path, displayPath: path, maxPixels: options.maxSourcePixels) }
         let wanted = Array(Set(plan.outputs)).sorted()
-        let outcome = try reader.run(wanted: wanted, policy: request.access) { index, bytes, _ throws(DecodeFailure) in
-            try sink.deliver(index, bytes)
+        let outcome: VideoFrameReader.Outcome
+        var readers = 1
+        if threads == options.threads, request.threadBudget > 1, video.totalBytes <= ParallelFrameReading.maxHeldBytes,
+            let groups = ParallelFrameReading.groups(wanted, table: table, policy: request.access, parts: request.threadBudget)
+        {
+            // Sparse, with idle slots lent: whole readers in parallel (ParallelFrameReading).
+            readers = groups.count
+            outcome = try ParallelFrameReading.run(groups: groups, policy: request.access, sink: sink) { index throws(DecodeFailure) in
+                try VideoFrameReader(
+                    demuxer: index == 0 ? demuxer : try reopen(), reopen: reopen, streamIndex: video.streamIndex, table: table,
+                    threads: threads, maxPixels: options.maxSourcePixels,
+                    converter: index == 0
+                        ? converter
+                        : FrameConverter(width: video.width, height: video.height, rotation: video.rotation, layout: options.layout),
+                    path: path)
+            }
+        } else {
+            let reader = try VideoFrameReader(
+                demuxer: demuxer, reopen: reopen, streamIndex: video.streamIndex, table: table, threads: threads,
+                maxPixels: options.maxSourcePixels, converter: converter, path: path)
+            outcome = try reader.run(wanted: wanted, policy: request.access) { index, bytes, _ throws(DecodeFailure) in
+                try sink.deliver(index, bytes)
+            }
         }
         for index in outcome.missing { sink.markMissing(index) }
         try sink.finish()
@@ -351,7 +368,8 @@ enum ClipDecoder {
         let result = VideoResult(
             shape: shape, layout: options.layout, pts: sink.written.map { table.times[$0] }, indices: sink.written,
             sampleFps: plan.sampleFps, width: video.width, height: video.height, rotationApplied: video.rotation,
-            framesInRange: plan.framesInRange, access: outcome.usedSeek ? "seek" : "sequential", decoderThreads: threads)
+            framesInRange: plan.framesInRange, access: outcome.usedSeek ? "seek" : "sequential", decoderThreads: threads,
+            readers: readers)
         return (result, partialReasons, warnings)
     }
 
