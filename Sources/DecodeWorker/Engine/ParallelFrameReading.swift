@@ -5,10 +5,11 @@ import Synchronization
 /// One caller on an idle pool with a sparse selection (2 fps from 30, 0.25 fps over minutes):
 /// frame threads do not help there — they decode frames that skipping would drop — so the idle
 /// slots the supervisor lent (`WorkerJob.threadBudget`) go to whole readers instead. The wanted
-/// frames' seek segments (`VideoFrameReader.plan`) are shared out, contiguously, among up to
-/// that many readers; each has its own demuxer, decoder and converter on its own thread and
-/// starts at a keyframe. Frames meet in the one `FrameSink`, which writes them in order, so the
-/// block is the one a single reader makes: same frames, same bytes.
+/// frames are shared out, contiguously, among up to that many readers, cut where a frame's
+/// keyframe lies past every frame before it; each reader has its own demuxer, decoder and
+/// converter on its own thread and plans its own seeks (`VideoFrameReader.run`). Frames meet in
+/// the one `FrameSink`, which writes them in order, so the block is the one a single reader
+/// makes: same frames, same bytes.
 enum ParallelFrameReading {
     /// Output above this is not decoded in parallel: frames of later groups wait in memory until
     /// the earlier ones are written.
