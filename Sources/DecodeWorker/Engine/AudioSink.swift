@@ -25,7 +25,8 @@ final class AudioSink {
     /// Grid index of the first sample that came from the stream, if any did.
     private(set) var firstAudioIndex: Int?
 
-    init(first: Int, last: Int?, channels: Int, rate: Int, byteBudget: Int, path: String) {
+    /// `expectedSamples` (per channel) sizes the planes when the range is open-ended.
+    init(first: Int, last: Int?, channels: Int, rate: Int, byteBudget: Int, path: String, expectedSamples: Int? = nil) {
         self.first = first
         self.last = last
         self.channels = channels
@@ -33,8 +34,11 @@ final class AudioSink {
         self.byteBudget = byteBudget
         self.path = path
         planes = Array(repeating: [], count: channels)
-        if let last, last > first, (last - first) * channels * 4 <= byteBudget {
-            for c in 0..<channels { planes[c].reserveCapacity(last - first) }
+        // A claimed length may be wrong either way: a little headroom, never past the budget.
+        let reserved = last.map { $0 - first } ?? expectedSamples.map { $0 + $0 / 32 + rate }
+        if let reserved, reserved > 0 {
+            let capacity = min(reserved, byteBudget / max(1, channels * 4))
+            for c in 0..<channels { planes[c].reserveCapacity(capacity) }
         }
     }
 

@@ -35,6 +35,9 @@ final class AudioTrackReader {
         var byteBudget: Int
         /// Whether packets far before `start` may go undecoded (see `skipUntil`).
         var allowSkip = true
+        /// Samples per channel the stream claims to hold in the range, when it says: the sink
+        /// reserves them at once instead of growing (and faulting in) its planes a dozen times.
+        var expectedSamples: Int?
     }
 
     struct Outcome {
@@ -236,7 +239,8 @@ final class AudioTrackReader {
             ?? min(0, Int((t0 * Double(plan.rate)).rounded()))
         let last = plan.end.map { max(first, Int(($0 * Double(plan.rate) - 1e-6).rounded(.up))) }
         let sink = AudioSink(
-            first: first, last: last, channels: plan.channels, rate: plan.rate, byteBudget: plan.byteBudget, path: path)
+            first: first, last: last, channels: plan.channels, rate: plan.rate, byteBudget: plan.byteBudget, path: path,
+            expectedSamples: plan.expectedSamples)
         self.sink = sink
     }
 

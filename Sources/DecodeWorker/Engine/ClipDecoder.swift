@@ -115,6 +115,7 @@ enum ClipDecoder {
                 rate: options.sampleRate, channels: options.channels, threads: options.threads,
                 byteBudget: options.maxOutputBytes - (video?.totalBytes ?? 0), allowSkip: request.access != .sequential)
             audioBytesEstimate = estimatedAudioBytes(demuxer, audioIndex, audioPlan!)
+            audioPlan!.expectedSamples = audioBytesEstimate.map { $0 / (4 * max(1, options.channels)) }
             if let estimate = audioBytesEstimate, estimate > audioPlan!.byteBudget {
                 let videoPart = video.map { " plus \($0.totalBytes) bytes of video" } ?? ""
                 throw DecodeFailure(
