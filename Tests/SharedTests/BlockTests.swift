@@ -47,6 +47,24 @@ private func makeBlock(level: Int, frames: Int = 3, samples: Int = 2500, reserve
     return (block, video, audio)
 }
 
+/// `zstd -d -c` of `block` (the CLI checks every frame's checksum): its exit status and output.
+private func zstdDecompress(_ block: [UInt8]) throws -> (status: Int32, output: [UInt8]) {
+    let directory = FileManager.default.temporaryDirectory.appendingPathComponent("cv-block-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
+    try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let file = directory.appendingPathComponent("block.zst")
+    try Data(block).write(to: file)
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/zstd")
+    process.arguments = ["-q", "-d", "-c", file.path]
+    let pipe = Pipe()
+    process.standardOutput = pipe
+    try process.run()
+    let output = pipe.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    return (process.terminationStatus, Array(output))
+}
+
 struct SplitMix {
     var state: UInt64
     init(seed: UInt64) { state = seed }
@@ -80,21 +98,9 @@ struct SplitMix {
 
     @Test func zstdCommandLineYieldsTheRawTensorBytes() throws {
         let (block, video, audio) = try makeBlock(level: 3)
-        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("cv-block-\(getpid())")
-        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(at: directory) }
-        let file = directory.appendingPathComponent("block.zst")
-        try Data(block).write(to: file)
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/zstd")
-        process.arguments = ["-q", "-d", "-c", file.path]
-        let pipe = Pipe()
-        process.standardOutput = pipe
-        try process.run()
-        let output = pipe.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        #expect(process.terminationStatus == 0)
-        #expect(Array(output) == video + audio)
+        let (status, output) = try zstdDecompress(block)
+        #expect(status == 0)
+        #expect(output == video + audio)
     }
 
     /// Stored frames (level <= -1000) at the edges of their 128 KiB raw blocks and of XXH64's
@@ -122,21 +128,9 @@ struct SplitMix {
         #expect(header.tensors[0].frameSizes == sizes)
         #expect(tensors[0] == bytes)
 
-        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("cv-stored-\(getpid())")
-        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(at: directory) }
-        let file = directory.appendingPathComponent("block.zst")
-        try Data(block).write(to: file)
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/zstd")
-        process.arguments = ["-q", "-d", "-c", file.path]
-        let pipe = Pipe()
-        process.standardOutput = pipe
-        try process.run()
-        let output = pipe.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        #expect(process.terminationStatus == 0, "zstd refused a stored frame (bad XXH64 or header)")
-        #expect(Array(output) == bytes)
+        let (status, output) = try zstdDecompress(block)
+        #expect(status == 0, "zstd refused a stored frame (bad XXH64 or header)")
+        #expect(output == bytes)
         // Stored: the payload is there as it is, 3 bytes of block header per 128 KiB.
         let overhead = sizes.reduce(0) { $0 + 10 + 3 * max(1, ($1 + 131_071) / 131_072) + 4 }
         #expect(total <= 4096 + bytes.count + overhead + 1024, "\(total) bytes for \(bytes.count) stored")

@@ -19,11 +19,7 @@ final class ForkServerTests {
         try Fixtures.clip(at: goodClip, seconds: 1)
     }
 
-    private func copy(_ name: String) throws -> String {
-        let path = fixtures.file(name)
-        if !FileManager.default.fileExists(atPath: path) { try FileManager.default.copyItem(atPath: goodClip, toPath: path) }
-        return path
-    }
+    private func copy(_ name: String) throws -> String { try fixtures.copy(of: goodClip, as: name) }
 
     /// ppid and process group of `pid`, from /proc.
     private func parentAndGroup(of pid: pid_t) -> (ppid: pid_t, pgid: pid_t)? {

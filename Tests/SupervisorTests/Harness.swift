@@ -45,6 +45,13 @@ final class TemporaryDirectory {
 
     func file(_ name: String) -> String { "\(path)/\(name)" }
 
+    /// A copy of `source` named `name` in this directory (made once): fault markers live in names.
+    func copy(of source: String, as name: String) throws -> String {
+        let target = file(name)
+        if !FileManager.default.fileExists(atPath: target) { try FileManager.default.copyItem(atPath: source, toPath: target) }
+        return target
+    }
+
     deinit { try? FileManager.default.removeItem(atPath: path) }
 }
 
@@ -269,6 +276,20 @@ extension SupervisorClient {
         let mapped = try MappedFile(fd: fd)
         _ = try BlockReader.validate(mapped.bytes)
         return (answer, Array(mapped.bytes))
+    }
+}
+
+extension SupervisorClient {
+    /// The supervisor's status once `condition` holds, or the last one after `seconds`.
+    func status(within seconds: Double, until condition: (JSONValue) -> Bool) throws -> JSONValue {
+        var status = JSONValue.null
+        let until = Date().addingTimeInterval(seconds)
+        repeat {
+            status = try call(["op": "status"], timeoutMs: 5000).0["status"] ?? .null
+            if condition(status) { break }
+            usleep(50_000)
+        } while Date() < until
+        return status
     }
 }
 

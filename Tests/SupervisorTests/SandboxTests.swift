@@ -105,12 +105,7 @@ final class SandboxTests {
             process.waitUntilExit()
         }
         let client = try SupervisorClient.connect(candidates: [directory.file("s.sock")], timeoutMs: 5000)
-        var status = JSONValue.null
-        for _ in 0..<100 {
-            status = try client.call(["op": "status"], timeoutMs: 5000).0["status"] ?? .null
-            if status["workers"]?["last_start_error"]?.stringValue != nil { break }
-            usleep(50_000)
-        }
+        let status = try client.status(within: 5) { $0["workers"]?["last_start_error"]?.stringValue != nil }
         let (answer, _) = try client.decode(clip, timeoutMs: 5000)
         #expect(answer.errorReason == "overloaded")
         #expect(answer["error"]?["detail"]?.stringValue == "no_workers")

@@ -15,11 +15,7 @@ final class SkipLogTests {
         try Fixtures.clip(at: goodClip, seconds: 1)
     }
 
-    private func copy(_ name: String) throws -> String {
-        let path = fixtures.file(name)
-        if !FileManager.default.fileExists(atPath: path) { try FileManager.default.copyItem(atPath: goodClip, toPath: path) }
-        return path
-    }
+    private func copy(_ name: String) throws -> String { try fixtures.copy(of: goodClip, as: name) }
 
     @Test func eachClipLevelSkipWritesExactlyOneRecordWithItsFields() throws {
         // A small address-space limit makes the oom-on fault hit it quickly.

@@ -58,8 +58,7 @@ final class SupervisorTests {
     @Test func busySlotsAreNotGivenAsThreads() throws {
         let supervisor = try SupervisorProcess(
             arguments: ["--workers", "3"], environment: [WorkerMessage.faultEnvironmentKey: "spin-on=SPINME"])
-        let spinner = fixtures.file("budget-SPINME.mp4")
-        if !FileManager.default.fileExists(atPath: spinner) { try FileManager.default.copyItem(atPath: goodClip, toPath: spinner) }
+        let spinner = try fixtures.copy(of: goodClip, as: "budget-SPINME.mp4")
         let busy = try supervisor.client()
         for id in 1...2 {
             try busy.send(["op": "decode", "id": .number(Double(id)), "path": .string(spinner), "deadline_ms": 4000, "threads": 1])

@@ -58,12 +58,7 @@ struct WorkerLibrariesTests {
             process.waitUntilExit()
         }
         let client = try SupervisorClient.connect(candidates: [directory.file("s.sock")], timeoutMs: 5000)
-        var status = JSONValue.null
-        for _ in 0..<100 {
-            status = try client.call(["op": "status"], timeoutMs: 5000).0["status"] ?? .null
-            if (status["workers"]?["consecutive_start_failures"]?.intValue ?? 0) >= 3 { break }
-            usleep(50_000)
-        }
+        var status = try client.status(within: 5) { ($0["workers"]?["consecutive_start_failures"]?.intValue ?? 0) >= 3 }
         let expected = "the decode worker cannot load libswscale.so.9 (not found on this host): install libswscale9"
         let lastError = status["workers"]?["last_start_error"]?.stringValue ?? ""
         #expect(lastError.hasPrefix(expected), "\(status.jsonString)")
