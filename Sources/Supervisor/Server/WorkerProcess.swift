@@ -225,8 +225,7 @@ final class WorkerSpawner {
                 forkServerProblem = nil
             }
         } catch {
-            let exit = stop(server)
-            forkServerFailed("the fork server (pid \(server.pid)) failed: \(error)\(exit.map { " (\($0))" } ?? "")", now: now)
+            giveUp(server, because: error, now: now)
         }
     }
 
@@ -248,6 +247,12 @@ final class WorkerSpawner {
         willStopForkServer?(server)
         forkServer = nil
         return server.stop()
+    }
+
+    /// Stops a fork server that misbehaved and says why, with how it ended.
+    private func giveUp(_ server: ForkServerProcess, because error: SpawnError, now: Instant) {
+        let exit = stop(server)
+        forkServerFailed("the fork server (pid \(server.pid)) failed: \(error)\(exit.map { " (\($0))" } ?? "")", now: now)
     }
 
     /// Said once per failure, loudly: workers still start (exec'd), only slower.
@@ -287,9 +292,7 @@ final class WorkerSpawner {
                 do {
                     pid = try server.fork(control: childEnd)
                 } catch {
-                    let exit = stop(server)
-                    forkServerFailed(
-                        "the fork server (pid \(server.pid)) failed: \(error)\(exit.map { " (\($0))" } ?? "")", now: Instant.now())
+                    giveUp(server, because: error, now: Instant.now())
                     pid = try execWorker(control: childEnd)
                 }
             } else {
