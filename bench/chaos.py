@@ -20,7 +20,10 @@ same bad clips plus H concurrent I/O hangs (FIFOs and the sleep fault, fresh pat
 cannot help). The bad clips are crash faults and damaged copies that the worker alone fails to
 decode (most random damage still decodes: such a copy is not a bad clip). Ratios are reported,
 never asserted (the goal of issue 13 is >= 0.9 against alone); the run with bad clips and no
-hangs separates what the bad clips cost by themselves from what the hangs cost.
+hangs separates what the bad clips cost by themselves from what the hangs cost. The good clips
+are the catalog's small clips by default (a few frames each, ~3 ms of work: the per-clip fixed
+costs weigh most, the worst case), or with `--throughput-source training` natural 5 s 640x360
+H.264 clips (bench/media.py) asked at Qwen2.5-VL's 448x448 budget, like a training run's.
 
 Exit status: 0 when every correctness check passed, 1 otherwise (the throughput ratio does not
 count; the RSS bound counts only with --long).
@@ -120,6 +123,14 @@ class Config:
     # Output size of the throughput requests: tiny by default (a good clip is ~13 ms of work, so
     # a bad clip's fixed costs weigh most); 200704 (448x448) is Qwen2.5-VL's usual budget.
     throughput_max_pixels: int = 20000
+    # What the 25 % bad clips of the throughput runs are: "both" (half damaged copies that fail
+    # to decode, half crash faults), "damaged" or "crash".
+    bad_mix: str = "both"
+    # The good clips of the throughput runs: "catalog" (the small clips above) or "training"
+    # (natural 5 s 640x360 clips, asked at 448x448).
+    throughput_source: str = "catalog"
+    # The supervisor's `after_refused_media`: "replace" (the default) or "keep".
+    after_refused_media: str = "replace"
     kill: bool = True
     long_form: bool = False
     bin_dir: Optional[str] = None
@@ -439,7 +450,8 @@ class Supervisor:
     def args(self) -> List[str]:
         return [str(self.binary), "serve", "--socket", self.socket, "--skip-log", self.skip_log,
                 "--workers", str(self.cfg.workers), "--queue-wait", f"{self.cfg.queue_wait:g}",
-                "--worker-memory", str(self.cfg.worker_memory), "--deadline", f"{self.cfg.deadline:g}"]
+                "--worker-memory", str(self.cfg.worker_memory), "--deadline", f"{self.cfg.deadline:g}",
+                "--after-refused-media", self.cfg.after_refused_media]
 
     def start(self, timeout: float = 30.0) -> None:
         env = dict(os.environ)
@@ -729,43 +741,54 @@ def client_main(index: int, cfg: Config, items: List[Item], sock_path: str, out_
 _THROUGHPUT_CANDIDATES: Dict[str, List[Item]] = {}
 
 
+def training_clips(count: int = 6) -> List[Item]:
+    """Natural-looking 5 s 640x360 H.264 clips (bench/media.py; made once, then cached)."""
+    sys.path.insert(0, str(HERE))
+    import media  # noqa: PLC0415  (bench/media.py, only this mode needs it)
+    return [Item(str(media.natural_clip(5, size="640x360", seed=11 + i, audio=False)), "good", ["v1"],
+                 "natural 640x360 5 s") for i in range(count)]
+
+
 def throughput_candidates(cfg: Config, sup: Supervisor, cat: Catalog) -> List[Item]:
     """The good clips the throughput request suits (fps=2, at least 4 frames): a clean 1-frame
     clip of the corpus is `invalid_request` for it, which is right but is not throughput."""
-    key = sup.socket
+    key = f"{sup.socket}:{cfg.throughput_source}"
     if key not in _THROUGHPUT_CANDIDATES:
+        sources = training_clips() if cfg.throughput_source == "training" else list({it.path: it for it in cat.good}.values())
         usable = []
         with clipvisor.Client(sup.socket, spawn=False, connect_timeout=5.0) as c:
-            for item in {it.path: it for it in cat.good}.values():
+            for item in sources:
                 try:
                     c.video(item.path, fps=2.0, max_pixels=cfg.throughput_max_pixels, deadline=cfg.deadline)
                     usable.append(item)
                 except (clipvisor.ClipSkipped, clipvisor.ClipvisorError):
                     pass
-        _THROUGHPUT_CANDIDATES[key] = usable or list(cat.good)
+        if cfg.throughput_source == "training" and len(usable) < len(sources):
+            raise RuntimeError(f"only {len(usable)} of {len(sources)} training clips decode; see the supervisor log")
+        _THROUGHPUT_CANDIDATES[key] = usable or sources
     return _THROUGHPUT_CANDIDATES[key]
 
 
 _THROUGHPUT_BAD: Dict[str, List[Path]] = {}
 
 
-def failing_damaged(cfg: Config, cat: Catalog, work: Path, count: int, seed: int) -> List[Path]:
-    """`count` damaged copies of the good clips that the worker alone cannot decode with the
+def failing_damaged(cfg: Config, sources: List[Item], work: Path, count: int, seed: int) -> List[Path]:
+    """`count` damaged copies of the good clips `sources` that the worker alone cannot decode with the
     throughput request (`clipvisor-worker decode --fps 2 --max-pixels N` exits 1). About
     two thirds of random damage still decodes: such a copy is a good clip by another name, not
     one of the 25 % bad clips the throughput goal is about. Made once per run; each phase copies
     them to fresh paths."""
-    key = f"{seed}:{count}"
+    key = f"{seed}:{count}:{cfg.throughput_source}"
     if key in _THROUGHPUT_BAD:
         return _THROUGHPUT_BAD[key]
     _, worker = find_binaries(cfg.bin_dir)
     rng = random.Random(seed)
-    out = work / "tp-bad"
+    out = work / f"tp-bad-{cfg.throughput_source}"
     out.mkdir(exist_ok=True)
     found: List[Path] = []
     attempts = 0
     while len(found) < count and attempts < 20 * count:
-        batch = damaged_clips(rng, out, cat.good, 8, prefix=f"cand{attempts}")
+        batch = damaged_clips(rng, out, sources, 8, prefix=f"cand{attempts}")
         attempts += len(batch)
         for item in batch:
             r = subprocess.run([str(worker), "decode", item.path, "--fps", "2", "--max-pixels", str(cfg.throughput_max_pixels)],
@@ -782,9 +805,9 @@ def failing_damaged(cfg: Config, cat: Catalog, work: Path, count: int, seed: int
 
 def throughput(cfg: Config, sup: Supervisor, cat: Catalog, work: Path, hangs: int, with_bad: bool,
                rng: random.Random, label: str) -> Dict[str, Any]:
-    """Good clips from 4 client threads, optionally shuffled with 25 % bad clips (half damaged
-    copies that fail to decode, half crash faults) and with `hangs` I/O hangs kept in flight
-    beside them."""
+    """Good clips from 4 client threads, optionally shuffled with 25 % bad clips (`bad_mix`:
+    damaged copies that fail to decode, crash faults, or half of each) and with `hangs` I/O
+    hangs kept in flight beside them."""
     candidates = throughput_candidates(cfg, sup, cat)
     goods = [rng.choice(candidates) for _ in range(cfg.throughput_good)]
     jobs: List[Tuple[str, Item]] = [("good", g) for g in goods]
@@ -792,16 +815,18 @@ def throughput(cfg: Config, sup: Supervisor, cat: Catalog, work: Path, hangs: in
     phase_dir.mkdir()
     bad_outcomes: Dict[str, int] = {}
     if with_bad:
+        wanted = max(1, cfg.throughput_good // 3)  # 25 % of all clips
+        damaged_count = {"both": wanted // 2, "damaged": wanted, "crash": 0}[cfg.bad_mix]
         bad = []
-        for i, source in enumerate(failing_damaged(cfg, cat, work, max(1, cfg.throughput_good // 6), cfg.seed + 23)):
-            copy = phase_dir / f"tpd-{i}{source.suffix}"  # a fresh path: quarantine cannot answer for it
-            shutil.copyfile(source, copy)
-            bad.append(Item(str(copy), "damaged", ["v1"]))
-        bad += [Item(str(phase_dir / f"tp-CRASHME-{i}.mp4"), "crash", ["v1"]) for i in range(cfg.throughput_good // 6)]
-        for it in bad:
-            if it.kind == "crash":
-                shutil.copyfile(cat.good[0].path, it.path)
-        bad = bad[:max(1, cfg.throughput_good // 3)]  # 25 % of all clips
+        if damaged_count:
+            for i, source in enumerate(failing_damaged(cfg, candidates, work, damaged_count, cfg.seed + 23)):
+                copy = phase_dir / f"tpd-{i}{source.suffix}"  # a fresh path: quarantine cannot answer for it
+                shutil.copyfile(source, copy)
+                bad.append(Item(str(copy), "damaged", ["v1"]))
+        for i in range(wanted - len(bad)):
+            crash = Item(str(phase_dir / f"tp-CRASHME-{i}.mp4"), "crash", ["v1"])
+            shutil.copyfile(candidates[0].path, crash.path)
+            bad.append(crash)
         jobs += [("bad", b) for b in bad]
         rng.shuffle(jobs)
     lock = threading.Lock()
@@ -1005,6 +1030,11 @@ def run(cfg: Config, log: Any = print) -> Report:
         for h in cfg.throughput_hangs:
             settle(sup, live_idle, 30)
             tp_results.append(throughput(cfg, sup, cat, work, h, True, random.Random(cfg.seed + 17), f"hangs{h}"))
+        report.info["after_refused_media"] = cfg.after_refused_media
+        report.info["throughput good clips"] = (f"{cfg.throughput_source}, fps 2, max_pixels "
+                                                f"{cfg.throughput_max_pixels}")
+        report.info["throughput bad clips"] = {"both": "half damaged copies that fail, half crash faults",
+                                               "damaged": "damaged copies that fail", "crash": "crash faults"}[cfg.bad_mix]
         for r in tp_results:
             log(f"chaos: throughput {r['label']}: {r['good']} good + {r['bad']} bad clips {r['bad_outcomes']}, "
                 f"{r['hangs']} hangs: {r['good_per_s']:.2f} good clips/s, p50 {r['p50_ms']:.0f} ms, "
@@ -1266,6 +1296,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--throughput-clips", type=int, help="good clips per throughput run")
     ap.add_argument("--throughput-max-pixels", type=int,
                     help="max_pixels of the throughput requests (default 20000; 200704 = 448x448)")
+    ap.add_argument("--bad-mix", choices=("both", "damaged", "crash"), default="both",
+                    help="the throughput runs' 25%% bad clips: half damaged copies that fail to decode and half "
+                         "crash faults (default), or all of one kind")
+    ap.add_argument("--throughput-source", choices=("catalog", "training"), default="catalog",
+                    help="the throughput runs' good clips: the catalog's small clips (default; ~3 ms of work each, "
+                         "fixed costs weigh most) or natural 5 s 640x360 clips at 448x448 (what a training run asks; "
+                         "implies --throughput-max-pixels 200704 unless given)")
+    ap.add_argument("--after-refused-media", choices=("replace", "keep"), default="replace",
+                    help="the supervisor's after_refused_media: replace a worker after media it refused (default) "
+                         "or keep it (a later crash in it is retried on a fresh worker)")
     ap.add_argument("--no-kill", action="store_true", help="do not SIGKILL the supervisor mid-run")
     ap.add_argument("--bin-dir", help="directory with clipvisor and clipvisor-worker (default: a release "
                     "build, else .build/debug)")
@@ -1287,8 +1327,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cfg.throughput_good = 0
     if a.throughput_clips is not None:
         cfg.throughput_good = a.throughput_clips
+    cfg.throughput_source = a.throughput_source
     if a.throughput_max_pixels is not None:
         cfg.throughput_max_pixels = a.throughput_max_pixels
+    elif a.throughput_source == "training":
+        cfg.throughput_max_pixels = 200704
+    cfg.bad_mix = a.bad_mix
+    cfg.after_refused_media = a.after_refused_media
     cfg.kill = not a.no_kill
     cfg.bin_dir, cfg.workdir, cfg.keep = a.bin_dir, a.workdir, a.keep
     report = run(cfg)

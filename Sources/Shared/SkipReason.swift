@@ -86,3 +86,33 @@ public struct DecodeFailure: Error, Sendable, Equatable, Codable, CustomStringCo
             retryAfterMs: json["retry_after_ms"]?.intValue)
     }
 }
+
+/// What a failed clip leaves in the worker that reported it, and so whether that worker may
+/// take the next clip. Both sides follow it: the worker to decide `exiting`, the supervisor to
+/// know which later crash it cannot blame on the later clip alone (docs/worker-protocol.md,
+/// "After a failed clip").
+public enum WorkerAftermath: Sendable, Equatable {
+    /// Nothing of the clip reached FFmpeg (no such file, no permission, quarantined): the
+    /// worker stays as it was.
+    case clean
+    /// FFmpeg parsed the media and refused it. By default (DESIGN.md) the worker is replaced,
+    /// in case the media left state behind. With `after_refused_media = "keep"` it stays, so a
+    /// damaged clip does not cost a worker start and a cold first clip; since a decoder that read
+    /// bad data might have damaged the heap without crashing, a later crash in such a worker is
+    /// retried on a fresh worker before it is blamed on the clip it happened on.
+    case suspect
+    /// Anything else (memory ran out, or a failure nobody foresaw): the worker exits after
+    /// its reply and is replaced.
+    case replaced
+}
+
+extension SkipReason {
+    /// What a failure of this kind, reported by a worker, says about the worker.
+    public var workerAftermath: WorkerAftermath {
+        switch self {
+        case .notFound, .permission, .quarantined: .clean
+        case .decodeError, .unsupported, .tooLarge, .invalidRequest: .suspect
+        case .outOfMemory, .timeout, .crashed, .cancelled, .overloaded: .replaced
+        }
+    }
+}

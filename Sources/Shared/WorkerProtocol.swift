@@ -88,10 +88,13 @@ public struct WorkerJob: Sendable {
     /// would otherwise stay idle (one caller on an idle pool). 1: no more than the request says.
     public var threadBudget: Int
     public static let maxThreadBudget = 8
+    /// After media it refuses (`WorkerAftermath.suspect`) the worker stays instead of exiting
+    /// (`after_refused_media = "keep"`); false keeps DESIGN.md's rule: replaced after any error.
+    public var staysAfterRefusedMedia: Bool
 
     public init(
         id: UInt64, operation: Operation, path: String, passesFD: Bool, roots: [String], quarantine: Quarantine?,
-        threadBudget: Int = 1
+        threadBudget: Int = 1, staysAfterRefusedMedia: Bool = false
     ) {
         self.id = id
         self.operation = operation
@@ -100,6 +103,7 @@ public struct WorkerJob: Sendable {
         self.roots = roots
         self.quarantine = quarantine
         self.threadBudget = threadBudget
+        self.staysAfterRefusedMedia = staysAfterRefusedMedia
     }
 
     public var json: JSONValue {
@@ -113,6 +117,7 @@ public struct WorkerJob: Sendable {
         }
         if passesFD { message["fd"] = true }
         if threadBudget > 1 { message["thread_budget"] = .number(Double(threadBudget)) }
+        if staysAfterRefusedMedia { message["stay_after_refused_media"] = true }
         if !roots.isEmpty { message["roots"] = .array(roots.map { .string($0) }) }
         if let quarantine {
             message["quarantine"] = [
@@ -144,6 +149,7 @@ public struct WorkerJob: Sendable {
         path = json["path"]?.stringValue ?? ""
         passesFD = json["fd"]?.boolValue ?? false
         threadBudget = min(max(json["thread_budget"]?.intValue ?? 1, 1), Self.maxThreadBudget)
+        staysAfterRefusedMedia = json["stay_after_refused_media"]?.boolValue ?? false
         roots = json["roots"]?.arrayValue?.compactMap(\.stringValue) ?? []
         quarantine = json["quarantine"].flatMap { entry -> Quarantine? in
             guard let reason = entry["reason"]?.stringValue.flatMap(SkipReason.init(rawValue:)) else { return nil }

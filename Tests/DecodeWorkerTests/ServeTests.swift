@@ -39,6 +39,16 @@ struct ServeTests {
 
         deinit {
             if reaped == nil { kill(pid, SIGKILL); _ = wait() }
+            closeControl()
+        }
+
+        private var controlClosed = false
+
+        /// Closes our end once. A second close could hit the same number reused meanwhile by
+        /// another suite's socket (suites run in parallel in this process).
+        func closeControl() {
+            guard !controlClosed else { return }
+            controlClosed = true
             try? control.close()
         }
 
@@ -127,10 +137,21 @@ struct ServeTests {
     }
 
     /// A file that could not be opened never reached a demuxer: the worker stays (a dataset with
-    /// many missing files must not pay a worker start for each). A decode that failed on the
-    /// media replies, then exits, in case the media left state behind.
-    @Test func aMissingFileKeepsTheWorkerAndAFailedDecodeReplacesIt() throws {
-        let w = try Worker()
+    /// many missing files must not pay a worker start for each). Media that FFmpeg refused
+    /// replaces it, in case the media left state behind, unless the job says
+    /// `stay_after_refused_media`: then it stays and decodes the next clip exactly as a fresh
+    /// worker does. Running out of memory replaces it either way.
+    @Test func missingFilesKeepTheWorkerRefusedMediaOnlyWhenAskedOutOfMemoryNever() throws {
+        let clip = try EngineTests.fixture.get()
+        let options: JSONValue = ["fps": 2, "max_pixels": 20000]
+        let fresh = try Worker()
+        _ = try #require(try fresh.receive())
+        try fresh.send(["op": "decode", "job": 1, "path": .string(clip), "options": options])
+        let (freshReply, freshFD) = try #require(try fresh.receive())
+        #expect(freshReply["ok"] == true)
+        let freshBlock = try Self.contents(of: try #require(freshFD))
+
+        let w = try Worker(["--address-space-mb", "1024"], faults: "oom-on=OOMME")
         _ = try #require(try w.receive())
         try w.send(["op": "decode", "job": 9, "path": "/nonexistent/clip.mp4", "options": [:]])
         let (reply, fd) = try #require(try w.receive())
@@ -142,17 +163,47 @@ struct ServeTests {
 
         let garbage = try Support.temporaryDirectory() + "/garbage.mp4"
         try Data((0..<65_536).map { UInt8(truncatingIfNeeded: $0 &* 2_654_435_761 >> 7) }).write(to: URL(fileURLWithPath: garbage))
-        try w.send(["op": "decode", "job": 10, "path": .string(garbage), "options": [:]])
+        try w.send(["op": "decode", "job": 10, "path": .string(garbage), "options": [:], "stay_after_refused_media": true])
         let (failed, _) = try #require(try w.receive())
-        #expect(failed["ok"] == false && failed["exiting"] == true, "\(failed.jsonString)")
+        #expect(failed["ok"] == false && failed["exiting"] == false, "\(failed.jsonString)")
         #expect(failed["error"]?["reason"] == "decode_error" || failed["error"]?["reason"] == "unsupported")
+
+        try w.send(["op": "decode", "job": 11, "path": .string(clip), "options": options])
+        let (after, afterFD) = try #require(try w.receive())
+        #expect(after["ok"] == true && after["exiting"] == false, "\(after.jsonString)")
+        #expect(try Self.contents(of: try #require(afterFD)) == freshBlock, "a worker that refused media decodes like a fresh one")
+
+        let oomClip = try Support.temporaryDirectory() + "/OOMME.mp4"
+        try FileManager.default.copyItem(atPath: clip, toPath: oomClip)
+        try w.send(["op": "decode", "job": 12, "path": .string(oomClip), "options": options, "stay_after_refused_media": true])
+        let (oom, _) = try #require(try w.receive())
+        #expect(oom["error"]?["reason"] == "out_of_memory" && oom["exiting"] == true, "\(oom.jsonString)")
         #expect(w.wait().code == 0)
+
+        // Without the flag (DESIGN.md's rule), refused media replaces the worker.
+        let strict = try Worker()
+        _ = try #require(try strict.receive())
+        try strict.send(["op": "decode", "job": 1, "path": .string(garbage), "options": [:]])
+        let (refused, _) = try #require(try strict.receive())
+        #expect(refused["ok"] == false && refused["exiting"] == true, "\(refused.jsonString)")
+        #expect(strict.wait().code == 0)
+    }
+
+    /// A block's tensors, decompressed (the fd is closed). The header differs between decodes
+    /// of one clip (timings), the tensors do not.
+    static func contents(of fd: SystemPackage.FileDescriptor) throws -> [[UInt8]] {
+        defer { try? fd.close() }
+        let size = Int(try fd.seek(offset: 0, from: .end))
+        var bytes = [UInt8](repeating: 0, count: size)
+        let read = try bytes.withUnsafeMutableBytes { try fd.read(fromAbsoluteOffset: 0, into: $0) }
+        #expect(read == size)
+        return try bytes.withUnsafeBytes { try BlockReader.read($0).1 }
     }
 
     @Test func closedSocketAndMalformedMessages() throws {
         let w = try Worker()
         _ = try #require(try w.receive())
-        try w.control.close()
+        w.closeControl()
         #expect(w.wait().code == 0)
         let m = try Worker()
         _ = try #require(try m.receive())

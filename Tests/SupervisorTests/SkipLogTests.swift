@@ -101,6 +101,63 @@ final class SkipLogTests {
         #expect(try restarted.client().decode(crashing).0.errorReason == "crashed", "a changed file must be tried again")
     }
 
+    /// With `after_refused_media = "keep"` (and one worker, no spare, so the clips meet the same
+    /// worker) a worker stays after media it refused, so a crash of
+    /// it later may be that media's doing (test fault `poison-on`: refused, and the worker
+    /// crashes on its next clip). The clip it crashed on is decoded again on a fresh worker,
+    /// answered ok, and neither logged nor quarantined; the log names the refused clip.
+    @Test func aCrashAfterRefusedMediaIsRetriedOnAFreshWorkerBeforeItIsBlamed() throws {
+        let supervisor = try SupervisorProcess(
+            arguments: ["--workers", "1", "--spare-workers", "0", "--after-refused-media", "keep"],
+            environment: [WorkerMessage.faultEnvironmentKey: "poison-on=POISON"])
+        let client = try supervisor.client()
+        let poison = try copy("p-POISON.mp4")
+        #expect(try client.decode(poison).0.errorReason == "decode_error")
+        let worker = try #require(supervisor.status()["workers"]?["list"]?.arrayValue?.first)
+        #expect(worker["refused_media"]?.stringValue == poison, "\(worker.jsonString)")
+        #expect(worker["clips_done"]?.intValue == 1, "the worker stays after media it refused")
+
+        let (answer, block) = try client.decode(goodClip, ["fps": 2])
+        #expect(answer["ok"] == true && block?.isEmpty == false, "\(answer.jsonString)")
+        let counters = try supervisor.status()["counters"]
+        #expect(counters?["crashes"]?.intValue == 1 && counters?["crash_retries"]?.intValue == 1, "\(counters?.jsonString ?? "")")
+        #expect(supervisor.skipRecords().map { $0["path"]?.stringValue } == [poison], "only the refused clip is a skip")
+        #expect(try client.decode(goodClip, ["fps": 2]).0["ok"] == true, "the innocent clip is not quarantined")
+        #expect(supervisor.stderr.contains("most likely left behind by \(poison)"), "\(supervisor.stderr.suffix(2000))")
+    }
+
+    /// A clip that crashes a worker that had refused media, and then crashes a fresh worker too,
+    /// is the crash's cause: answered `crashed` once, logged once, quarantined.
+    @Test func aClipThatAlsoCrashesAFreshWorkerIsBlamed() throws {
+        let supervisor = try SupervisorProcess(
+            arguments: ["--workers", "1", "--spare-workers", "0", "--after-refused-media", "keep"],
+            environment: [WorkerMessage.faultEnvironmentKey: "crash-on=CRASHME"])
+        let client = try supervisor.client()
+        let damaged = Corpus.path("mp4parse-rust__chunk_out_of_range.mp4")
+        #expect(try client.decode(damaged).0.errorReason == "decode_error")
+        let crashing = try copy("b-CRASHME.mp4")
+        let (answer, _) = try client.decode(crashing)
+        #expect(answer.errorReason == "crashed", "\(answer.jsonString)")
+        let counters = try supervisor.status()["counters"]
+        #expect(counters?["crashes"]?.intValue == 2 && counters?["crash_retries"]?.intValue == 1, "\(counters?.jsonString ?? "")")
+        let records = supervisor.skipRecords()
+        #expect(records.map { $0["reason"]?.stringValue } == ["decode_error", "crashed"], "one record for the crash")
+        #expect(try client.decode(crashing).0.errorReason == "quarantined")
+    }
+
+    /// By default (DESIGN.md) refused media replaces its worker: nothing is suspect, so a crash
+    /// is blamed at once, and the poisoned worker never reaches the next clip.
+    @Test func byDefaultRefusedMediaReplacesTheWorker() throws {
+        let supervisor = try SupervisorProcess(
+            arguments: ["--workers", "1", "--spare-workers", "0"], environment: [WorkerMessage.faultEnvironmentKey: "poison-on=POISON"])
+        let client = try supervisor.client()
+        #expect(try client.decode(try copy("d-POISON.mp4")).0.errorReason == "decode_error")
+        #expect(try client.decode(goodClip, ["fps": 2]).0["ok"] == true)
+        let status = try supervisor.status()
+        #expect(status["counters"]?["crashes"]?.intValue == 0 && status["counters"]?["crash_retries"]?.intValue == 0)
+        #expect(status["workers"]?["list"]?.arrayValue?.allSatisfy { $0["refused_media"] == .null } == true)
+    }
+
     @Test func quarantineIsRebuiltFromRotatedAndCompressedLogs() throws {
         let environment = [WorkerMessage.faultEnvironmentKey: "crash-on=CRASHME"]
         let supervisor = try SupervisorProcess(arguments: ["--workers", "1"], environment: environment)

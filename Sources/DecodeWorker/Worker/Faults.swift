@@ -14,6 +14,9 @@ struct Faults: Sendable, Equatable {
     /// Paths on which the worker blocks forever using no CPU, like a read from a stalled mount.
     var sleepOn: [String] = []
     var oomOn: [String] = []
+    /// Paths the worker refuses (`decode_error`) and that leave it to crash on its next clip, as
+    /// a decoder that damaged its heap on bad media without crashing at once would.
+    var poisonOn: [String] = []
     /// Paths for which the worker breaks the protocol the way a compromised worker could.
     var lieOn: [String] = []
     var exitAtStart = false
@@ -28,7 +31,7 @@ struct Faults: Sendable, Equatable {
     }
 
     /// A comma-separated list of `crash-on=TEXT`, `abort-on=TEXT`, `spin-on=TEXT` (alias `hang-on=TEXT`),
-    /// `sleep-on=TEXT`, `oom-on=TEXT`, `lie-on=TEXT`, `exit-at-start`, `fork-server-stall-at=N`,
+    /// `sleep-on=TEXT`, `oom-on=TEXT`, `poison-on=TEXT`, `lie-on=TEXT`, `exit-at-start`, `fork-server-stall-at=N`,
     /// `fork-server-lie-at=N`. Unknown entries are ignored.
     static func parse(_ text: String) -> Faults {
         var faults = Faults()
@@ -42,6 +45,7 @@ struct Faults: Sendable, Equatable {
             case "hang-on" where !value.isEmpty, "spin-on" where !value.isEmpty: faults.hangOn.append(value)
             case "sleep-on" where !value.isEmpty: faults.sleepOn.append(value)
             case "oom-on" where !value.isEmpty: faults.oomOn.append(value)
+            case "poison-on" where !value.isEmpty: faults.poisonOn.append(value)
             case "lie-on" where !value.isEmpty: faults.lieOn.append(value)
             case "exit-at-start": faults.exitAtStart = true
             case "fork-server-stall-at": faults.forkServerStallAt = Int(value)
@@ -56,12 +60,11 @@ struct Faults: Sendable, Equatable {
 
     func lies(about path: String) -> Bool { lieOn.contains(where: { path.contains($0) }) }
 
+    func poisons(_ path: String) -> Bool { poisonOn.contains(where: { path.contains($0) }) }
+
     /// Acts on a job's path: crashes, aborts, spins or sleeps; returns an `out_of_memory` failure for oom-on.
     func trigger(path: String) -> DecodeFailure? {
-        if crashOn.contains(where: { path.contains($0) }) {
-            signal(SIGSEGV, SIG_DFL)
-            raise(SIGSEGV)
-        }
+        if crashOn.contains(where: { path.contains($0) }) { Self.crash() }
         if abortOn.contains(where: { path.contains($0) }) {
             signal(SIGABRT, SIG_DFL)
             abort()
@@ -79,6 +82,12 @@ struct Faults: Sendable, Equatable {
                 detail: "allocation failed (CLIPVISOR_TEST_FAULTS)")
         }
         return nil
+    }
+
+    /// Dies of SIGSEGV, as a codec reading out of bounds does.
+    static func crash() {
+        signal(SIGSEGV, SIG_DFL)
+        raise(SIGSEGV)
     }
 
     /// Busy forever, burning CPU like a codec stuck in a loop.

@@ -21,6 +21,8 @@ final class WorkerServer {
     private let faults: Faults
     private let control: FileDescriptor
     private var served = 0
+    /// Test fault `poison-on`: a refused clip left this worker to crash on its next one.
+    private var poisoned = false
 
     init(_ config: Configuration, faults: Faults) {
         self.config = config
@@ -83,12 +85,13 @@ final class WorkerServer {
     }
 
     /// Runs one job: its outcome, the block to attach for a decode, and whether the worker exits
-    /// after the reply (its quota is reached, or the job failed and may have left state behind).
+    /// after the reply (its quota is reached, or the job failed in a way that may have left state
+    /// behind: `SkipReason.workerAftermath`).
     func handle(_ job: WorkerJob, passed: OwnedFD?) -> (WorkerReply.Outcome, OwnedFD?, exiting: Bool) {
         served += 1
         let quotaReached = config.maxClips.map { served >= $0 } ?? false
         func failed(_ failure: DecodeFailure) -> (WorkerReply.Outcome, OwnedFD?, exiting: Bool) {
-            (.failed(failure), nil, Self.mayHaveLeftStateBehind(failure) || quotaReached)
+            (.failed(failure), nil, Self.mustExit(after: failure, staysAfterRefusedMedia: job.staysAfterRefusedMedia) || quotaReached)
         }
         let name = job.path
         let openPath: String
@@ -124,6 +127,13 @@ final class WorkerServer {
             // Nothing was decoded, so nothing can have been left behind: the worker stays.
             return (.failed(failure), nil, quotaReached)
         }
+        if poisoned { Faults.crash() }
+        if faults.poisons(displayPath) {
+            poisoned = true
+            return failed(DecodeFailure(
+                .decodeError, "\(displayPath): refused (test fault poison-on); this worker crashes on its next clip",
+                path: displayPath, detail: "CLIPVISOR_TEST_FAULTS"))
+        }
         if let failure = faults.trigger(path: displayPath) { return failed(failure) }
         do {
             switch job.operation {
@@ -139,15 +149,16 @@ final class WorkerServer {
         }
     }
 
-    /// Whether the worker must be replaced after `failure`. A file that could not be opened
-    /// (missing, not readable, outside the roots) never reached a demuxer or a decoder, so
-    /// nothing of it can be left in this process: the worker stays, and a dataset with many
-    /// missing files does not pay a worker start (30-40 ms of CPU) for each. Anything that got
-    /// as far as parsing media is replaced, in case the media left state behind.
-    static func mayHaveLeftStateBehind(_ failure: DecodeFailure) -> Bool {
-        switch failure.reason {
-        case .notFound, .permission, .quarantined: false
-        default: true
+    /// Whether the worker must be replaced after `failure` (`SkipReason.workerAftermath`). A
+    /// file that could not be opened never reached a demuxer, so the worker stays: a dataset
+    /// with many missing files does not pay a worker start for each. Media that FFmpeg refused
+    /// replaces it, in case the media left state behind, unless the supervisor asks it to stay
+    /// (`after_refused_media = "keep"`). Running out of memory, or anything unforeseen, replaces it.
+    static func mustExit(after failure: DecodeFailure, staysAfterRefusedMedia: Bool) -> Bool {
+        switch failure.reason.workerAftermath {
+        case .clean: false
+        case .suspect: !staysAfterRefusedMedia
+        case .replaced: true
         }
     }
 

@@ -92,7 +92,7 @@ enum StatusReport {
         lines.append("queue: \(number(queue?["length"])) waiting (limit \(number(queue?["limit"])), wait bound \(number(queue?["wait_limit_ms"])) ms)")
         let counters = status["counters"]
         lines.append(
-            "decoded \(number(counters?["decoded"])), probed \(number(counters?["probed"])), timeouts \(number(counters?["timeouts"])), crashes \(number(counters?["crashes"])), recycles \(number(counters?["recycles"])), spawn failures \(number(counters?["spawn_failures"])), bytes out \(number(counters?["bytes_out"]))")
+            "decoded \(number(counters?["decoded"])), probed \(number(counters?["probed"])), timeouts \(number(counters?["timeouts"])), crashes \(number(counters?["crashes"])) (\(number(counters?["crash_retries"])) retried on a fresh worker), recycles \(number(counters?["recycles"])), spawn failures \(number(counters?["spawn_failures"])), bytes out \(number(counters?["bytes_out"]))")
         if let skipped = counters?["skipped"]?.objectValue {
             let nonzero = skipped.filter { ($0.value.doubleValue ?? 0) > 0 }.sorted { $0.key < $1.key }
             lines.append("skipped: " + (nonzero.isEmpty ? "none" : nonzero.map { "\($0.key) \(number($0.value))" }.joined(separator: ", ")))

@@ -104,6 +104,9 @@ struct ServeCommand: ParsableCommand {
     @Option(help: Self.knob("worker_start", "mode"))
     var workerStart: String?
 
+    @Option(help: Self.knob("after_refused_media", "mode"))
+    var afterRefusedMedia: String?
+
     @Option(help: Self.knob("max_source_pixels"))
     var maxSourcePixels: Int?
 

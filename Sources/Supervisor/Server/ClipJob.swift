@@ -24,7 +24,8 @@ final class ClipJob {
     let kind: Kind
     /// The path as the client gave it (for fd requests, its name for messages and the log).
     let path: String
-    /// The clip's fd when the client passed one; handed to the worker, then closed here.
+    /// The clip's fd when the client passed one; kept until the clip is answered, so that a clip
+    /// retried after a crash (`crashRetry`) can be handed to the next worker too.
     var clipFD: FileDescriptor?
     let deadlineMs: Int
     let tag: String?
@@ -39,6 +40,18 @@ final class ClipJob {
     /// The quarantine entry sent with the job, so the worker can answer `quarantined` at once
     /// when the file is unchanged.
     var quarantine: QuarantineEntry?
+    /// Set when the clip's worker crashed after it had refused bad media: the clip waits for a
+    /// worker that never did, and is answered with this crash if none takes it in time.
+    var crashRetry: CrashRetry?
+
+    struct CrashRetry {
+        /// The crash as it would have been answered.
+        let failure: DecodeFailure
+        /// The clip that worker had refused earlier: the other suspect.
+        let refusedMedia: String
+        let workerPID: Int32
+        let since: Instant
+    }
 
     init(
         id: JobID, connectionID: UInt64, requestID: Int, clipIndex: Int?, kind: Kind, path: String,
@@ -57,6 +70,11 @@ final class ClipJob {
         self.enqueuedAt = Instant.now()
     }
 
+    var isQueued: Bool {
+        if case .queued = state { return true }
+        return false
+    }
+
     var isAnswered: Bool {
         if case .answered = state { return true }
         return false
@@ -71,7 +89,7 @@ final class ClipJob {
     }
 
     /// The job as the worker gets it (docs/worker-protocol.md).
-    func workerJob(roots: [String], threadBudget: Int = 1) -> WorkerJob {
+    func workerJob(roots: [String], threadBudget: Int = 1, staysAfterRefusedMedia: Bool = false) -> WorkerJob {
         let operation: WorkerJob.Operation =
             switch kind {
             case .decode(let options): .decode(options)
@@ -81,6 +99,6 @@ final class ClipJob {
             id: id, operation: operation, path: path, passesFD: clipFD != nil, roots: roots,
             quarantine: quarantine.map {
                 WorkerJob.Quarantine(size: $0.size, mtime: $0.mtime, reason: $0.reason, since: Timestamp.rfc3339(milliseconds: $0.sinceMs))
-            }, threadBudget: threadBudget)
+            }, threadBudget: threadBudget, staysAfterRefusedMedia: staysAfterRefusedMedia)
     }
 }

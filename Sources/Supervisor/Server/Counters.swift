@@ -7,6 +7,9 @@ struct Counters {
     var skipped: [SkipReason: Int] = [:]
     var timeouts = 0
     var crashes = 0
+    /// Crashes of workers that had refused bad media earlier: their clip was tried again on a
+    /// fresh worker instead of being blamed at once.
+    var crashRetries = 0
     var recycles = 0
     var spawns = 0
     var spawnFailures = 0
@@ -21,7 +24,7 @@ struct Counters {
         return [
             "decoded": .number(Double(decoded)), "probed": .number(Double(probed)),
             "skipped": .object(skippedJSON), "timeouts": .number(Double(timeouts)),
-            "crashes": .number(Double(crashes)), "recycles": .number(Double(recycles)),
+            "crashes": .number(Double(crashes)), "crash_retries": .number(Double(crashRetries)), "recycles": .number(Double(recycles)),
             "spawns": .number(Double(spawns)), "spawn_failures": .number(Double(spawnFailures)),
             "bytes_out": .number(Double(bytesOut)), "requests": .number(Double(requests)),
             "connections": .number(Double(connections)), "protocol_errors": .number(Double(protocolErrors)),

@@ -47,6 +47,8 @@ struct ServeConfiguration: Sendable {
     var landlock: WorkerMessage.LandlockMode = .auto
     /// Workers cloned from a fork server (fast) or exec'd each (its own address-space layout).
     var workerStart: WorkerStartMode = .forkServer
+    /// What happens to a worker after media it refused (`after_refused_media`).
+    var afterRefusedMedia: AfterRefusedMedia = .replace
     var maxSourcePixels = 8192 * 8192
     var maxOutputBytes = 2 << 30
     /// Bytes of finished blocks the supervisor may hold for clients that have not read them yet;

@@ -76,6 +76,7 @@ extension Supervisor {
             var entry: [String: JSONValue] = [
                 "pid": .number(Double(worker.pid)), "state": .string(worker.stateName),
                 "clips_done": .number(Double(worker.clipsDone)), "landlock": .number(Double(worker.landlockABI)),
+                "refused_media": worker.refusedMedia.map { .string($0) } ?? .null,
                 "age_ms": .number(Double(now.milliseconds(since: worker.spawnedAt))),
             ]
             if let stat = ProcStat.read(pid: worker.pid) { entry["cpu_s"] = .number(stat.cpuSeconds) }

@@ -214,12 +214,17 @@ extension Supervisor {
                 protocolViolation(by: worker, "sent a block whose header cannot be read: \(error)", job: job)
                 return
             }
+            noteCrashRetrySucceeded(job)
             answer(job, .decoded(result: header.result, block: fd, bytes: bytes))
         case (.probed(let probe), .probe):
             try? fd?.close()
+            noteCrashRetrySucceeded(job)
             answer(job, .probed(probe))
         case (.failed(let failure), _):
             try? fd?.close()
+            if !exiting, failure.reason.workerAftermath == .suspect, worker.refusedMedia == nil {
+                worker.refusedMedia = job.path
+            }
             answer(job, .failed(failure))
         default:
             try? fd?.close()
@@ -257,7 +262,12 @@ extension Supervisor {
             }
         case .busy(let jobID, _):
             guard let job = jobs[jobID] else { return }
-            answer(job, .failed(classify(exit, of: worker, job: job)))
+            let failure = classify(exit, of: worker, job: job)
+            if failure.reason == .crashed, let refused = worker.refusedMedia, job.crashRetry == nil, case .running = phase {
+                retryOnFreshWorker(job, after: failure, in: worker, refused: refused)
+            } else {
+                answer(job, .failed(failure))
+            }
         case .killed(let reason, let at):
             metrics.workerKilled(reason: reason)
             let waited = Instant.now().milliseconds(since: at)
@@ -265,6 +275,29 @@ extension Supervisor {
                 logger.warning("worker \(worker.pid) took \(waited) ms to die after SIGKILL (\(reason))")
             }
         }
+    }
+
+    /// A worker that had refused bad media crashed on `job`: the crash may be the bad media's
+    /// doing (a decoder that read it can leave the heap damaged without crashing at once), so
+    /// the clip is not blamed yet. It waits for a worker that never refused media and is decoded
+    /// there; if it crashes there too, it is answered `crashed` and quarantined as usual.
+    private func retryOnFreshWorker(_ job: ClipJob, after failure: DecodeFailure, in worker: WorkerProcess, refused: String) {
+        counters.crashRetries += 1
+        logger.warning(
+            "worker \(worker.pid) crashed (\(failure.detail ?? "crash")) on \(job.path) after it had refused \(refused): \(job.path) is tried again on a fresh worker before the crash is blamed on it",
+            metadata: ["worker.pid": "\(worker.pid)", "clip.path": "\(job.path)"])
+        job.crashRetry = ClipJob.CrashRetry(failure: failure, refusedMedia: refused, workerPID: worker.pid, since: Instant.now())
+        job.state = .queued
+        crashRetries.append(job.id)
+    }
+
+    /// A clip retried after a crash decoded on a fresh worker: the crash was most likely left
+    /// behind by the media its first worker had refused. Operators hear of it once.
+    private func noteCrashRetrySucceeded(_ job: ClipJob) {
+        guard let retry = job.crashRetry else { return }
+        logger.warning(
+            "\(job.path) decoded on a fresh worker after worker \(retry.workerPID) crashed on it: that crash was most likely left behind by \(retry.refusedMedia), which the worker had refused earlier",
+            metadata: ["clip.path": "\(job.path)"])
     }
 
     /// For a worker the dynamic loader stopped (exit 127), the library it could not load and

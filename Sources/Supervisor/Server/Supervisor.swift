@@ -49,6 +49,9 @@ final class Supervisor {
     var jobs: [JobID: ClipJob] = [:]
     /// Clips waiting for a worker, one lane per client, served round-robin.
     var queue = JobQueue()
+    /// Clips whose worker crashed after refusing bad media (`ClipJob.crashRetry`), oldest first:
+    /// they wait outside `queue` for a worker that never refused media.
+    var crashRetries: [JobID] = []
     var counters = Counters()
     /// Prometheus metrics: recorded here, read by the scrape threads (Metrics/).
     let metrics = SupervisorMetrics()
@@ -198,6 +201,9 @@ final class Supervisor {
             }
         }
         if let oldest = queue.oldest() { consider(oldest.enqueuedAt.adding(milliseconds: configuration.queueWaitMs)) }
+        for id in crashRetries {
+            if let since = jobs[id]?.crashRetry?.since { consider(since.adding(milliseconds: configuration.queueWaitMs)) }
+        }
         if pool.nextSpawnAllowed > now { consider(pool.nextSpawnAllowed) }
         if let paused = listenerPausedUntil { consider(paused) }
         switch phase {
@@ -239,6 +245,16 @@ final class Supervisor {
                 .overloaded,
                 "\(job.path): waited \(configuration.queueWaitMs) ms for a free worker; retry later",
                 path: job.path, retryAfterMs: 1000)))
+        }
+        for id in crashRetries {
+            // No worker that never refused media took it within the queue-wait bound (workers
+            // fail to start): the first crash stands.
+            guard let job = jobs[id], job.isQueued, let retry = job.crashRetry,
+                retry.since.adding(milliseconds: configuration.queueWaitMs) <= now
+            else { continue }
+            var failure = retry.failure
+            failure.message += " (a worker that had refused \(retry.refusedMedia) crashed; no fresh worker took the clip again within \(configuration.queueWaitMs) ms)"
+            answer(job, .failed(failure))
         }
         if let paused = listenerPausedUntil, paused <= now, let listener {
             listenerPausedUntil = nil
@@ -332,7 +348,9 @@ final class Supervisor {
         // Spare workers stand by; no more than `workers` clips decode at once. A stalled worker
         // (blocked in I/O) holds no slot: its clip waits for I/O, not for the CPU.
         var busy = pool.census.decoding
-        for worker in pool.idle {
+        var idle = pool.idle
+        dispatchCrashRetries(idle: &idle, busy: &busy)
+        for worker in idle {
             guard busy < configuration.workers else { return }
             guard let jobID = queue.popNext() else { return }
             guard let job = jobs[jobID] else { continue }
@@ -354,6 +372,32 @@ final class Supervisor {
         }
     }
 
+    /// Clips retried after a crash go first, each to an idle worker that never refused media
+    /// (the crashed worker's replacement is one); without such a worker they keep waiting.
+    private func dispatchCrashRetries(idle: inout [WorkerProcess], busy: inout Int) {
+        crashRetries.removeAll { jobs[$0]?.isQueued != true }
+        var index = 0
+        while index < crashRetries.count, busy < configuration.workers,
+            let position = idle.firstIndex(where: { $0.refusedMedia == nil })
+        {
+            let worker = idle.remove(at: position)
+            guard let job = jobs[crashRetries[index]] else {
+                crashRetries.remove(at: index)
+                continue
+            }
+            switch send(job, to: worker, threadBudget: 1) {
+            case .sent:
+                busy += 1
+                crashRetries.remove(at: index)
+            case .workerFailed:
+                continue  // the clip stays first in line for the next fresh worker
+            case .jobRefused(let failure):
+                crashRetries.remove(at: index)
+                answer(job, .failed(failure))
+            }
+        }
+    }
+
     private enum SendOutcome {
         case sent
         case workerFailed
@@ -362,7 +406,10 @@ final class Supervisor {
 
     private func send(_ job: ClipJob, to worker: WorkerProcess, threadBudget: Int) -> SendOutcome {
         job.quarantine = skipLog?.quarantine(for: job.path) ?? quarantineImport?.entry(for: job.path)
-        let bytes = job.workerJob(roots: configuration.roots, threadBudget: threadBudget).json.serialized()
+        let bytes = job.workerJob(
+            roots: configuration.roots, threadBudget: threadBudget,
+            staysAfterRefusedMedia: configuration.afterRefusedMedia == .keep
+        ).json.serialized()
         let result = bytes.withUnsafeBytes { raw in
             Result { () throws(Errno) in try SocketIO.send(worker.control, raw, passing: job.clipFD, nonBlocking: true) }
         }
@@ -385,8 +432,6 @@ final class Supervisor {
             worker.kill(reason: "control socket failed")
             return .workerFailed
         }
-        try? job.clipFD?.close()
-        job.clipFD = nil
         let now = Instant.now()
         job.state = .running(worker: worker.id, since: now)
         recordDispatch(of: job, at: now)

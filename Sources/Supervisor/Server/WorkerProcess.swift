@@ -36,6 +36,9 @@ final class WorkerProcess {
     /// CPU use on the clip it decodes (set when it takes one): a worker that uses no CPU is
     /// blocked in I/O, and its slot is lent (`WorkerPool.Census.stalled`).
     var cpu: CPUWatch?
+    /// The first clip whose media this worker refused (`WorkerAftermath.suspect`). It kept
+    /// serving; a crash of it later is retried on a fresh worker before it is blamed.
+    var refusedMedia: String?
     /// Whether its control socket is still registered and open.
     var controlOpen = true
 
@@ -141,6 +144,15 @@ enum Spawn {
         let rc = posix_spawn(&pid, executable, actions, attributes, &cArguments, &environment)
         return rc == 0 ? .success(pid) : .failure(Errno(rawValue: rc))
     }
+}
+
+/// What happens to a worker after media it refused (`after_refused_media`,
+/// `WorkerAftermath.suspect`).
+enum AfterRefusedMedia: String, CaseIterable, Sendable {
+    /// DESIGN.md's rule: replaced, in case the media left state behind.
+    case replace
+    /// It stays; a crash of it later is retried on a fresh worker before it is blamed.
+    case keep
 }
 
 /// How the supervisor starts workers (`worker_start`).
