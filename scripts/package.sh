@@ -85,7 +85,8 @@ install -m 0644 packaging/debian/copyright "$root/usr/share/doc/clipvisor/copyri
 for doc in README.md docs/systemd.md docs/install.md; do
     [ -f "$doc" ] && gzip -9n <"$doc" >"$root/usr/share/doc/clipvisor/$(basename "$doc").gz"
 done
-install -m 0644 systemd/clipvisor.service.d/read-only-data.conf.example "$root/usr/share/doc/clipvisor/examples/"
+install -m 0644 systemd/clipvisor.service.d/read-only-data.conf.example systemd/clipvisor.service.d/metrics.conf.example \
+    systemd/clipvisor-hugepages.tmpfiles.example "$root/usr/share/doc/clipvisor/examples/"
 date=$(git log -1 --format=%cD 2>/dev/null || date -R)
 printf 'clipvisor (%s) unstable; urgency=medium\n\n  * Built by scripts/package.sh from the clipvisor sources.\n\n -- clipvisor developers <clipvisor@lists.clipvisor.org>  %s\n' \
     "$version" "$date" | gzip -9n >"$root/usr/share/doc/clipvisor/changelog.gz"

@@ -136,6 +136,38 @@ struct SplitMix {
         #expect(total <= 4096 + bytes.count + overhead + 1024, "\(total) bytes for \(bytes.count) stored")
     }
 
+    /// A writer told the frames' size extends the file ahead (for huge pages) and cuts it at
+    /// `finish`: the block is byte for byte the one written without the hint, whether the hint
+    /// was right, too large or too small, stored or compressed.
+    @Test(arguments: [-1000, 3])
+    func theExpectedSizeHintChangesNoByte(level: Int) throws {
+        var generator = SplitMix(seed: 11)
+        let bytes = (0..<700_000).map { _ in UInt8(truncatingIfNeeded: generator.next() & 0x0F) }
+        func write(expected: Int?) throws -> (size: Int, fileSize: Int, block: [UInt8]) {
+            let fd = try SharedMemory.createSealable(name: "test-hint")
+            defer { try? fd.close() }
+            let writer = try BlockWriter(fd: fd, level: level, reservedHeaderBytes: 4096, expectedDataBytes: expected)
+            try bytes.withUnsafeBytes { raw in
+                for start in stride(from: 0, to: bytes.count, by: 100_000) {
+                    try writer.append(tensor: 0, UnsafeRawBufferPointer(rebasing: raw[start..<min(bytes.count, start + 100_000)]))
+                }
+            }
+            let total = try writer.finish(
+                tensors: [BlockTensor(name: "audio", dtype: .uint8, shape: [bytes.count], layout: "N", frameSizes: [])],
+                result: ["n": 1])
+            var block = [UInt8](repeating: 0, count: total)
+            _ = try block.withUnsafeMutableBytes { try fd.read(fromAbsoluteOffset: 0, into: $0) }
+            return (total, try SharedMemory.size(of: fd), block)
+        }
+        let plain = try write(expected: nil)
+        #expect(plain.fileSize == plain.size)
+        for expected in [bytes.count, 50 * bytes.count, bytes.count / 3] {
+            let hinted = try write(expected: expected)
+            #expect(hinted.fileSize == hinted.size, "the file must end where the block ends (hint \(expected))")
+            #expect(hinted.block == plain.block, "hint \(expected) changed the block")
+        }
+    }
+
     /// Every byte of the block is covered by a check: the header CRC, the zstd frame headers'
     /// CRC, the seek table cross-checks, or a frame's content checksum.
     @Test(arguments: [UInt8(0x01), 0x10, 0x80, 0xFF])

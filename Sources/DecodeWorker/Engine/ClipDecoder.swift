@@ -148,7 +148,8 @@ enum ClipDecoder {
             } ?? 0
             writer = try BlockWriter(
                 fd: memfd, level: options.level,
-                reservedHeaderBytes: BlockWriter.estimatedHeaderBytes(frames: (video?.plan.outputs.count ?? 0) + audioFrames))
+                reservedHeaderBytes: BlockWriter.estimatedHeaderBytes(frames: (video?.plan.outputs.count ?? 0) + audioFrames),
+                expectedDataBytes: min(options.maxOutputBytes, (video?.totalBytes ?? 0) + (audioBytesEstimate ?? 0)))
         } catch { throw blockFailure(error, path) }
 
         var tensors: [BlockTensor] = []

@@ -22,6 +22,9 @@ public final class BlockWriter {
     private var entries: [SeekEntry] = []
     private var frameTensors: [Int] = []
     private var frameHeadersCRC = CRC32()
+    /// The file was extended to the expected size before any frame (`expectedDataBytes`), so
+    /// `finish` cuts it to the block's real end.
+    private var extendedAhead = false
 
     struct SeekEntry {
         var compressed: Int
@@ -32,10 +35,24 @@ public final class BlockWriter {
     /// - Parameters:
     ///   - reservedHeaderBytes: space kept free for the header frame; `estimatedHeaderBytes`
     ///     gives a good value. A larger header still works, at the cost of moving the data once.
-    public init(fd: FileDescriptor, level: Int, reservedHeaderBytes: Int) throws(BlockError) {
+    ///   - expectedDataBytes: the frames' uncompressed bytes, when known. The file is then
+    ///     extended to about the block's size before the first frame (sparse: nothing is
+    ///     allocated), so that where the host lets shared memory use transparent huge pages
+    ///     (`shmem_enabled = within_size`, docs/operations.md) the frames land in 2 MiB pages:
+    ///     a 4 KiB page is counted, mapped and freed separately by the worker's writes, the
+    ///     client's mapping and the last close, which on a VM costs more than the copy.
+    public init(fd: FileDescriptor, level: Int, reservedHeaderBytes: Int, expectedDataBytes: Int? = nil) throws(BlockError) {
         self.fd = fd
         self.reservedHeaderBytes = max(reservedHeaderBytes, BlockFormat.headerPrefixSize + 64)
         self.position = self.reservedHeaderBytes
+        if let expectedDataBytes, expectedDataBytes > 0 {
+            // Frame headers, raw-block headers and checksums, the seek table: well under 1 %.
+            let size = self.reservedHeaderBytes + expectedDataBytes + expectedDataBytes / 64 + 65_536
+            guard ftruncate(fd.rawValue, off_t(size)) == 0 else {
+                throw BlockError("extending the block to \(size) bytes: \(Errno(rawValue: errno))")
+            }
+            extendedAhead = true
+        }
         guard !BlockFormat.storesFrames(level: level) else {
             context = nil
             return
@@ -162,6 +179,9 @@ public final class BlockWriter {
         table.appendLE32(BlockFormat.seekableFooterMagic)
         try table.withBytes { bytes throws(BlockError) in try writeAll(bytes, at: position) }
         position += table.count
+        if extendedAhead, ftruncate(fd.rawValue, off_t(position)) != 0 {
+            throw BlockError("cutting the block to \(position) bytes: \(Errno(rawValue: errno))")
+        }
         return position
     }
 

@@ -88,6 +88,7 @@ enum StatusReport {
             }
             lines.append(line)
         }
+        if let pages = status["memory"]?["block_pages"], let line = BlockPages.line(pages) { lines.append(line) }
         let queue = status["queue"]
         lines.append("queue: \(number(queue?["length"])) waiting (limit \(number(queue?["limit"])), wait bound \(number(queue?["wait_limit_ms"])) ms)")
         let counters = status["counters"]

@@ -245,6 +245,7 @@ struct ServeCommand: ParsableCommand {
         logger.info(
             "clipvisor \(ClipvisorVersion.string) serving on \(configuration.socketPath)\(ownsSocket ? "" : " (passed by systemd)") with \(configuration.workers) workers; skip log \(log.path); \(roots)",
             metadata: config.map { ["config.file": "\($0)"] })
+        if let pages = BlockPages.line(BlockPages.statusJSON()) { logger.info("\(pages)") }
         let code = supervisor.run()
         metricsServing.stop()
         if code != 0 { throw ExitCode(code) }

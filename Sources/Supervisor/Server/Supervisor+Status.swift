@@ -118,6 +118,7 @@ extension Supervisor {
             "memory": [
                 "block_bytes_held": .number(Double(heldBlockBytes)), "budget": .number(Double(configuration.effectiveMemoryBudget)),
                 "blocks_unread": .number(Double(connections.values.reduce(0) { $0 + $1.unreadBlockCount })),
+                "block_pages": BlockPages.statusJSON(),
             ],
             "sandbox": sandboxJSON,
             "connections": .number(Double(connections.count)), "counters": counters.json,
