@@ -375,24 +375,22 @@ final class Supervisor {
     /// Clips retried after a crash go first, each to an idle worker that never refused media
     /// (the crashed worker's replacement is one); without such a worker they keep waiting.
     private func dispatchCrashRetries(idle: inout [WorkerProcess], busy: inout Int) {
-        crashRetries.removeAll { jobs[$0]?.isQueued != true }
-        var index = 0
-        while index < crashRetries.count, busy < configuration.workers,
-            let position = idle.firstIndex(where: { $0.refusedMedia == nil })
-        {
-            let worker = idle.remove(at: position)
-            guard let job = jobs[crashRetries[index]] else {
-                crashRetries.remove(at: index)
+        while let jobID = crashRetries.first, busy < configuration.workers {
+            // Answered meanwhile (cancelled, its sample failed, the wait bound): dropped here.
+            guard let job = jobs[jobID], job.isQueued else {
+                crashRetries.removeFirst()
                 continue
             }
+            guard let position = idle.firstIndex(where: { $0.refusedMedia == nil }) else { return }
+            let worker = idle.remove(at: position)
             switch send(job, to: worker, threadBudget: 1) {
             case .sent:
                 busy += 1
-                crashRetries.remove(at: index)
+                crashRetries.removeFirst()
             case .workerFailed:
                 continue  // the clip stays first in line for the next fresh worker
             case .jobRefused(let failure):
-                crashRetries.remove(at: index)
+                crashRetries.removeFirst()
                 answer(job, .failed(failure))
             }
         }
