@@ -1,3 +1,4 @@
+import CFFmpeg
 import Foundation
 import Shared
 import Testing
@@ -254,5 +255,33 @@ struct EngineTests {
         let r = try Support.run(["ffprobe", "-v", "error", "-count_packets", "-select_streams", "v:0",
                                  "-show_entries", "stream=nb_read_packets", "-of", "csv=p=0", cut])
         #expect(Int(r.stdout.trimmingCharacters(in: .whitespacesAndNewlines)) == counted)
+    }
+}
+
+/// The second demuxer of a decode reads only the audio, so its probing leaves the video out
+/// (`Demuxer(probesVideo: false)`): it must hand the audio reader the same audio packets as a
+/// fully probed demuxer, and leave no stream discarded.
+@Suite struct AudioDemuxerTests {
+    @Test func aDemuxerThatSkipsVideoProbingReadsTheSameAudioPackets() throws {
+        let path = try EngineTests.fixture.get()
+        func audioPackets(probesVideo: Bool) throws -> [String] {
+            let demuxer = try Demuxer(path: path, displayPath: path, probesVideo: probesVideo)
+            for i in 0..<demuxer.streamCount {
+                #expect(demuxer.stream(i).pointee.discard == AVDISCARD_DEFAULT, "stream \(i) left discarded")
+            }
+            let audio = try #require(demuxer.bestStream(AVMEDIA_TYPE_AUDIO))
+            #expect(demuxer.bestStream(AVMEDIA_TYPE_VIDEO) != nil)
+            demuxer.discardAll(except: [audio])
+            let packet = try Packet()
+            var seen: [String] = []
+            while case .packet = demuxer.read(into: packet) {
+                if packet.streamIndex == audio { seen.append("\(packet.pts ?? -1)/\(packet.size)") }
+                packet.unref()
+            }
+            return seen
+        }
+        let probed = try audioPackets(probesVideo: true)
+        #expect(probed.count > 400, "20 s of AAC is ~860 packets; got \(probed.count)")
+        #expect(try audioPackets(probesVideo: false) == probed)
     }
 }

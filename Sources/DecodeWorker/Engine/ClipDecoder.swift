@@ -167,8 +167,11 @@ enum ClipDecoder {
         var audioResult: AudioResult? = nil
         if let audioIndex, let audioPlan {
             do {
-                // The first demuxer has been read through by the video (or its origin scan).
-                let audioDemuxer = videoIndex != nil ? try Demuxer(path: request.path, displayPath: path, maxPixels: options.maxSourcePixels) : demuxer
+                // The first demuxer has been read through by the video (or its origin scan). The
+                // second reads the audio alone, so its probing leaves the video out.
+                let audioDemuxer = videoIndex != nil
+                    ? try Demuxer(path: request.path, displayPath: path, maxPixels: options.maxSourcePixels, probesVideo: false)
+                    : demuxer
                 let decoded = try decodeAudio(
                     audioDemuxer, streamIndex: audioIndex, plan: audioPlan, firstFramePts: videoResult?.pts.first,
                     path: path)
