@@ -116,11 +116,13 @@ final class SkipLogTests {
         let worker = try #require(supervisor.status()["workers"]?["list"]?.arrayValue?.first)
         #expect(worker["refused_media"]?.stringValue == poison, "\(worker.jsonString)")
         #expect(worker["clips_done"]?.intValue == 1, "the worker stays after media it refused")
+        #expect(StatusReport.render(try supervisor.status()).contains("(stayed after refusing \(poison))"))
 
         let (answer, block) = try client.decode(goodClip, ["fps": 2])
         #expect(answer["ok"] == true && block?.isEmpty == false, "\(answer.jsonString)")
         let counters = try supervisor.status()["counters"]
         #expect(counters?["crashes"]?.intValue == 1 && counters?["crash_retries"]?.intValue == 1, "\(counters?.jsonString ?? "")")
+        #expect(StatusReport.render(try supervisor.status()).contains("crashes 1 (1 retried on a fresh worker)"))
         #expect(supervisor.skipRecords().map { $0["path"]?.stringValue } == [poison], "only the refused clip is a skip")
         #expect(try client.decode(goodClip, ["fps": 2]).0["ok"] == true, "the innocent clip is not quarantined")
         #expect(supervisor.stderr.contains("most likely left behind by \(poison)"), "\(supervisor.stderr.suffix(2000))")

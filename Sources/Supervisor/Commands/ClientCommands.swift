@@ -82,6 +82,7 @@ enum StatusReport {
         if let sandbox = status["sandbox"], let line = sandboxLine(sandbox) { lines.append(line) }
         for worker in workers?["list"]?.arrayValue ?? [] {
             var line = "  pid \(number(worker["pid"]))  \(worker["state"]?.stringValue ?? "?")  clips \(number(worker["clips_done"]))"
+            if let refused = worker["refused_media"]?.stringValue { line += "  (stayed after refusing \(refused))" }
             if let clip = worker["clip"]?.stringValue {
                 line += "  \(clip) (\(number(worker["busy_ms"])) of \(number(worker["deadline_ms"])) ms, \(number(worker["cpu_s"])) CPU-s"
                 line += worker["stalled"]?.boolValue == true ? ", BLOCKED: slot lent)" : ")"
