@@ -149,7 +149,9 @@ struct ServeTests {
         try fresh.send(["op": "decode", "job": 1, "path": .string(clip), "options": options])
         let (freshReply, freshFD) = try #require(try fresh.receive())
         #expect(freshReply["ok"] == true)
-        let freshBlock = try Self.contents(of: try #require(freshFD))
+        let freshBlockFD = try #require(freshFD)
+        defer { try? freshBlockFD.close() }
+        let freshBlock = try Support.readBlock(freshBlockFD)
 
         let w = try Worker(["--address-space-mb", "1024"], faults: "oom-on=OOMME")
         _ = try #require(try w.receive())
@@ -171,7 +173,9 @@ struct ServeTests {
         try w.send(["op": "decode", "job": 11, "path": .string(clip), "options": options])
         let (after, afterFD) = try #require(try w.receive())
         #expect(after["ok"] == true && after["exiting"] == false, "\(after.jsonString)")
-        #expect(try Self.contents(of: try #require(afterFD)) == freshBlock, "a worker that refused media decodes like a fresh one")
+        let afterBlockFD = try #require(afterFD)
+        defer { try? afterBlockFD.close() }
+        #expect(try Support.readBlock(afterBlockFD) == freshBlock, "a worker that refused media decodes like a fresh one")
 
         let oomClip = try Support.temporaryDirectory() + "/OOMME.mp4"
         try FileManager.default.copyItem(atPath: clip, toPath: oomClip)
@@ -187,17 +191,6 @@ struct ServeTests {
         let (refused, _) = try #require(try strict.receive())
         #expect(refused["ok"] == false && refused["exiting"] == true, "\(refused.jsonString)")
         #expect(strict.wait().code == 0)
-    }
-
-    /// A block's tensors, decompressed (the fd is closed). The header differs between decodes
-    /// of one clip (timings), the tensors do not.
-    static func contents(of fd: SystemPackage.FileDescriptor) throws -> [[UInt8]] {
-        defer { try? fd.close() }
-        let size = Int(try fd.seek(offset: 0, from: .end))
-        var bytes = [UInt8](repeating: 0, count: size)
-        let read = try bytes.withUnsafeMutableBytes { try fd.read(fromAbsoluteOffset: 0, into: $0) }
-        #expect(read == size)
-        return try bytes.withUnsafeBytes { try BlockReader.read($0).1 }
     }
 
     @Test func closedSocketAndMalformedMessages() throws {

@@ -73,9 +73,12 @@ final class Demuxer {
             throw failure
         }
         context = opened
-        if !probesVideo { discardAll(ofType: AVMEDIA_TYPE_VIDEO) }
+        let allStreams = Set(0..<streamCount)
+        if !probesVideo {
+            discardAll(except: allStreams.filter { stream($0).pointee.codecpar.pointee.codec_type != AVMEDIA_TYPE_VIDEO })
+        }
         rc = cffmpeg_find_stream_info(opened, Int64(maxPixels))
-        if !probesVideo { discardAll(except: Set(0..<streamCount)) }
+        if !probesVideo { discardAll(except: allStreams) }
         if rc < 0 {
             throw FFError.failure(rc, "cannot read stream parameters", path: displayPath, logMark: openLogMark)
         }
@@ -127,13 +130,6 @@ final class Demuxer {
     }
 
     /// Tells the demuxer to skip every stream but `keep` (cheap packet reads for the others).
-    /// Discards every stream of `type`, leaving the others as they are.
-    func discardAll(ofType type: AVMediaType) {
-        for i in 0..<streamCount where stream(i).pointee.codecpar.pointee.codec_type == type {
-            stream(i).pointee.discard = AVDISCARD_ALL
-        }
-    }
-
     func discardAll(except keep: Set<Int>) {
         for i in 0..<streamCount {
             stream(i).pointee.discard = keep.contains(i) ? AVDISCARD_DEFAULT : AVDISCARD_ALL

@@ -124,8 +124,7 @@ final class WorkerServer {
                 .quarantined,
                 "\(displayPath): quarantined: it \(entry.reason == .timeout ? "timed out repeatedly" : reason) (since \(entry.since)) and the file is unchanged; lift with `clipvisor skips --forget \(displayPath)`",
                 path: displayPath, detail: reason)
-            // Nothing was decoded, so nothing can have been left behind: the worker stays.
-            return (.failed(failure), nil, quotaReached)
+            return failed(failure)  // nothing was decoded: the worker stays (`WorkerAftermath.clean`)
         }
         if poisoned { Faults.crash() }
         if faults.poisons(displayPath) {
