@@ -101,11 +101,11 @@ final class SkipLogTests {
         #expect(try restarted.client().decode(crashing).0.errorReason == "crashed", "a changed file must be tried again")
     }
 
-    /// With `after_refused_media = "keep"` (and one worker, no spare, so the clips meet the same
-    /// worker) a worker stays after media it refused, so a crash of
-    /// it later may be that media's doing (test fault `poison-on`: refused, and the worker
-    /// crashes on its next clip). The clip it crashed on is decoded again on a fresh worker,
-    /// answered ok, and neither logged nor quarantined; the log names the refused clip.
+    /// With `after_refused_media = "keep"` a worker stays after media it refused, so a later
+    /// crash of it may be that media's doing (test fault `poison-on`: refused, and the worker
+    /// crashes on its next clip; one worker, no spare, so both clips meet it). The clip it
+    /// crashed on is decoded again on a fresh worker, answered ok, and neither logged nor
+    /// quarantined; the log names the refused clip.
     @Test func aCrashAfterRefusedMediaIsRetriedOnAFreshWorkerBeforeItIsBlamed() throws {
         let supervisor = try SupervisorProcess(
             arguments: ["--workers", "1", "--spare-workers", "0", "--after-refused-media", "keep"],
