@@ -28,7 +28,13 @@ int cv_seal_block(int fd) {
     return fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL);
 }
 
+int cv_seal_slab(int fd) {
+    return fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_SEAL);
+}
+
 int cv_get_seals(int fd) { return fcntl(fd, F_GET_SEALS); }
+
+int cv_seals_forbid_shrinking(int seals) { return seals >= 0 && (seals & F_SEAL_SHRINK) != 0; }
 
 int cv_seals_are_complete(int seals) {
     int need = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE;

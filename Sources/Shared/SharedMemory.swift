@@ -22,6 +22,19 @@ public enum SharedMemory {
         guard cv_seal_block(fd.rawValue) == 0 else { throw Errno(rawValue: errno) }
     }
 
+    /// Seals a block slab (docs/protocol.md, "Block slabs") against shrinking and further
+    /// seals: it is rewritten clip after clip, but a client's mapping of it can never fault
+    /// (SIGBUS) on pages cut away, whoever else holds it.
+    public static func sealAsSlab(_ fd: FileDescriptor) throws(Errno) {
+        guard cv_seal_slab(fd.rawValue) == 0 else { throw Errno(rawValue: errno) }
+    }
+
+    /// Whether the fd is a memfd sealed as a slab is: against shrinking, so that a mapping of
+    /// it never faults, whoever else holds it.
+    public static func isSealedAgainstShrinking(_ fd: FileDescriptor) -> Bool {
+        cv_seals_forbid_shrinking(cv_get_seals(fd.rawValue)) != 0
+    }
+
     /// Whether the fd is a memfd sealed against shrink, grow and write: a reader maps only such
     /// blocks, so the bytes it validated cannot change under it (or SIGBUS it by shrinking).
     public static func isSealed(_ fd: FileDescriptor) -> Bool {

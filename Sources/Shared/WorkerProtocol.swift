@@ -91,10 +91,14 @@ public struct WorkerJob: Sendable {
     /// After media it refuses (`WorkerAftermath.suspect`) the worker stays instead of exiting
     /// (`after_refused_media = "keep"`); false keeps DESIGN.md's rule: replaced after any error.
     public var staysAfterRefusedMedia: Bool
+    /// With a block slab attached instead of a clip's fd (docs/worker-protocol.md, "Block
+    /// slabs"): the most bytes the block may take in it. A block that outgrows it moves to a
+    /// fresh memfd; nil: a fresh memfd from the start.
+    public var slabLimit: Int?
 
     public init(
         id: UInt64, operation: Operation, path: String, passesFD: Bool, roots: [String], quarantine: Quarantine?,
-        threadBudget: Int = 1, staysAfterRefusedMedia: Bool = false
+        threadBudget: Int = 1, staysAfterRefusedMedia: Bool = false, slabLimit: Int? = nil
     ) {
         self.id = id
         self.operation = operation
@@ -104,6 +108,7 @@ public struct WorkerJob: Sendable {
         self.quarantine = quarantine
         self.threadBudget = threadBudget
         self.staysAfterRefusedMedia = staysAfterRefusedMedia
+        self.slabLimit = slabLimit
     }
 
     public var json: JSONValue {
@@ -118,6 +123,7 @@ public struct WorkerJob: Sendable {
         if passesFD { message["fd"] = true }
         if threadBudget > 1 { message["thread_budget"] = .number(Double(threadBudget)) }
         if staysAfterRefusedMedia { message["stay_after_refused_media"] = true }
+        if let slabLimit { message["slab_limit"] = .number(Double(slabLimit)) }
         if !roots.isEmpty { message["roots"] = .array(roots.map { .string($0) }) }
         if let quarantine {
             message["quarantine"] = [
@@ -150,6 +156,12 @@ public struct WorkerJob: Sendable {
         passesFD = json["fd"]?.boolValue ?? false
         threadBudget = min(max(json["thread_budget"]?.intValue ?? 1, 1), Self.maxThreadBudget)
         staysAfterRefusedMedia = json["stay_after_refused_media"]?.boolValue ?? false
+        if let limit = json["slab_limit"] {
+            guard let bytes = limit.intValue, bytes > 0, !passesFD else {
+                throw WorkerProtocolError("job \(id): slab_limit \(limit.jsonString) with\(passesFD ? " a clip fd" : "out a positive size")")
+            }
+            slabLimit = bytes
+        }
         roots = json["roots"]?.arrayValue?.compactMap(\.stringValue) ?? []
         quarantine = json["quarantine"].flatMap { entry -> Quarantine? in
             guard let reason = entry["reason"]?.stringValue.flatMap(SkipReason.init(rawValue:)) else { return nil }
@@ -189,9 +201,10 @@ public enum WorkerReply: Sendable {
     }
 
     public enum Outcome: Sendable {
-        /// The block, a sealed memfd of `blockBytes` bytes, rides with the message; the result
-        /// travels once, in the block's header (docs/block-format.md).
-        case decoded(blockBytes: Int)
+        /// The block, a sealed memfd of `blockBytes` bytes, rides with the message; or, when
+        /// `inSlab`, it fills the first `blockBytes` bytes of the slab the job came with, and no
+        /// fd rides. The result travels once, in the block's header (docs/block-format.md).
+        case decoded(blockBytes: Int, inSlab: Bool = false)
         case probed(JSONValue)
         case failed(DecodeFailure)
     }
@@ -213,9 +226,10 @@ public enum WorkerReply: Sendable {
         case .done(let job, let outcome, let exiting):
             var message: [String: JSONValue] = ["op": "done", "job": .number(Double(job)), "exiting": .bool(exiting)]
             switch outcome {
-            case .decoded(let bytes):
+            case .decoded(let bytes, let inSlab):
                 message["ok"] = true
                 message["block_bytes"] = .number(Double(bytes))
+                if inSlab { message["in_slab"] = true }
             case .probed(let probe):
                 message["ok"] = true
                 message["probe"] = probe
@@ -253,7 +267,7 @@ public enum WorkerReply: Sendable {
             if json["ok"]?.boolValue == true {
                 if let bytes = json["block_bytes"]?.intValue {
                     guard bytes > 0 else { throw WorkerProtocolError("job \(job): a block of \(bytes) bytes") }
-                    outcome = .decoded(blockBytes: bytes)
+                    outcome = .decoded(blockBytes: bytes, inSlab: json["in_slab"]?.boolValue ?? false)
                 } else if let probe = json["probe"] {
                     outcome = .probed(probe)
                 } else {

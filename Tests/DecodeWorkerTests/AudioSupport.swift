@@ -20,8 +20,8 @@ enum AudioSupport {
             try ClipDecoder.decode(ClipRequest(path: path, displayPath: path, options: options, access: access))
         }
         do {
-            #expect(SharedMemory.isSealed(clip.block.fd!))
-            let mapped = try MappedFile(fd: clip.block.fd!)
+            #expect(SharedMemory.isSealed(clip.block!.fd!))
+            let mapped = try MappedFile(fd: clip.block!.fd!)
             let (header, tensors) = try BlockReader.read(mapped.bytes)
             var planes: [[Float]] = []
             var video: [UInt8]? = nil

@@ -130,7 +130,7 @@ enum Support {
             try ClipDecoder.decode(ClipRequest(path: path, displayPath: path, options: options, access: access, threadBudget: threadBudget))
         }
         do {
-            return (clip.result, try readBlock(clip.block.fd!))
+            return (clip.result, try readBlock(clip.block!.fd!))
         } catch {
             throw DecodeFailure(.decodeError, "test: invalid block: \(error)", path: path)
         }

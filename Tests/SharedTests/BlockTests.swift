@@ -168,6 +168,70 @@ struct SplitMix {
         }
     }
 
+    /// A block written into a slab (docs/protocol.md, "Block slabs") is byte for byte the block a
+    /// fresh memfd gets, in the slab's first bytes, whatever the slab held before; the slab is
+    /// never cut. One that outgrows the slab's limit moves to a fresh file with every byte, once,
+    /// mid-write or (when the expected size already says so) before writing anything.
+    @Test(arguments: [-1000, 3])
+    func aBlockInASlabIsTheSameBlockAndMovesOutWhenItOutgrowsIt(level: Int) throws {
+        var generator = SplitMix(seed: 12)
+        let bytes = (0..<700_000).map { _ in UInt8(truncatingIfNeeded: generator.next() & 0x0F) }
+        let tensors = [BlockTensor(name: "audio", dtype: .uint8, shape: [bytes.count], layout: "N", frameSizes: [])]
+        func contents(_ fd: FileDescriptor, _ count: Int) throws -> [UInt8] {
+            var block = [UInt8](repeating: 0, count: count)
+            _ = try block.withUnsafeMutableBytes { try fd.read(fromAbsoluteOffset: 0, into: $0) }
+            return block
+        }
+        func fill(_ writer: BlockWriter) throws -> Int {
+            try bytes.withUnsafeBytes { raw in
+                for start in stride(from: 0, to: bytes.count, by: 100_000) {
+                    try writer.append(tensor: 0, UnsafeRawBufferPointer(rebasing: raw[start..<min(bytes.count, start + 100_000)]))
+                }
+            }
+            return try writer.finish(tensors: tensors, result: ["n": 1])
+        }
+        let fresh = try SharedMemory.createSealable(name: "test-fresh")
+        defer { try? fresh.close() }
+        let plainSize = try fill(try BlockWriter(fd: fresh, level: level, reservedHeaderBytes: 4096))
+        let plain = try contents(fresh, plainSize)
+
+        let slab = try SharedMemory.createSealable(name: "test-slab")
+        defer { try? slab.close() }
+        try SharedMemory.sealAsSlab(slab)
+        let garbage = [UInt8](repeating: 0xA5, count: 3_000_000)  // an earlier, larger block
+        _ = try garbage.withUnsafeBytes { try slab.writeAll(toAbsoluteOffset: 0, $0) }
+        var made: [FileDescriptor] = []
+        defer { for fd in made { try? fd.close() } }
+        func writeInSlab(limit: Int, expected: Int?) throws -> (writer: BlockWriter, size: Int) {
+            let target = BlockWriter.Slab(fd: slab, limit: limit) { () throws(BlockError) -> FileDescriptor in
+                do {
+                    let fd = try SharedMemory.createSealable(name: "test-overflow")
+                    made.append(fd)
+                    return fd
+                } catch { throw BlockError("\(error)") }
+            }
+            let writer = try BlockWriter(slab: target, level: level, reservedHeaderBytes: 4096, expectedDataBytes: expected)
+            return (writer, try fill(writer))
+        }
+
+        let inSlab = try writeInSlab(limit: 64 << 20, expected: bytes.count)
+        #expect(inSlab.writer.isInSlab && made.isEmpty)
+        #expect(inSlab.size == plainSize)
+        #expect(try contents(slab, inSlab.size) == plain, "the block in the slab differs from a fresh memfd's")
+        #expect(try SharedMemory.size(of: slab) == garbage.count, "a slab is never cut")
+
+        let midWrite = try writeInSlab(limit: 300_000, expected: nil)
+        #expect(!midWrite.writer.isInSlab && made.count == 1, "the block outgrew the slab and moved")
+        #expect(try contents(made[0], midWrite.size) == plain)
+        #expect(try SharedMemory.size(of: made[0]) == midWrite.size)
+
+        _ = try garbage.withUnsafeBytes { try slab.writeAll(toAbsoluteOffset: 0, $0) }
+        let atOnce = try writeInSlab(limit: 300_000, expected: bytes.count)
+        #expect(!atOnce.writer.isInSlab && made.count == 2)
+        #expect(try contents(made[1], atOnce.size) == plain)
+        #expect(try contents(slab, 4096) == Array(garbage[0..<4096]), "a block known not to fit never touches the slab")
+    }
+
     /// Every byte of the block is covered by a check: the header CRC, the zstd frame headers'
     /// CRC, the seek table cross-checks, or a frame's content checksum.
     @Test(arguments: [UInt8(0x01), 0x10, 0x80, 0xFF])

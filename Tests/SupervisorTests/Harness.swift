@@ -144,7 +144,9 @@ final class SupervisorProcess {
 
     var stderr: String { (try? String(contentsOfFile: stderrPath, encoding: .utf8)) ?? "" }
 
-    func client() throws -> SupervisorClient { try SupervisorClient.connect(candidates: [socketPath], timeoutMs: 5000) }
+    func client(slabs: Int = 0) throws -> SupervisorClient {
+        try SupervisorClient.connect(candidates: [socketPath], timeoutMs: 5000, slabs: slabs)
+    }
 
     /// Polls `status` until `condition` holds; false after `timeout` seconds.
     func waitForStatus(timeout: Double = 10, _ condition: (JSONValue) -> Bool) -> Bool {

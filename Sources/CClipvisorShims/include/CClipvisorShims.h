@@ -16,9 +16,15 @@ int cv_memfd_create_sealable(const char *name);
 /// Seals a finished block against shrinking, growing, writing and further sealing
 /// (F_ADD_SEALS is hidden by _GNU_SOURCE). Fails with EBUSY while a writable shared mapping exists.
 int cv_seal_block(int fd);
+/// Seals a block slab against shrinking (a reader's mapping can never SIGBUS) and further
+/// sealing (nobody can stop its reuse); it stays writable and growable.
+int cv_seal_slab(int fd);
 
 /// F_GET_SEALS: returns the seal bits, so a reader can refuse an unsealed (still mutable) block.
 int cv_get_seals(int fd);
+
+/// 1 when `seals` (from cv_get_seals) hold the shrink seal.
+int cv_seals_forbid_shrinking(int seals);
 
 /// 1 when `seals` (from cv_get_seals) hold shrink, grow and write seals.
 int cv_seals_are_complete(int seals);

@@ -31,12 +31,15 @@ struct ClipRequest {
     var access: AccessPolicy = .auto
     /// Decoder threads allowed for a dense selection beyond `options.threads` (WorkerJob.threadBudget).
     var threadBudget = 1
+    /// A block slab to write the block into while it fits `limit` bytes (WorkerJob.slabLimit).
+    var slab: (fd: FileDescriptor, limit: Int)? = nil
 }
 
-/// A decoded clip: the result metadata and its block in a sealed memfd.
+/// A decoded clip: the result metadata and its block, in a sealed memfd or in the request's slab.
 struct DecodedClip {
     var result: DecodeResult
-    var block: OwnedFD
+    /// The sealed memfd; nil when the block is in the request's slab.
+    var block: OwnedFD?
     var blockBytes: Int
 }
 
@@ -125,13 +128,17 @@ enum ClipDecoder {
             }
         }
 
-        let memfd: FileDescriptor
-        do { memfd = try SharedMemory.createSealable() } catch {
-            throw DecodeFailure(
-                error == .noMemory ? .outOfMemory : .decodeError, "\(path): cannot create the block memfd: \(error)",
-                path: path)
+        // The sealed memfd: made at once, or only when the block outgrows the request's slab.
+        var block: OwnedFD?
+        func makeMemfd() throws(BlockError) -> FileDescriptor {
+            do {
+                let memfd = try SharedMemory.createSealable()
+                block = OwnedFD(memfd)
+                return memfd
+            } catch {
+                throw BlockError("cannot create the block memfd: \(error)", outOfMemory: error == .noMemory)
+            }
         }
-        let block = OwnedFD(memfd)
         let writer: BlockWriter
         do {
             // One frame per channel per second of audio: from the range, else from the stream's
@@ -146,10 +153,16 @@ enum ClipDecoder {
                 }
                 return plan.channels * Int(seconds.rounded(.up)).clamped(to: 1...100_000)
             } ?? 0
-            writer = try BlockWriter(
-                fd: memfd, level: options.level,
-                reservedHeaderBytes: BlockWriter.estimatedHeaderBytes(frames: (video?.plan.outputs.count ?? 0) + audioFrames),
-                expectedDataBytes: min(options.maxOutputBytes, (video?.totalBytes ?? 0) + (audioBytesEstimate ?? 0)))
+            let headerBytes = BlockWriter.estimatedHeaderBytes(frames: (video?.plan.outputs.count ?? 0) + audioFrames)
+            let dataBytes = min(options.maxOutputBytes, (video?.totalBytes ?? 0) + (audioBytesEstimate ?? 0))
+            if let slab = request.slab {
+                writer = try BlockWriter(
+                    slab: BlockWriter.Slab(fd: slab.fd, limit: slab.limit, overflow: makeMemfd), level: options.level,
+                    reservedHeaderBytes: headerBytes, expectedDataBytes: dataBytes)
+            } else {
+                writer = try BlockWriter(
+                    fd: try makeMemfd(), level: options.level, reservedHeaderBytes: headerBytes, expectedDataBytes: dataBytes)
+            }
         } catch { throw blockFailure(error, path) }
 
         var tensors: [BlockTensor] = []
@@ -198,10 +211,12 @@ enum ClipDecoder {
         do {
             size = try writer.finish(tensors: tensors, result: JSONCoding.encode(result))
         } catch { throw blockFailure(error, path) }
-        do { try SharedMemory.seal(memfd) } catch {
-            throw DecodeFailure(.decodeError, "\(path): cannot seal the block: \(error)", path: path)
+        if !writer.isInSlab {
+            do { try SharedMemory.seal(writer.currentFD) } catch {
+                throw DecodeFailure(.decodeError, "\(path): cannot seal the block: \(error)", path: path)
+            }
         }
-        return DecodedClip(result: result, block: block, blockBytes: size)
+        return DecodedClip(result: result, block: writer.isInSlab ? nil : block, blockBytes: size)
     }
 
     // MARK: - Video
@@ -473,7 +488,9 @@ enum ClipDecoder {
     }
 
     private static func blockFailure(_ error: BlockError, _ path: String) -> DecodeFailure {
-        DecodeFailure(.decodeError, "\(path): cannot write the block: \(error.message)", path: path, detail: error.message)
+        DecodeFailure(
+            error.outOfMemory ? .outOfMemory : .decodeError, "\(path): cannot write the block: \(error.message)", path: path,
+            detail: error.message)
     }
 
     static func describeStreams(_ demuxer: Demuxer) -> String {

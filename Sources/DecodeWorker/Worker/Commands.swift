@@ -89,7 +89,7 @@ struct DecodeCommand: ParsableCommand {
             }
             let options = try decode.decodeOptions()
             let clip = try ClipDecoder.decode(ClipRequest(path: path, displayPath: path, options: options, access: policy))
-            if let out, let fd = clip.block.fd {
+            if let out, let fd = clip.block?.fd {
                 try copyBlock(from: fd, bytes: clip.blockBytes, to: out)
             }
             printJSON(JSONCoding.encode(clip.result))

@@ -78,6 +78,9 @@ final class WorkerServer {
                 return WorkerMessage.ExitCode.protocolError.rawValue
             }
             let (outcome, block, exiting) = handle(job, passed: passed)
+            // Closed before the reply: once the supervisor reads it, this worker holds nothing
+            // of a slab that may go to the client and then to another worker.
+            try? passed?.release()?.close()
             guard let delivered = deliver(.done(job: job.id, outcome: outcome, exiting: exiting), block: block, path: job.path)
             else { return WorkerMessage.ExitCode.protocolError.rawValue }
             if case .done(_, _, true) = delivered { return WorkerMessage.ExitCode.recycled.rawValue }
@@ -94,6 +97,11 @@ final class WorkerServer {
             (.failed(failure), nil, Self.mustExit(after: failure, staysAfterRefusedMedia: job.staysAfterRefusedMedia) || quotaReached)
         }
         let name = job.path
+        // The fd that came with the job: the clip itself, or the block slab to write into.
+        let slab = job.slabLimit.flatMap { limit in passed?.fd.map { (fd: $0, limit: limit) } }
+        if job.slabLimit != nil, slab == nil {
+            return failed(DecodeFailure(.invalidRequest, "\(name): the job says slab_limit but no slab came with it", path: name, detail: "slab"))
+        }
         let openPath: String
         if job.passesFD {
             guard let fd = passed?.fd else {
@@ -140,8 +148,8 @@ final class WorkerServer {
                 return (.probed(try Prober.probe(path: openPath, displayPath: displayPath)), nil, quotaReached)
             case .decode(let options):
                 let clip = try ClipDecoder.decode(ClipRequest(
-                    path: openPath, displayPath: displayPath, options: options, threadBudget: job.threadBudget))
-                return (.decoded(blockBytes: clip.blockBytes), clip.block, quotaReached)
+                    path: openPath, displayPath: displayPath, options: options, threadBudget: job.threadBudget, slab: slab))
+                return (.decoded(blockBytes: clip.blockBytes, inSlab: clip.block == nil), clip.block, quotaReached)
             }
         } catch {
             return failed(error)

@@ -102,7 +102,12 @@ public struct BlockTensor: Sendable, Equatable, Codable {
 /// A malformed, tampered or truncated block, or a failure to write one.
 public struct BlockError: Error, Sendable, Equatable, CustomStringConvertible {
     public var message: String
-    public init(_ message: String) { self.message = message }
+    /// The block could not be written for want of memory (the clip is then `out_of_memory`).
+    public var outOfMemory: Bool
+    public init(_ message: String, outOfMemory: Bool = false) {
+        self.message = message
+        self.outOfMemory = outOfMemory
+    }
     public var description: String { "invalid block: \(message)" }
 }
 

@@ -13,7 +13,25 @@ import Glibc
 /// the memfd can be sealed against writing afterwards (F_SEAL_WRITE fails while a writable
 /// mapping exists), and output is never held twice in memory.
 public final class BlockWriter {
-    private let fd: FileDescriptor
+    /// A block slab the block may fill up to `limit` bytes; past that it moves, once, to the
+    /// fresh file `overflow` makes (a client's slab is bounded, a clip's size is an estimate).
+    public struct Slab {
+        public var fd: FileDescriptor
+        public var limit: Int
+        public var overflow: () throws(BlockError) -> FileDescriptor
+
+        public init(fd: FileDescriptor, limit: Int, overflow: @escaping () throws(BlockError) -> FileDescriptor) {
+            self.fd = fd
+            self.limit = limit
+            self.overflow = overflow
+        }
+    }
+
+    private var fd: FileDescriptor
+    /// Set while the block is written into a slab.
+    private var slab: Slab?
+    /// The size `expectedDataBytes` predicts, for extending a fresh file ahead.
+    private let expectedSize: Int?
     /// The zstd context; nil when frames are stored (`BlockFormat.storesFrames(level:)`).
     private let context: OpaquePointer?
     private var scratch: [UInt8] = []
@@ -41,30 +59,107 @@ public final class BlockWriter {
     ///     (`shmem_enabled = within_size`, docs/operations.md) the frames land in 2 MiB pages:
     ///     a 4 KiB page is counted, mapped and freed separately by the worker's writes, the
     ///     client's mapping and the last close, which on a VM costs more than the copy.
-    public init(fd: FileDescriptor, level: Int, reservedHeaderBytes: Int, expectedDataBytes: Int? = nil) throws(BlockError) {
+    ///   - slab: write into this block slab instead of `fd` while the block fits its limit;
+    ///     `fd` is then unused. A slab is never cut: its pages are what makes it worth reusing.
+    public convenience init(slab: Slab, level: Int, reservedHeaderBytes: Int, expectedDataBytes: Int? = nil) throws(BlockError) {
+        try self.init(fd: slab.fd, level: level, reservedHeaderBytes: reservedHeaderBytes, expectedDataBytes: expectedDataBytes, slab: slab)
+    }
+
+    /// Writes the block into `fd`, a fresh file.
+    public convenience init(
+        fd: FileDescriptor, level: Int, reservedHeaderBytes: Int, expectedDataBytes: Int? = nil
+    ) throws(BlockError) {
+        try self.init(fd: fd, level: level, reservedHeaderBytes: reservedHeaderBytes, expectedDataBytes: expectedDataBytes, slab: nil)
+    }
+
+    private init(
+        fd: FileDescriptor, level: Int, reservedHeaderBytes: Int, expectedDataBytes: Int?, slab: Slab?
+    ) throws(BlockError) {
         self.fd = fd
+        self.slab = slab
         self.reservedHeaderBytes = max(reservedHeaderBytes, BlockFormat.headerPrefixSize + 64)
         self.position = self.reservedHeaderBytes
-        if let expectedDataBytes, expectedDataBytes > 0 {
-            // Frame headers, raw-block headers and checksums, the seek table: well under 1 %.
-            let size = self.reservedHeaderBytes + expectedDataBytes + expectedDataBytes / 64 + 65_536
-            guard ftruncate(fd.rawValue, off_t(size)) == 0 else {
-                throw BlockError("extending the block to \(size) bytes: \(Errno(rawValue: errno))")
-            }
-            extendedAhead = true
-        }
-        guard !BlockFormat.storesFrames(level: level) else {
+        // Frame headers, raw-block headers and checksums, the seek table: well under 1 %.
+        let reserved = self.reservedHeaderBytes
+        expectedSize = expectedDataBytes.flatMap { $0 > 0 ? reserved + $0 + $0 / 64 + 65_536 : nil }
+        if BlockFormat.storesFrames(level: level) {
             context = nil
-            return
+        } else {
+            guard let context = ZSTD_createCCtx() else { throw BlockError("out of memory creating a zstd context") }
+            self.context = context
+            try check(ZSTD_CCtx_setParameter(context, ZSTD_c_compressionLevel, Int32(level)), "level \(level)")
+            try check(ZSTD_CCtx_setParameter(context, ZSTD_c_checksumFlag, 1), "checksum flag")
+            try check(ZSTD_CCtx_setParameter(context, ZSTD_c_contentSizeFlag, 1), "content size flag")
         }
-        guard let context = ZSTD_createCCtx() else { throw BlockError("out of memory creating a zstd context") }
-        self.context = context
-        try check(ZSTD_CCtx_setParameter(context, ZSTD_c_compressionLevel, Int32(level)), "level \(level)")
-        try check(ZSTD_CCtx_setParameter(context, ZSTD_c_checksumFlag, 1), "checksum flag")
-        try check(ZSTD_CCtx_setParameter(context, ZSTD_c_contentSizeFlag, 1), "content size flag")
+        if let slab, let expectedSize, expectedSize > slab.limit {
+            try moveOutOfSlab()  // it will not fit: straight to a fresh file, before any byte
+        } else if slab == nil {
+            try extendAhead()
+        }
     }
 
     deinit { if let context { ZSTD_freeCCtx(context) } }
+
+    /// Whether the block is (still) in the slab it was given; false once it moved to the file
+    /// the slab's `overflow` made, or when it had no slab.
+    public var isInSlab: Bool { slab != nil }
+
+    /// The file the block is in now: the slab's, or the fresh one.
+    public var currentFD: FileDescriptor { fd }
+
+    /// Extends a fresh file to the expected size (sparse: nothing is allocated), so that where
+    /// the host lets shared memory use huge pages the frames land in them; `finish` cuts it.
+    private func extendAhead() throws(BlockError) {
+        guard let expectedSize else { return }
+        guard ftruncate(fd.rawValue, off_t(expectedSize)) == 0 else {
+            throw BlockError("extending the block to \(expectedSize) bytes: \(Errno(rawValue: errno))")
+        }
+        extendedAhead = true
+    }
+
+    /// Makes room for a write that ends at byte `end`: a block about to outgrow its slab moves
+    /// to a fresh file first, with what it holds so far.
+    private func ensureRoom(upTo end: Int) throws(BlockError) {
+        if let slab, end > slab.limit { try moveOutOfSlab() }
+    }
+
+    private func moveOutOfSlab() throws(BlockError) {
+        guard let slab else { return }
+        let target = try slab.overflow()
+        self.slab = nil
+        let source = fd
+        fd = target
+        try extendAhead()
+        // The frames written so far; the header space is written only by `finish`.
+        try copy(from: source, range: reservedHeaderBytes..<position)
+    }
+
+    /// Copies `range` of `source` to the same offsets of the current file.
+    private func copy(from source: FileDescriptor, range: Range<Int>) throws(BlockError) {
+        let chunk = 1 << 20
+        var buffer = [UInt8](repeating: 0, count: min(chunk, range.count))
+        var offset = range.lowerBound
+        while offset < range.upperBound {
+            let length = min(chunk, range.upperBound - offset)
+            try buffer.withMutableBytes { raw throws(BlockError) in
+                let slice = UnsafeMutableRawBufferPointer(rebasing: raw[0..<length])
+                try readFully(source, into: slice, at: offset)
+                try writeAll(UnsafeRawBufferPointer(slice), at: offset)
+            }
+            offset += length
+        }
+    }
+
+    private func readFully(_ source: FileDescriptor, into slice: UnsafeMutableRawBufferPointer, at offset: Int) throws(BlockError) {
+        do {
+            let n = try source.read(fromAbsoluteOffset: Int64(offset), into: slice, retryOnInterrupt: true)
+            guard n == slice.count else { throw BlockError("short read while moving block data") }
+        } catch let error as BlockError {
+            throw error
+        } catch {
+            throw BlockError("reading back block data: \(error)")
+        }
+    }
 
     /// A generous bound on the header of a block with this many frames (pts, indices and sizes
     /// take well under 64 bytes a frame in JSON).
@@ -106,6 +201,7 @@ public final class BlockWriter {
 
     /// A stored frame, written from `bytes` with no copy (CStoredFrame).
     private func appendStored(tensor: Int, _ bytes: UnsafeRawBufferPointer) throws(BlockError) {
+        try ensureRoom(upTo: position + cv_stored_zstd_frame_size(bytes.count))
         var checksum: UInt32 = 0
         var header = [UInt8](repeating: 0, count: Int(CV_STORED_FRAME_MAX_HEADER))
         var headerBytes = 0
@@ -188,6 +284,7 @@ public final class BlockWriter {
     /// Moves the data frames `delta` bytes further, last chunk first, when the header outgrew
     /// its reservation.
     private func shiftData(by delta: Int) throws(BlockError) {
+        try ensureRoom(upTo: position + delta)
         let chunk = 1 << 20
         var buffer = [UInt8](repeating: 0, count: chunk)
         var end = position
@@ -196,14 +293,7 @@ public final class BlockWriter {
             let length = end - start
             try buffer.withMutableBytes { raw throws(BlockError) in
                 let slice = UnsafeMutableRawBufferPointer(rebasing: raw[0..<length])
-                do {
-                    let n = try fd.read(fromAbsoluteOffset: Int64(start), into: slice, retryOnInterrupt: true)
-                    guard n == length else { throw BlockError("short read while moving block data") }
-                } catch let error as BlockError {
-                    throw error
-                } catch {
-                    throw BlockError("reading back block data: \(error)")
-                }
+                try readFully(fd, into: slice, at: start)
                 try writeAll(UnsafeRawBufferPointer(slice), at: start + delta)
             }
             end = start
@@ -212,6 +302,7 @@ public final class BlockWriter {
     }
 
     private func writeAll(_ bytes: UnsafeRawBufferPointer, at offset: Int) throws(BlockError) {
+        try ensureRoom(upTo: offset + bytes.count)
         do {
             _ = try fd.writeAll(toAbsoluteOffset: Int64(offset), bytes)
         } catch let errno as Errno {

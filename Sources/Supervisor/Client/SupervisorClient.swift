@@ -32,8 +32,9 @@ final class SupervisorClient {
     }
 
     /// Connects to the first candidate socket that accepts and answers `hello` within
-    /// `timeoutMs`. Throws with every attempt's error when none does.
-    static func connect(candidates: [String], timeoutMs: Int32 = 5000) throws(Failure) -> SupervisorClient {
+    /// `timeoutMs`. Throws with every attempt's error when none does. `slabs`: block slabs to
+    /// ask for (docs/protocol.md); the CLI reads each block once and asks for none.
+    static func connect(candidates: [String], timeoutMs: Int32 = 5000, slabs: Int = 0) throws(Failure) -> SupervisorClient {
         var problems: [String] = []
         for path in candidates {
             let fd: FileDescriptor
@@ -45,8 +46,12 @@ final class SupervisorClient {
             }
             let client = SupervisorClient(fd: fd, socketPath: path)
             do {
-                try client.send(["op": "hello", "protocol": .number(Double(ClipvisorVersion.clientProtocol)),
-                                 "client": .string("clipvisor-cli/\(ClipvisorVersion.string)"), "pid": .number(Double(getpid()))])
+                var hello: JSONValue = [
+                    "op": "hello", "protocol": .number(Double(ClipvisorVersion.clientProtocol)),
+                    "client": .string("clipvisor-cli/\(ClipvisorVersion.string)"), "pid": .number(Double(getpid())),
+                ]
+                if slabs > 0 { hello = hello.merging(["slabs": .number(Double(slabs))]) }
+                try client.send(hello)
                 let (answer, _) = try client.receive(timeoutMs: timeoutMs)
                 guard answer["ok"]?.boolValue == true else {
                     throw Failure(answer["error"]?["message"]?.stringValue ?? "hello refused")
@@ -73,7 +78,8 @@ final class SupervisorClient {
         }
     }
 
-    /// The next message, with the fd it carries when it declares one (`block_bytes`).
+    /// The next message, with the fd it carries when it declares one (`block_bytes`, unless its
+    /// block is in a slab whose fd came earlier).
     func receive(timeoutMs: Int32) throws(Failure) -> (JSONValue, FileDescriptor?) {
         let deadline = Instant.now().adding(milliseconds: Int(timeoutMs))
         var buffer = [UInt8](repeating: 0, count: 65_536)
@@ -87,7 +93,8 @@ final class SupervisorClient {
             if let body {
                 guard let message = try? JSONValue.parse(body) else { throw Failure("the supervisor sent malformed JSON") }
                 var attached: FileDescriptor?
-                if message["block_bytes"] != nil, !receivedFDs.isEmpty { attached = receivedFDs.removeFirst() }
+                let carriesFD = message["block_bytes"] != nil && message["slab"]?["attached"]?.boolValue != false
+                if carriesFD, !receivedFDs.isEmpty { attached = receivedFDs.removeFirst() }
                 return (message, attached)
             }
             let left = Int32(deadline.milliseconds(since: Instant.now()))

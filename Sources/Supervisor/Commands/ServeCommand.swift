@@ -116,6 +116,12 @@ struct ServeCommand: ParsableCommand {
     @Option(help: Self.knob("memory_budget", "bytes"))
     var memoryBudget: Int?
 
+    @Option(help: Self.knob("block_slabs"))
+    var blockSlabs: Int?
+
+    @Option(help: Self.knob("block_slab_memory", "bytes"))
+    var blockSlabMemory: Int?
+
     @Option(help: Self.knob("grace", "seconds"))
     var grace: Double?
 

@@ -165,6 +165,26 @@ extension ConfigKey {
             defaultText: "workers × max_output_bytes", example: "4_294_967_296",
             apply: { settings, value in if case .integer(let bytes) = value { settings.configuration.memoryBudgetBytes = bytes } }),
         ConfigKey(
+            name: "block_slabs", flag: "--block-slabs", kind: .integer(0...BlockSlabs.maxPerConnection),
+            help: """
+                Block slabs per client connection: shared-memory files that its clips' blocks are written into and \
+                reused, so that a steady stream of clips allocates, maps and frees no memory per clip (on a VM that \
+                costs more than copying the bytes). A client asks for up to this many in its hello; clips beyond them, \
+                clips passed as fds and blocks over 64 MiB get a fresh sealed memfd each. A slab is sealed against \
+                shrinking but stays writable: a worker compromised by its media could alter a later block of the \
+                same client before it is read. 0: every block is a fresh sealed memfd (docs/protocol.md, "Block slabs").
+                """,
+            defaultText: "4", example: "4",
+            apply: { settings, value in if case .integer(let count) = value { settings.configuration.blockSlabs = count } }),
+        ConfigKey(
+            name: "block_slab_memory", flag: "--block-slab-memory", kind: .integer(1...(1 << 50)),
+            help: """
+                Bytes all block slabs may hold together. Slabs keep their pages while their connection lives (a \
+                slab is as large as the largest block it held); a clip that finds no room gets a fresh memfd.
+                """,
+            defaultText: "1073741824 (1 GiB)", example: "1_073_741_824",
+            apply: { settings, value in if case .integer(let bytes) = value { settings.configuration.blockSlabMemory = bytes } }),
+        ConfigKey(
             name: "grace", flag: "--grace", kind: .seconds(lower: 0, lowerInclusive: true, upper: 3_600),
             help: """
                 On SIGTERM (systemctl stop), how long clips in flight may finish, seconds. Keep it below the unit's \

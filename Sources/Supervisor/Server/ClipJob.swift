@@ -89,7 +89,7 @@ final class ClipJob {
     }
 
     /// The job as the worker gets it (docs/worker-protocol.md).
-    func workerJob(roots: [String], threadBudget: Int = 1, staysAfterRefusedMedia: Bool = false) -> WorkerJob {
+    func workerJob(roots: [String], threadBudget: Int = 1, staysAfterRefusedMedia: Bool = false, slabLimit: Int? = nil) -> WorkerJob {
         let operation: WorkerJob.Operation =
             switch kind {
             case .decode(let options): .decode(options)
@@ -99,6 +99,6 @@ final class ClipJob {
             id: id, operation: operation, path: path, passesFD: clipFD != nil, roots: roots,
             quarantine: quarantine.map {
                 WorkerJob.Quarantine(size: $0.size, mtime: $0.mtime, reason: $0.reason, since: Timestamp.rfc3339(milliseconds: $0.sinceMs))
-            }, threadBudget: threadBudget, staysAfterRefusedMedia: staysAfterRefusedMedia)
+            }, threadBudget: threadBudget, staysAfterRefusedMedia: staysAfterRefusedMedia, slabLimit: slabLimit)
     }
 }

@@ -43,6 +43,8 @@ final class Connection {
     /// `Supervisor.flush`): a client that only writes cannot grow the outbox without bound.
     var readingPaused = false
     var greeted = false
+    /// Block slabs granted in the hello (docs/protocol.md, "Block slabs"); 0: none.
+    var slabsGranted = 0
     /// Close once the outbox is flushed (after a fatal protocol error).
     var closeAfterFlush = false
     var pending: [Int: Pending] = [:]

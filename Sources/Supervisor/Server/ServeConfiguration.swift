@@ -54,6 +54,10 @@ struct ServeConfiguration: Sendable {
     /// Bytes of finished blocks the supervisor may hold for clients that have not read them yet;
     /// past it, no new clip is dispatched until clients catch up.
     var memoryBudgetBytes: Int? = nil
+    /// Block slabs a client connection may have (`block_slabs`; 0: every block a fresh memfd).
+    var blockSlabs = 4
+    /// Bytes all block slabs may take together (`block_slab_memory`).
+    var blockSlabMemory = 1 << 30
     /// On SIGTERM, how long clips in flight may run on before they are killed.
     var gracePeriodMs = 10_000
     /// Requests in one `sample`.

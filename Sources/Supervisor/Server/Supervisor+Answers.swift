@@ -6,7 +6,7 @@ import SystemPackage
 /// a sample's bookkeeping is `SampleState`'s. Requests are read in Supervisor+Clients.swift.
 extension Supervisor {
     enum Outcome {
-        case decoded(result: JSONValue, block: FileDescriptor, bytes: Int)
+        case decoded(result: JSONValue, block: DeliveredBlock, bytes: Int)
         case probed(JSONValue)
         case failed(DecodeFailure)
     }
@@ -15,7 +15,7 @@ extension Supervisor {
     /// before the client can see the answer.
     func answer(_ job: ClipJob, _ outcome: Outcome) {
         guard !job.isAnswered else {
-            if case .decoded(_, let block, _) = outcome { try? block.close() }
+            if case .decoded(_, let block, _) = outcome { discard(block) }
             return
         }
         if case .queued = job.state { queue.remove(job.id) }
@@ -28,11 +28,19 @@ extension Supervisor {
         var workerElapsed = 0
         if case .running(_, let since) = previousState { workerElapsed = Instant.now().milliseconds(since: since) }
         let (message, attached, blockBytes, failure) = clipMessage(job, outcome, workerElapsedMs: workerElapsed)
+        var slab: BlockSlab?
+        if case .decoded(_, .slab(let inSlab, _), _) = outcome { slab = inSlab }
+        // An answer that goes nowhere frees its slab; one on its way marks it delivered.
+        func dropped() {
+            try? attached?.close()
+            if let slab { slabs.takeBack(slab) }
+        }
 
         guard let connection = connections[job.connectionID] else {
-            try? attached?.close()
+            dropped()
             return
         }
+        if let slab, connection.pending[job.requestID] != nil { slabs.deliver(slab) }
         switch connection.pending[job.requestID] {
         case .single:
             connection.pending.removeValue(forKey: job.requestID)
@@ -52,10 +60,20 @@ extension Supervisor {
                 connection.enqueue(done)
             }
         case nil:
-            try? attached?.close()
+            dropped()
             return
         }
         flush(connection)
+    }
+
+    /// A block that will not be delivered: its memfd closed, or its slab free again.
+    func discard(_ block: DeliveredBlock) {
+        switch block {
+        case .memfd(let fd): try? fd.close()
+        case .slab(let slab, let attach):
+            try? attach?.close()
+            slabs.takeBack(slab)
+        }
     }
 
     /// The answer message of one clip, its block, and the failure if any; counts the outcome
@@ -76,7 +94,15 @@ extension Supervisor {
             message["ok"] = true
             message["result"] = result
             message["block_bytes"] = .number(Double(bytes))
-            return (.object(message), block, bytes, nil)
+            switch block {
+            case .memfd(let fd):
+                return (.object(message), fd, bytes, nil)
+            case .slab(let slab, let attach):
+                // The slab's fd goes with its first block only. Its memory is on the slabs' own
+                // limit, not the unread blocks'.
+                message["slab"] = ["index": .number(Double(slab.index)), "attached": .bool(attach != nil)]
+                return (.object(message), attach, 0, nil)
+            }
         case .probed(let probe):
             counters.probed += 1
             message["ok"] = true

@@ -130,7 +130,7 @@ extension Supervisor {
             reply(connection, id: .null, failure: DecodeFailure(.invalidRequest, "\(error)"))
             return
         }
-        guard let fields = value.objectValue else {
+        guard var fields = value.objectValue else {
             reply(connection, id: .null, failure: DecodeFailure(.invalidRequest, "a message must be a JSON object, got \(value.typeName)"))
             return
         }
@@ -155,6 +155,16 @@ extension Supervisor {
         }
         guard connection.pending[id] == nil else {
             reply(connection, id: idValue, failure: FieldReader.invalid("id", "\(id) is already in flight on this connection"))
+            return
+        }
+        do throws(DecodeFailure) {
+            fields = try releasingSlabs(fields, of: connection)
+        } catch {
+            if op == "sample" {
+                connection.enqueue(["id": idValue, "ok": false, "done": true, "error": error.json])
+            } else {
+                reply(connection, id: idValue, failure: error)
+            }
             return
         }
         do throws(DecodeFailure) {
@@ -187,19 +197,26 @@ extension Supervisor {
     }
 
     private func handleHello(_ fields: [String: JSONValue], from connection: Connection) {
+        func refuse(_ failure: DecodeFailure) {
+            connection.enqueue(["op": "hello", "ok": false, "error": failure.json])
+            connection.closeAfterFlush = true
+        }
         let version = fields["protocol"]?.intValue
         guard version == ClipvisorVersion.clientProtocol else {
-            connection.enqueue([
-                "op": "hello", "ok": false,
-                "error": DecodeFailure(
-                    .invalidRequest,
-                    "protocol \(fields["protocol"]?.jsonString ?? "missing") is not supported; this server speaks \(ClipvisorVersion.clientProtocol)"
-                ).json,
-            ])
-            connection.closeAfterFlush = true
+            refuse(DecodeFailure(
+                .invalidRequest,
+                "protocol \(fields["protocol"]?.jsonString ?? "missing") is not supported; this server speaks \(ClipvisorVersion.clientProtocol)"))
+            return
+        }
+        let requestedSlabs: Int
+        do throws(DecodeFailure) {
+            requestedSlabs = try FieldReader(fields).int("slabs", min: 0, max: BlockSlabs.maxPerConnection) ?? 0
+        } catch {
+            refuse(error)
             return
         }
         connection.greeted = true
+        connection.slabsGranted = slabs.grant(requested: requestedSlabs)
         connection.enqueue([
             "op": "hello", "ok": true, "protocol": .number(Double(ClipvisorVersion.clientProtocol)),
             "server": .string("clipvisor \(ClipvisorVersion.string)"), "pid": .number(Double(getpid())),
@@ -207,7 +224,28 @@ extension Supervisor {
             "deadline_ms_default": .number(Double(configuration.deadlineDefaultMs)),
             "deadline_ms_max": .number(Double(configuration.deadlineMaxMs)),
             "queue_wait_ms": .number(Double(configuration.queueWaitMs)),
+            "slabs": .number(Double(connection.slabsGranted)),
         ])
+    }
+
+    /// Frees the slabs a request's `release_slabs` names and returns the request without that
+    /// key (any request may carry it: clients release with whatever they send next).
+    private func releasingSlabs(_ fields: [String: JSONValue], of connection: Connection) throws(DecodeFailure) -> [String: JSONValue] {
+        guard let value = fields["release_slabs"] else { return fields }
+        guard let list = value.arrayValue, list.count <= BlockSlabs.maxPerConnection else {
+            throw FieldReader.invalid("release_slabs", "must be an array of at most \(BlockSlabs.maxPerConnection) slab indices")
+        }
+        var indices: [Int] = []
+        for item in list {
+            guard let index = item.intValue, index >= 0 else {
+                throw FieldReader.invalid("release_slabs", "\(item.jsonString) is not a slab index")
+            }
+            indices.append(index)
+        }
+        try slabs.release(indices, of: connection.id)
+        var rest = fields
+        rest.removeValue(forKey: "release_slabs")
+        return rest
     }
 
     func rejectUnknownKeys(_ fields: [String: JSONValue], allowed: Set<String>) throws(DecodeFailure) {
@@ -419,6 +457,7 @@ extension Supervisor {
         }
         connection.pending.removeAll()
         connection.closeAll()
+        slabs.dropConnection(connection.id)
         logger.debug("connection closed: \(reason)", metadata: ["client.pid": "\(connection.peer.pid)"])
     }
 }

@@ -119,6 +119,10 @@ extension Supervisor {
                 "block_bytes_held": .number(Double(heldBlockBytes)), "budget": .number(Double(configuration.effectiveMemoryBudget)),
                 "blocks_unread": .number(Double(connections.values.reduce(0) { $0 + $1.unreadBlockCount })),
                 "block_pages": BlockPages.statusJSON(),
+                "slabs": [
+                    "count": .number(Double(slabs.count)), "bytes": .number(Double(slabs.accountedBytes)),
+                    "limit": .number(Double(slabs.memoryLimit)), "per_connection": .number(Double(slabs.perConnection)),
+                ],
             ],
             "sandbox": sandboxJSON,
             "connections": .number(Double(connections.count)), "counters": counters.json,
@@ -142,6 +146,8 @@ extension Supervisor {
             [
                 "pid": .number(Double(connection.peer.pid)), "uid": .number(Double(connection.peer.uid)),
                 "queued": .number(Double(queued[connection.id] ?? 0)), "running": .number(Double(running[connection.id] ?? 0)),
+                "slabs": .number(Double(slabs.slabs(of: connection.id).count)),
+                "slabs_delivered": .number(Double(slabs.slabs(of: connection.id).filter { $0.state == .delivered }.count)),
             ]
         }
     }

@@ -190,12 +190,45 @@ extension Supervisor {
         worker.cpu = nil
         worker.state = exiting ? .retiring : .idle
         if exiting { counters.recycles += 1 }
+        // The worker closed its slab before answering; one that broke the protocol keeps it
+        // lent until it is gone (`protocolViolation` kills it).
+        let slab = worker.lentSlab
+        worker.lentSlab = nil
+        func slabUnused() { if let slab { slabs.takeBack(slab) } }
         guard let job = jobs[jobID] else {
             try? fd?.close()
+            slabUnused()
             return
         }
         switch (outcome, job.kind) {
-        case (.decoded(let bytes), .decode):
+        case (.decoded(let bytes, inSlab: true), .decode):
+            try? fd?.close()
+            worker.lentSlab = slab
+            guard let slab else {
+                protocolViolation(by: worker, "said its block is in a slab it was not given", job: job)
+                return
+            }
+            let header: BlockHeader
+            do {
+                guard bytes <= (try SharedMemory.size(of: slab.fd)) else { throw BlockError("\(bytes) bytes are more than the slab holds") }
+                header = try BlockReader.header(of: slab.fd, blockBytes: bytes)
+            } catch {
+                protocolViolation(by: worker, "wrote a block into its slab that cannot be read: \(error)", job: job)
+                return
+            }
+            worker.lentSlab = nil
+            let attach: FileDescriptor?
+            do { attach = try BlockSlabs.attachment(for: slab) } catch {
+                slabs.takeBack(slab)
+                answer(job, .failed(DecodeFailure(
+                    .overloaded, "\(job.path): the supervisor has no file descriptor left to pass the block slab (\(error)); retry later",
+                    path: job.path, retryAfterMs: 500)))
+                return
+            }
+            noteCrashRetrySucceeded(job)
+            answer(job, .decoded(result: header.result, block: .slab(slab, attach: attach), bytes: bytes))
+        case (.decoded(let bytes, inSlab: false), .decode):
+            slabUnused()
             guard let fd else {
                 protocolViolation(by: worker, "sent a result without its block", job: job)
                 return
@@ -215,12 +248,14 @@ extension Supervisor {
                 return
             }
             noteCrashRetrySucceeded(job)
-            answer(job, .decoded(result: header.result, block: fd, bytes: bytes))
+            answer(job, .decoded(result: header.result, block: .memfd(fd), bytes: bytes))
         case (.probed(let probe), .probe):
+            slabUnused()
             try? fd?.close()
             noteCrashRetrySucceeded(job)
             answer(job, .probed(probe))
         case (.failed(let failure), _):
+            slabUnused()
             try? fd?.close()
             if !exiting, failure.reason.workerAftermath == .suspect, worker.refusedMedia == nil {
                 worker.refusedMedia = job.path
@@ -228,6 +263,7 @@ extension Supervisor {
             answer(job, .failed(failure))
         default:
             try? fd?.close()
+            worker.lentSlab = slab
             protocolViolation(by: worker, "answered a \(job.kind) job with the wrong kind of result", job: job)
         }
     }
@@ -249,6 +285,11 @@ extension Supervisor {
         readControl(of: worker)
         closeControl(of: worker)
         pool.remove(worker)
+        // Gone: nothing writes into its slab any more, so it is free for the next clip.
+        if let slab = worker.lentSlab {
+            worker.lentSlab = nil
+            slabs.takeBack(slab)
+        }
         switch worker.state {
         case .starting:
             // During shutdown the supervisor closed its channel itself; that is no failed start.

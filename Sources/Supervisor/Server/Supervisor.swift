@@ -53,6 +53,8 @@ final class Supervisor {
     /// they wait outside `queue` for a worker that never refused media.
     var crashRetries: [JobID] = []
     var counters = Counters()
+    /// The connections' block slabs (docs/protocol.md, "Block slabs").
+    let slabs: BlockSlabs
     /// Prometheus metrics: recorded here, read by the scrape threads (Metrics/).
     let metrics = SupervisorMetrics()
     var metricsQuarantineRefreshed = Instant(nanoseconds: 0)
@@ -82,6 +84,7 @@ final class Supervisor {
         self.ownsSocketFile = ownsSocketFile
         self.socketFileIdentity = ownsSocketFile ? Self.fileIdentity(configuration.socketPath) : nil
         self.skipLog = skipLog
+        self.slabs = BlockSlabs(perConnection: configuration.blockSlabs, memoryLimit: configuration.blockSlabMemory)
         self.poller = try Poller()
         self.spawner = WorkerSpawner(
             executable: configuration.workerExecutable, arguments: configuration.workerArguments,
@@ -404,12 +407,25 @@ final class Supervisor {
 
     private func send(_ job: ClipJob, to worker: WorkerProcess, threadBudget: Int) -> SendOutcome {
         job.quarantine = skipLog?.quarantine(for: job.path) ?? quarantineImport?.entry(for: job.path)
+        // A decode whose client takes slabs writes its block into one (a clip passed as an fd
+        // has its fd on the message already, and gets a fresh memfd).
+        var lent: (slab: BlockSlab, allowance: Int)?
+        if case .decode = job.kind, job.clipFD == nil, let connection = connections[job.connectionID] {
+            lent = slabs.lend(to: connection.id, granted: connection.slabsGranted)
+        }
         let bytes = job.workerJob(
             roots: configuration.roots, threadBudget: threadBudget,
-            staysAfterRefusedMedia: configuration.afterRefusedMedia == .keep
+            staysAfterRefusedMedia: configuration.afterRefusedMedia == .keep, slabLimit: lent?.allowance
         ).json.serialized()
         let result = bytes.withUnsafeBytes { raw in
-            Result { () throws(Errno) in try SocketIO.send(worker.control, raw, passing: job.clipFD, nonBlocking: true) }
+            Result { () throws(Errno) in
+                try SocketIO.send(worker.control, raw, passing: job.clipFD ?? lent?.slab.fd, nonBlocking: true)
+            }
+        }
+        if case .success = result {
+            worker.lentSlab = lent?.slab
+        } else if let lent {
+            slabs.takeBack(lent.slab)  // the worker never got it
         }
         switch result {
         case .success:
@@ -518,6 +534,7 @@ final class Supervisor {
             connection.closeAll()
         }
         connections.removeAll()
+        slabs.closeAll()
         closeListener()
         logger.info("stopped")
     }

@@ -41,6 +41,9 @@ final class WorkerProcess {
     var refusedMedia: String?
     /// Whether its control socket is still registered and open.
     var controlOpen = true
+    /// The block slab it was given with its clip. Taken back when it answers, or only when it
+    /// is gone if it was killed or broke the protocol: until then it may still write into it.
+    var lentSlab: BlockSlab?
 
     init(id: UInt64, pid: pid_t, pidfd: FileDescriptor, control: FileDescriptor, startDeadline: Instant) {
         self.id = id

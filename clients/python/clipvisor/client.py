@@ -32,6 +32,7 @@ from .options import (
 from .results import Audio, Clip, Result, Video, result_of_answer
 from .sample import run_sample, run_sample_with_fds
 from .session import Multiplexer, close_fd, error_of, open_for_passing, retry_pause
+from .slabs import DEFAULT_SLABS, BlockRef
 
 __all__ = ["Client", "default_tag", "__version__"]
 
@@ -56,6 +57,11 @@ class Client:
             supervisor.
         tag: default ``tag`` of requests, recorded in the skip log (default: the SLURM or
             torchelastic job id, when set).
+        allocator: where tensors are decompressed to by default (e.g. ``ReusedBuffers``).
+        slabs: block slabs to ask the supervisor for (0 to 16, docs/protocol.md "Block
+            slabs"): blocks are then written into shared memory this process maps once,
+            instead of a fresh memfd mapped and freed per clip (on a VM that costs more
+            than copying the frames). 0: a fresh sealed memfd per block.
     """
 
     def __init__(
@@ -68,7 +74,10 @@ class Client:
         connect_timeout: float = 10.0,
         tag: Optional[str] = None,
         allocator: Optional[Allocator] = None,
+        slabs: int = DEFAULT_SLABS,
     ):
+        if not isinstance(slabs, int) or isinstance(slabs, bool) or not 0 <= slabs <= 16:
+            raise ValueError(f"slabs must be an integer from 0 to 16, got {slabs!r}")
         self.socket_path = os.fspath(socket) if socket is not None else None
         self.deadline = deadline
         self.spawn = spawn
@@ -76,7 +85,8 @@ class Client:
         self.connect_timeout = connect_timeout
         self.tag = tag if tag is not None else default_tag()
         self.allocator = allocator
-        self._mux = Multiplexer(self.socket_path, spawn, margin, connect_timeout)
+        self.slabs = slabs
+        self._mux = Multiplexer(self.socket_path, spawn, margin, connect_timeout, slabs)
         if spawn and socket is None:
             _spawn.private_supervisor()  # fix the private slot now, before any fork
 
@@ -105,7 +115,8 @@ class Client:
         if path is None:
             path = self._mux.session().conn.path
         return {"socket": path, "deadline": self.deadline, "spawn": False, "margin": self.margin,
-                "connect_timeout": self.connect_timeout, "tag": self.tag, "allocator": self.allocator}
+                "connect_timeout": self.connect_timeout, "tag": self.tag, "allocator": self.allocator,
+                "slabs": self.slabs}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__init__(**state)  # type: ignore[misc]
@@ -130,7 +141,7 @@ class Client:
         return result_of_answer(kind, reply, block_fd, name, allocator if allocator is not None else self.allocator)
 
     def _clip_request(self, op: str, path: PathLike, fields: Dict[str, Any], deadline: Optional[float],
-                      pass_fd: bool) -> Tuple[Dict[str, Any], Optional[int], str]:
+                      pass_fd: bool) -> Tuple[Dict[str, Any], Optional[BlockRef], str]:
         """One clip request (``decode`` or ``probe``): retried with back-off while the supervisor
         answers ``overloaded`` and the deadline allows. Returns the ok answer with the fd that came
         with it and the clip's name; raises the clip's :class:`ClipSkipped` (or, when not about

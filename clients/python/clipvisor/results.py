@@ -13,6 +13,7 @@ import numpy as np
 
 from .block import Allocator, read_block_fd
 from .errors import ProtocolError
+from .slabs import BlockRef, SlabLease
 
 __all__ = ["Video", "Audio", "Clip", "Result", "to_torch", "build_result", "result_of_answer"]
 
@@ -212,13 +213,17 @@ def build_result(kind: str, result: Mapping[str, Any], tensors: Mapping[str, np.
         k: v for k, v in _common(result).items() if k != "decode_seconds"})
 
 
-def result_of_answer(kind: str, reply: Mapping[str, Any], fd: Optional[int], path: str,
+def result_of_answer(kind: str, reply: Mapping[str, Any], fd: "Optional[BlockRef]", path: str,
                      allocator: Optional[Allocator] = None) -> Result:
-    """The result of an ``ok`` answer and the block fd that came with it (read, then closed),
-    its tensors decompressed into what ``allocator`` returns (default: new arrays)."""
+    """The result of an ``ok`` answer and its block: the fd that came with it (read, then
+    closed) or its slab (read, then released), its tensors decompressed into what
+    ``allocator`` returns (default: new arrays)."""
     if fd is None:
         raise ProtocolError(f"{path}: the supervisor answered ok without a block")
-    block = read_block_fd(fd, allocator=allocator)  # closes fd, unmaps before returning
+    if isinstance(fd, SlabLease):
+        block = fd.read(allocator)
+    else:
+        block = read_block_fd(fd, allocator=allocator)  # closes fd, unmaps before returning
     result = reply.get("result")
     if not isinstance(result, dict):
         result = block.result

@@ -37,6 +37,7 @@ from .errors import (
     SupervisorUnavailable,
 )
 from .protocol import PROTOCOL_VERSION, Connection, ConnectionClosed
+from .slabs import DEFAULT_SLABS, BlockRef, SlabLease, SlabTable
 
 __all__ = ["Session", "Multiplexer", "close_fd", "open_for_passing", "error_of", "retry_pause"]
 
@@ -45,12 +46,15 @@ _FALLBACK_MARGIN_S = 70.0
 _OVERLOADED_FIRST_BACKOFF = 0.05
 _OVERLOADED_MAX_BACKOFF = 2.0
 
-Answer = Tuple[Dict[str, Any], Optional[int]]
+Answer = Tuple[Dict[str, Any], Optional[BlockRef]]
 
 
-def close_fd(fd: Optional[int]) -> None:
-    """Closes a block fd that came with an answer (tracked by the block module until closed)."""
-    if fd is not None:
+def close_fd(fd: Optional[BlockRef]) -> None:
+    """Closes a block fd that came with an answer (tracked by the block module until closed),
+    or gives back the slab of a block that will not be read."""
+    if isinstance(fd, SlabLease):
+        fd.release()
+    elif fd is not None:
         _block.close_fd(fd)
 
 
@@ -68,7 +72,9 @@ class Session:
         self.hello = hello
         self.pid = os.getpid()
         self.next_id = 1
-        self.pending: Dict[int, Deque[Tuple[Dict[str, Any], Optional[int]]]] = {}
+        self.pending: Dict[int, Deque[Answer]] = {}
+        #: Block slabs the supervisor granted in the hello (docs/protocol.md, "Block slabs").
+        self.slabs = SlabTable()
         self.reading = False
         self.dead: Optional[BaseException] = None
         self.margin = _FALLBACK_MARGIN_S
@@ -98,10 +104,13 @@ class Multiplexer:
         margin: seconds past a deadline before giving up on an answer; ``None``: the
             supervisor's queue bound + 10 s.
         connect_timeout: bound on connecting, the hello, starting a private supervisor, sends.
+        slabs: block slabs to ask for (0: a fresh memfd per block).
     """
 
-    def __init__(self, socket_path: Optional[str], spawn: bool, margin: Optional[float], connect_timeout: float):
+    def __init__(self, socket_path: Optional[str], spawn: bool, margin: Optional[float], connect_timeout: float,
+                 slabs: int = DEFAULT_SLABS):
         self.socket_path = socket_path
+        self.slabs = slabs
         self.spawn = spawn
         self.margin = margin
         self.connect_timeout = connect_timeout
@@ -134,9 +143,10 @@ class Multiplexer:
         session, self.current = self.current, None
         if session is not None:
             session.conn.abandon()
+            session.slabs.forget_after_fork()
             for queue in session.pending.values():
                 for _, fd in queue:
-                    if fd is not None:  # block.py's own after-fork hook may have closed it: not twice
+                    if isinstance(fd, int):  # block.py's own after-fork hook may have closed it: not twice
                         _block.close_tracked_fd(fd)
 
     # -- connecting ----------------------------------------------------------------------------
@@ -192,8 +202,11 @@ class Multiplexer:
         assert path is not None
         conn = Connection(sock, path)
         try:
-            conn.send({"op": "hello", "protocol": PROTOCOL_VERSION, "client": f"clipvisor-python/{__version__}",
-                       "pid": os.getpid()}, deadline)
+            hello_message: Dict[str, Any] = {"op": "hello", "protocol": PROTOCOL_VERSION,
+                                             "client": f"clipvisor-python/{__version__}", "pid": os.getpid()}
+            if self.slabs > 0:
+                hello_message["slabs"] = self.slabs
+            conn.send(hello_message, deadline)
             got = conn.recv(deadline)
             if got is None:
                 raise SupervisorUnavailable(f"no hello from the supervisor at {path} within {self.connect_timeout} s")
@@ -241,6 +254,7 @@ class Multiplexer:
         for queue in s.pending.values():
             while queue:
                 close_fd(queue.popleft()[1])
+        s.slabs.close()
         if self.current is s:
             self.current = None
         self._cond.notify_all()
@@ -261,11 +275,19 @@ class Multiplexer:
                 s.next_id += 1
                 s.pending[rid] = collections.deque()
             message["id"] = rid
+            # Slabs whose blocks were copied out go back with whatever is sent next.
+            releases = s.slabs.take_releases()
+            if releases:
+                message["release_slabs"] = releases
+            else:
+                message.pop("release_slabs", None)
             try:
                 s.conn.send(message, time.monotonic() + self.connect_timeout, fd)
             except ValueError as exc:  # too large, or a value JSON cannot carry; the connection is intact
                 with self._lock:
                     s.pending.pop(rid, None)
+                s.slabs.restore_releases(releases)
+                message.pop("release_slabs", None)
                 raise InvalidRequest("invalid_request", message.get("path"), str(exc)) from None
             except BaseException as exc:
                 with self._lock:
@@ -281,7 +303,7 @@ class Multiplexer:
                 raise
             return s, rid
 
-    def next(self, s: Session, rids: Iterable[int], deadline: float) -> Tuple[int, Dict[str, Any], Optional[int]]:
+    def next(self, s: Session, rids: Iterable[int], deadline: float) -> Tuple[int, Dict[str, Any], Optional[BlockRef]]:
         """The next message for any of `rids`: (id, message, fd). Raises SupervisorUnavailable
         when the connection dies and SupervisorTimeout when `deadline` passes."""
         ids: Set[int] = set(rids)
@@ -320,13 +342,20 @@ class Multiplexer:
                 s.reading = False
                 if got is not None:
                     message, fd = got
+                    block: Optional[BlockRef] = fd
+                    if "slab" in message:
+                        try:
+                            block = s.slabs.lease(message, fd)
+                        except ProtocolError as exc:
+                            self._kill(s, exc)
+                            raise SupervisorUnavailable(f"lost the supervisor at {s.conn.path}: {exc}") from exc
                     answer_id = message.get("id")
                     queue = s.pending.get(answer_id) \
                         if isinstance(answer_id, int) and not isinstance(answer_id, bool) else None
                     if queue is not None:
-                        queue.append((message, fd))
+                        queue.append((message, block))
                     else:
-                        close_fd(fd)  # an answer nobody waits for (cancelled, timed out)
+                        close_fd(block)  # an answer nobody waits for (cancelled, timed out)
                 self._cond.notify_all()
 
     def finish(self, s: Session, rid: int) -> None:
