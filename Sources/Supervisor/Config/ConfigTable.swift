@@ -134,7 +134,11 @@ extension ConfigKey {
         ConfigKey(
             name: "after_refused_media", flag: "--after-refused-media", kind: .mode(AfterRefusedMedia.allCases.map(\.rawValue)),
             help: """
-                What happens to a worker after media it refused (`decode_error`, `unsupported`, `too_large`).                 "replace": it exits and a fresh one takes its place, in case the media left state behind (a clip                 then costs a worker start and a cold first clip, ~5-30 ms of CPU). "keep": it stays; should it crash                 later, the clip it crashed on is decoded again on a fresh worker before the crash is blamed on it                 (the log names the refused clip when that retry succeeds). Worth it when many clips are damaged.
+                What happens to a worker after media it refused (`decode_error`, `unsupported`, `too_large`). \
+                "replace": it exits and a fresh one takes its place, in case the media left state behind (a clip \
+                then costs a worker start and a cold first clip, ~5-30 ms of CPU). "keep": it stays; should it crash \
+                later, the clip it crashed on is decoded again on a fresh worker before the crash is blamed on it \
+                (the log names the refused clip when that retry succeeds). Worth it when many clips are damaged.
                 """,
             defaultText: "\"replace\"", example: "\"replace\"",
             apply: { settings, value in
