@@ -130,9 +130,9 @@ class Supervisor:
         else:
             raise SystemExit("clipvisor serve did not start listening within 20 s")
 
-    def client(self):
+    def client(self, **options):
         import clipvisor
-        return clipvisor.Client(socket=self.socket, spawn=False)
+        return clipvisor.Client(socket=self.socket, spawn=False, **options)
 
     def wait_warm(self, client, workers: int, timeout: float = 20) -> None:
         """Until `workers` workers are idle (spawned and ready)."""

@@ -229,12 +229,14 @@ def one_caller(name: str, client, sup, jobs: List[Job], repeat: int) -> Dict[str
     """Issue 14's first table: one caller, one clip at a time (num_workers=0); the peers at 1 and
     2 decoder threads. clipvisor gives the lone clip the idle decode slots (as decoder threads
     on a dense selection)."""
-    rows: Dict[str, Measured] = {"clipvisor one caller": Measured()}
+    rows: Dict[str, Measured] = {"clipvisor one caller": Measured(), "clipvisor one caller no slabs (info)": Measured()}
+    plain = sup.client(slabs=0)
     for peer in PEERS["video"]:
         rows[f"{peer} 1 thread"] = Measured()
         rows[f"{peer} 2 decoder threads"] = Measured()
     for _ in range(repeat):
         run_clipvisor(client, sup, jobs, rows["clipvisor one caller"], threads=1)
+        run_clipvisor(plain, sup, jobs, rows["clipvisor one caller no slabs (info)"], threads=1)
         for peer, fn in PEERS["video"].items():
             run_peer_one_caller(fn, jobs, 1, rows[f"{peer} 1 thread"])
             run_peer_one_caller(fn, jobs, 2, rows[f"{peer} 2 decoder threads"])
@@ -247,6 +249,7 @@ def one_caller(name: str, client, sup, jobs: List[Job], repeat: int) -> Dict[str
     fastest = min((k for k in rows if not k.startswith("clipvisor")), key=lambda k: common.median(rows[k].wall))
     r = common.median(rows[fastest].wall) / cvw
     print(f"  one caller vs the fastest peer ({fastest}): {r:.2f}x {'met' if round(r, 2) >= 1.0 else 'MISSED'}")
+    plain.close()
     return rows
 
 
@@ -301,6 +304,10 @@ def workload(name: str, title: str, client, sup, jobs: List[Job], repeat: int, f
     kind = jobs[0].kind
     print(f"\n{name}: {title}; {len(jobs)} clip(s); {check_same(client, jobs[0])}", flush=True)
     rows: Dict[str, Measured] = {"clipvisor": Measured()}
+    # The same client without block slabs (a fresh memfd mapped and freed per clip): what the
+    # slabs save, measured in the same run.
+    rows["clipvisor no slabs (info)"] = Measured()
+    plain = sup.client(slabs=0)
     if kind == "video":
         rows["clipvisor TCHW (info)"] = Measured()
     # Decoding into reused memory (clipvisor.ReusedBuffers): what a loader that copies frames
@@ -313,6 +320,7 @@ def workload(name: str, title: str, client, sup, jobs: List[Job], repeat: int, f
         rows["ffmpeg -threads 1 -f null"] = Measured()
     for r in range(repeat):
         run_clipvisor(client, sup, jobs, rows["clipvisor"])
+        run_clipvisor(plain, sup, jobs, rows["clipvisor no slabs (info)"])
         if kind == "video":
             run_clipvisor(client, sup, jobs, rows["clipvisor TCHW (info)"], layout="TCHW")
         run_clipvisor(client, sup, jobs, rows["clipvisor reused (info)"], allocator=clipvisor.ReusedBuffers())
@@ -359,6 +367,10 @@ def workload(name: str, title: str, client, sup, jobs: List[Job], repeat: int, f
         rh, rf = common.median(reused.here), common.median(reused.faults)
         print(f"client CPU per GB delivered into ReusedBuffers: {rh / gb:.3f} s/GB ({rf / gb / 1e3:.0f}k minor "
               f"faults/GB)")
+        nh = common.median(rows["clipvisor no slabs (info)"].here)
+        print(f"client CPU per GB delivered without slabs: {nh / gb:.3f} s/GB; wall with slabs vs without: "
+              f"{common.median(rows['clipvisor no slabs (info)'].wall) / cvw:.2f}x")
+    plain.close()
     return rows
 
 

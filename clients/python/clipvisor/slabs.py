@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 
 from . import block as _block
 from .block import Allocator, Block, BlockFormatError
-from .errors import ProtocolError
+from .errors import ProtocolError, SupervisorUnavailable
 
 __all__ = ["SlabTable", "SlabLease", "BlockRef", "DEFAULT_SLABS"]
 
@@ -111,7 +111,8 @@ class SlabTable:
         with self._lock:
             slab = self._slabs.get(index)
             if slab is None or self._closed:
-                raise ProtocolError(f"slab {index} is gone (the connection closed)")
+                # Another thread dropped the connection after this answer came, before it was read.
+                raise SupervisorUnavailable(f"the connection closed before the block in slab {index} was read")
             if slab.mapping is None or len(slab.mapping) < nbytes:
                 size = os.fstat(slab.fd).st_size
                 if size < nbytes:

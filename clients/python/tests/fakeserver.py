@@ -17,6 +17,11 @@ Behaviour is chosen by the request's path, one directive per path component, e.g
   hang                 never answer (until cancelled or the client disconnects)
   die                  close the connection at once
   unsealed / tampered / nofd / partialseal   a broken block
+  slab-ok              the block in the connection's one slab (granted when the hello asks for
+                       slabs; docs/protocol.md "Block slabs"), the slab's fd only the first time;
+                       a fresh memfd while the client holds the slab
+  slab-unknown / slab-unsealed / slab-malformed   a slab answer that breaks the protocol (a slab
+                       whose fd never came, one not sealed against shrinking, a bad slab object)
   level-L              zstd level of the block
 
 The same module runs as a process (``python fakeserver.py serve --socket PATH``) so that tests
@@ -63,6 +68,9 @@ class Peer:
         self.hello: Optional[Dict[str, Any]] = None
         self.cancelled: set = set()
         self.answered: set = set()
+        self.slab_fd: Optional[int] = None  # slab 0, once made
+        self.slab_held = False  # delivered and not released yet
+        self.slab_uses = 0
 
     def recv_exact(self, n: int, fds: List[int]) -> Optional[bytes]:
         data = b""
@@ -110,6 +118,8 @@ class Peer:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            if self.slab_fd is not None:
+                os.close(self.slab_fd)
             try:
                 self.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -184,10 +194,12 @@ class FakeServer:
                 peer.hello = msg
                 peer.send({"op": "hello", "ok": True, "protocol": self.protocol, "server": "fake 0.1",
                            "pid": os.getpid(), "max_message_bytes": 1 << 20, "deadline_ms_default": 30000,
-                           "deadline_ms_max": 600000})
+                           "deadline_ms_max": 600000, "slabs": min(1, int(msg.get("slabs") or 0))})
                 continue
             with self.lock:
                 self.requests.append(dict(msg, _pid=(peer.hello or {}).get("pid")))
+                if 0 in (msg.get("release_slabs") or []):
+                    peer.slab_held = False
             op = msg.get("op")
             if op == "cancel":
                 peer.cancelled.add(msg.get("target"))
@@ -351,6 +363,8 @@ class FakeServer:
                 level = int(bits[1])
             elif bits[0] in ("unsealed", "tampered", "nofd", "partialseal"):
                 mode = bits[0]
+            elif bits[0] == "slab":
+                mode = "slab-" + bits[1]
             elif bits[0] == "video":
                 shape["video"] = (int(bits[1]), int(bits[2]), int(bits[3]), "THWC" if bits[-1] == "thwc" else "TCHW")
             elif bits[0] == "audio":
@@ -385,6 +399,27 @@ class FakeServer:
             blob = bytes(b)
         if mode == "nofd":
             return {"id": rid, "ok": True, "result": result, "block_bytes": len(blob)}, None
+        if mode.startswith("slab-"):
+            answer = {"id": rid, "ok": True, "result": result, "block_bytes": len(blob), "elapsed_ms": 1}
+            if mode == "slab-unknown":
+                return dict(answer, slab={"index": 5, "attached": False}), None
+            if mode == "slab-malformed":
+                return dict(answer, slab={"index": "x", "attached": True}), memfd_with(blob, F_SEAL_SHRINK)
+            if mode == "slab-unsealed":
+                return dict(answer, slab={"index": 0, "attached": True}), memfd_with(blob, 0)
+            granted = (peer.hello or {}).get("slabs", 0)
+            with self.lock:
+                if granted and not peer.slab_held:
+                    peer.slab_held = True
+                    peer.slab_uses += 1
+                    first = peer.slab_fd is None
+                    if first:
+                        # Larger than the block, as a reused slab is: only block_bytes count.
+                        peer.slab_fd = memfd_with(blob + b"\xa5" * 4096, F_SEAL_SHRINK)
+                    else:
+                        os.pwrite(peer.slab_fd, blob, 0)
+                    attach = os.dup(peer.slab_fd) if first else None
+                    return dict(answer, slab={"index": 0, "attached": first}), attach
         seals = {"unsealed": 0, "partialseal": F_SEAL_SHRINK | F_SEAL_GROW}.get(mode, ALL_SEALS)
         fd = memfd_with(blob, seals)
         return {"id": rid, "ok": True, "result": result, "block_bytes": len(blob), "elapsed_ms": 1}, fd

@@ -145,6 +145,46 @@ def test_broken_blocks_are_rejected(client: clipvisor.Client) -> None:
     assert client.video("/fake/video-1-2-2").frames.shape == (1, 3, 2, 2)
 
 
+def test_slab_blocks_are_read_and_released_with_the_next_request(client: clipvisor.Client,
+                                                                fake_server: FakeServer) -> None:
+    """docs/protocol.md "Block slabs": the slab's fd comes with its first block only, later blocks
+    in it are read through the same mapping, and each is released with the next request."""
+    assert client.server["slabs"] == 1  # the fake grants one of the client's default four
+    for i in range(3):
+        v = client.video("/fake/slab-ok/video-3-8-12")
+        assert np.array_equal(v.frames, make_frames(3, 8, 12)), f"block {i} read wrong from the slab"
+        if i:
+            assert fake_server.requests[-1]["release_slabs"] == [0]
+    peer = fake_server.peers[-1]
+    assert peer.slab_uses == 3, "a released slab takes the next block"
+    status_request_count = len(fake_server.requests)
+    client.status()
+    assert fake_server.requests[status_request_count]["release_slabs"] == [0]
+    # A larger block than the slab holds: the client maps the grown slab again.
+    assert np.array_equal(client.video("/fake/slab-ok/video-8-32-48").frames, make_frames(8, 32, 48))
+    assert peer.slab_uses == 4
+
+
+def test_a_slab_answer_that_breaks_the_protocol_drops_the_connection(client: clipvisor.Client) -> None:
+    client.status()
+    before = open_fds()
+    for kind, match in (("unknown", "never came"), ("unsealed", "shrinking"), ("malformed", "malformed slab")):
+        with pytest.raises(clipvisor.SupervisorUnavailable, match=match):
+            client.video(f"/fake/slab-{kind}/video-2-4-4")
+        assert client.video("/fake/video-1-2-2").frames.shape == (1, 3, 2, 2), "the next call reconnects"
+    client.close()
+    assert settled_fds(before) <= before
+
+
+def test_no_slabs_when_asked_for_none(fake_server: FakeServer) -> None:
+    with clipvisor.Client(fake_server.path, spawn=False, slabs=0) as c:
+        assert c.server["slabs"] == 0 and "slabs" not in fake_server.peers[-1].hello
+        assert np.array_equal(c.video("/fake/slab-ok/video-2-4-4").frames, make_frames(2, 4, 4))
+        assert fake_server.peers[-1].slab_uses == 0
+    with pytest.raises(ValueError, match="slabs"):
+        clipvisor.Client(fake_server.path, spawn=False, slabs=17)
+
+
 def test_multiplexing_many_threads_one_connection(client: clipvisor.Client, fake_server: FakeServer) -> None:
     results = {}
     errors = []

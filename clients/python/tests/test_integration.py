@@ -469,6 +469,9 @@ def test_no_fd_leak_and_threads(cv: clipvisor.Client, short_dir: str) -> None:
     path = media("jcodec__big_buck_bunny_160x90_ltr.mp4")
     cv.video(path, frames=2)
     before = len(os.listdir("/proc/self/fd"))
+    session = cv._mux.current
+    assert session is not None
+    slabs_before = session.slabs.count
     errors: List[BaseException] = []
 
     def work(i: int) -> None:
@@ -486,7 +489,10 @@ def test_no_fd_leak_and_threads(cv: clipvisor.Client, short_dir: str) -> None:
     for t in threads:
         t.join(120)
     assert not errors, errors
-    assert len(os.listdir("/proc/self/fd")) <= before
+    # The slabs the threads' clips in flight at once needed stay, each an fd and its mapping's
+    # (Python's mmap keeps a duplicate), bounded by the slabs the client asks for.
+    assert cv._mux.current is session and session.slabs.count <= clipvisor.slabs.DEFAULT_SLABS
+    assert len(os.listdir("/proc/self/fd")) <= before + 2 * (session.slabs.count - slabs_before)
 
 
 # -- the block itself ---------------------------------------------------------------------------
@@ -504,7 +510,8 @@ def test_real_block_sealed_and_tamper_rejected(cv: clipvisor.Client, monkeypatch
         return original(fd, **kwargs)
 
     monkeypatch.setattr(results_module, "read_block_fd", spy)
-    v = cv.video(media("imageio-test_images__realshort.mp4"), fps=2.0)
+    with clipvisor.Client(cv.socket_path, spawn=False, slabs=0) as plain:
+        v = plain.video(media("imageio-test_images__realshort.mp4"), fps=2.0)
     blob = captured[0]
     assert seals[0] & B.REQUIRED_SEALS == B.REQUIRED_SEALS
     block = B.read_block(blob)
@@ -526,6 +533,41 @@ def test_real_block_sealed_and_tamper_rejected(cv: clipvisor.Client, monkeypatch
     for n in range(0, len(blob), max(1, len(blob) // 300)):
         with pytest.raises(clipvisor.BlockFormatError):
             B.read_block(blob[:n])
+
+
+# -- block slabs ------------------------------------------------------------------------------------
+
+
+def test_blocks_in_slabs_equal_blocks_in_fresh_memfds(supervisor: Supervisor) -> None:
+    """docs/protocol.md "Block slabs", against the real supervisor: a default client gets its
+    blocks in at most four slabs, reused clip after clip and released with the next request, and
+    every tensor equals what a client without slabs gets in fresh sealed memfds."""
+    small = media("imageio-test_images__realshort.mp4")
+    other = media("jcodec__big_buck_bunny_160x90_ltr.mp4")
+    calls = [(small, {"fps": 2.0}), (other, {"frames": 8}), (small, {"fps": 30.0}), (other, {"fps": 1.0})] * 3
+    with clipvisor.Client(supervisor.path, spawn=False, slabs=0) as plain, \
+            clipvisor.Client(supervisor.path, spawn=False) as slabbed:
+        for path, options in calls:
+            a, b = plain.video(path, **options), slabbed.video(path, **options)
+            assert np.array_equal(a.frames, b.frames) and np.array_equal(a.pts, b.pts), (path, options)
+        pancake = media("decord__flipping_a_pancake.mkv")
+        a_clip, b_clip = plain.clip(pancake, video={"fps": 1.0}), slabbed.clip(pancake, video={"fps": 1.0})
+        assert a_clip.audio is not None and b_clip.audio is not None
+        assert a_clip.video is not None and b_clip.video is not None
+        assert np.array_equal(a_clip.audio.samples, b_clip.audio.samples)
+        assert np.array_equal(a_clip.video.frames, b_clip.video.frames)
+        specs = [{"path": small, "fps": 2.0}, {"path": other, "frames": 4}] * 4
+        for x, y in zip(plain.sample(specs), slabbed.sample(specs)):
+            assert isinstance(x, clipvisor.Video) and isinstance(y, clipvisor.Video)
+            assert np.array_equal(x.frames, y.frames)
+        session = slabbed._mux.current
+        assert session is not None and 1 <= session.slabs.count <= clipvisor.slabs.DEFAULT_SLABS
+        assert plain._mux.current is not None and plain._mux.current.slabs.count == 0
+        status = slabbed.status()  # carries the releases of the last blocks read
+        mine = [c for c in status["clients"] if c["pid"] == os.getpid() and c["slabs"] > 0]
+        assert len(mine) == 1 and mine[0]["slabs"] == session.slabs.count
+        assert mine[0]["slabs_delivered"] == 0, "every block read was released"
+        assert status["memory"]["slabs"]["count"] >= session.slabs.count
 
 
 # -- failure of the supervisor itself --------------------------------------------------------------
