@@ -16,7 +16,9 @@ filled by "someone else" = this process before the timed part):
   pread -> array      os.preadv of the whole memfd into a preallocated numpy array (one copy,
                       no page tables) - the alternative to mapping
   readinto (dec)      the reader's decompression (memcpy + XXH64 of stored blocks) into an array
-  read_block_fd       the whole client path as shipped
+  read_block_fd       the whole client path as shipped, for a block in a fresh memfd
+  read from a slab    the same for a block in a block slab (docs/protocol.md, "Block slabs"):
+                      the slab mapped once, rewritten before each read as a worker would
   np.empty+first touch  a new destination array of the tensor's size, filled; then the same after
                       3 s idle: on the Firecracker dev VM, memory freed for a while is given back
                       to the host (virtio-balloon) and costs 2-4 s/GB to touch again
@@ -37,6 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from clipvisor.slabs import SlabTable  # noqa: E402
 
 sys.path.insert(0, str(common.ROOT / "clients" / "python" / "tests"))
 from blockwriter import natural_frames, write_block  # noqa: E402
@@ -123,6 +126,18 @@ def main() -> None:
     m.close()
     os.close(fd)
     rows.append(("read_block_fd (whole)", timed(lambda: fresh_memfd(data), B.read_block_fd, args.reps)))
+    table = SlabTable()
+    slab_fd = os.memfd_create("bench-slab", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.pwrite(slab_fd, data, 0)
+    fcntl.fcntl(slab_fd, fcntl.F_ADD_SEALS, 0x2)  # F_SEAL_SHRINK, as the supervisor seals a slab
+    table.lease({"slab": {"index": 0, "attached": True}, "block_bytes": size}, slab_fd).read()
+
+    def next_block_in_slab():
+        os.pwrite(slab_fd, data, 0)  # the worker's write (not the client's cost)
+        return table.lease({"slab": {"index": 0, "attached": False}, "block_bytes": size}, None)
+
+    rows.append(("read from a slab (whole)", timed(next_block_in_slab, lambda lease: lease.read(), args.reps)))
+    table.close()
     rows.append(("np.empty+first touch", timed(lambda: None, lambda _: np.empty(frames.nbytes, np.uint8).fill(1),
                                                args.reps)))
     def idle_then_touch(_):
