@@ -91,6 +91,7 @@ final class BlockSlabTests {
 
         let status = try client.status(within: 1) { _ in true }
         #expect(status["memory"]?["slabs"]?["count"]?.intValue == 2, "\(status["memory"]?.jsonString ?? "")")
+        #expect(StatusReport.render(status).contains("block slabs: 2 holding "), "\(StatusReport.render(status))")
         let mine = status["clients"]?.arrayValue?.first { $0["slabs"]?.intValue == 2 }
         #expect(mine?["slabs_delivered"]?.intValue == 1, "slab 0 holds the last block, not released yet")
 
@@ -139,6 +140,33 @@ final class BlockSlabTests {
         #expect(answer["slab"]?["index"]?.intValue == 0, "the slab serves again once its worker is gone: \(answer.jsonString)")
     }
 
+    /// A worker that crashes, or breaks the protocol, with the connection's only slab: the clip
+    /// is answered with its error, and the slab serves the next clips once the worker is gone.
+    @Test func aSlabComesBackFromAWorkerThatCrashedOrLied() throws {
+        let supervisor = try SupervisorProcess(
+            arguments: ["--workers", "1"], environment: [WorkerMessage.faultEnvironmentKey: "lie-on=LIAR,crash-on=CRASHME"])
+        let client = try supervisor.client(slabs: 1)
+        let slabs = Slabs()
+        for fault in ["LIAR", "CRASHME"] {
+            let copy = try fixtures.copy(of: goodClip, as: "\(fault).mp4")
+            let (failed, failedFD) = try client.call(["op": "decode", "path": .string(copy), "frames": 2], timeoutMs: 60_000)
+            #expect(failed["ok"]?.boolValue == false && failedFD == nil, "\(failed.jsonString)")
+            var answer: JSONValue = .null
+            for _ in 0..<100 {
+                let (next, fd) = try client.call(["op": "decode", "path": .string(goodClip), "frames": 2], timeoutMs: 60_000)
+                answer = next
+                if next["slab"] != nil {
+                    _ = try slabs.tensors(next, fd)
+                    break
+                }
+                _ = try tensorsOfFreshMemfd(fd)
+                usleep(20_000)
+            }
+            #expect(answer["slab"]?["index"]?.intValue == 0, "after \(fault): \(answer.jsonString)")
+            let (_, _) = try client.call(["op": "status", "release_slabs": [0]], timeoutMs: 5000)
+        }
+    }
+
     /// The memory limit and the per-slab size: a block that cannot fit gets a fresh memfd (the
     /// worker moves it out before writing), a small one still goes into a slab; a disconnect
     /// frees the connection's slabs.
@@ -165,6 +193,7 @@ final class BlockSlabTests {
         let supervisor = try SupervisorProcess(arguments: ["--workers", "1", "--block-slabs", "0"])
         let client = try supervisor.client(slabs: 4)
         #expect(client.hello["slabs"]?.intValue == 0)
+        #expect(StatusReport.render(try supervisor.status()).contains("block slabs: off"))
         let (answer, fd) = try client.call(["op": "decode", "path": .string(goodClip), "frames": 2], timeoutMs: 60_000)
         #expect(answer["ok"]?.boolValue == true && answer["slab"] == nil)
         _ = try tensorsOfFreshMemfd(fd)

@@ -90,6 +90,13 @@ enum StatusReport {
             lines.append(line)
         }
         if let pages = status["memory"]?["block_pages"], let line = BlockPages.line(pages) { lines.append(line) }
+        if let slabs = status["memory"]?["slabs"] {
+            let mib = { (value: JSONValue?) in String(format: "%.1f", (value?.doubleValue ?? 0) / 1_048_576) }
+            lines.append(
+                slabs["per_connection"]?.intValue == 0
+                    ? "block slabs: off (block_slabs = 0: every block is a fresh memfd)"
+                    : "block slabs: \(number(slabs["count"])) holding \(mib(slabs["bytes"])) MiB of \(mib(slabs["limit"])) MiB, up to \(number(slabs["per_connection"])) per connection")
+        }
         let queue = status["queue"]
         lines.append("queue: \(number(queue?["length"])) waiting (limit \(number(queue?["limit"])), wait bound \(number(queue?["wait_limit_ms"])) ms)")
         let counters = status["counters"]

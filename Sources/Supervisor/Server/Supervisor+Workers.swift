@@ -190,11 +190,14 @@ extension Supervisor {
         worker.cpu = nil
         worker.state = exiting ? .retiring : .idle
         if exiting { counters.recycles += 1 }
-        // The worker closed its slab before answering; one that broke the protocol keeps it
-        // lent until it is gone (`protocolViolation` kills it).
+        // The worker closed its slab before answering, so a sound reply frees it; one that
+        // breaks the protocol leaves it lent until the worker is gone (`protocolViolation` kills it).
         let slab = worker.lentSlab
-        worker.lentSlab = nil
-        func slabUnused() { if let slab { slabs.takeBack(slab) } }
+        func slabUnused() {
+            guard let slab else { return }
+            worker.lentSlab = nil
+            slabs.takeBack(slab)
+        }
         guard let job = jobs[jobID] else {
             try? fd?.close()
             slabUnused()
@@ -203,7 +206,6 @@ extension Supervisor {
         switch (outcome, job.kind) {
         case (.decoded(let bytes, inSlab: true), .decode):
             try? fd?.close()
-            worker.lentSlab = slab
             guard let slab else {
                 protocolViolation(by: worker, "said its block is in a slab it was not given", job: job)
                 return
@@ -228,7 +230,6 @@ extension Supervisor {
             noteCrashRetrySucceeded(job)
             answer(job, .decoded(result: header.result, block: .slab(slab, attach: attach), bytes: bytes))
         case (.decoded(let bytes, inSlab: false), .decode):
-            slabUnused()
             guard let fd else {
                 protocolViolation(by: worker, "sent a result without its block", job: job)
                 return
@@ -247,6 +248,7 @@ extension Supervisor {
                 protocolViolation(by: worker, "sent a block whose header cannot be read: \(error)", job: job)
                 return
             }
+            slabUnused()  // the block outgrew its slab, or never fitted
             noteCrashRetrySucceeded(job)
             answer(job, .decoded(result: header.result, block: .memfd(fd), bytes: bytes))
         case (.probed(let probe), .probe):
@@ -263,7 +265,6 @@ extension Supervisor {
             answer(job, .failed(failure))
         default:
             try? fd?.close()
-            worker.lentSlab = slab
             protocolViolation(by: worker, "answered a \(job.kind) job with the wrong kind of result", job: job)
         }
     }
