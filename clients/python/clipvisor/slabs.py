@@ -16,11 +16,14 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, NoReturn, Optional, Union
 
 from . import block as _block
 from .block import Allocator, Block, BlockFormatError
 from .errors import ProtocolError, SupervisorUnavailable
+
+if TYPE_CHECKING:  # typing.TypeGuard is 3.10+; annotations are not evaluated at run time
+    from typing import TypeGuard
 
 __all__ = ["SlabTable", "SlabLease", "BlockRef", "DEFAULT_SLABS"]
 
@@ -81,22 +84,14 @@ class SlabTable:
         slab = reply.get("slab")
         fields = slab if isinstance(slab, dict) else {}
         index, attached, nbytes = fields.get("index"), fields.get("attached"), reply.get("block_bytes")
-        problem = None
-        if not isinstance(index, int) or isinstance(index, bool) or index < 0 or not isinstance(attached, bool) \
-                or not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < _block.MIN_BLOCK:
-            problem = f"an answer with a malformed slab: slab {slab!r}, block_bytes {nbytes!r}"
-        elif attached != (fd is not None):
+        if not _is_count(index) or not isinstance(attached, bool) or not _is_count(nbytes) or nbytes < _block.MIN_BLOCK:
+            _refuse(fd, f"an answer with a malformed slab: slab {slab!r}, block_bytes {nbytes!r}")
+        if attached != (fd is not None):
             came = "an fd came" if fd is not None else "no fd came"
-            problem = f"slab {index}: the answer says attached={attached} but {came} with it"
-        if problem is not None or not isinstance(index, int) or not isinstance(nbytes, int):
-            if fd is not None:
-                _block.close_fd(fd)
-            raise ProtocolError(problem or "a malformed slab")
+            _refuse(fd, f"slab {index}: the answer says attached={attached} but {came} with it")
         with self._lock:
             if self._closed:
-                if fd is not None:
-                    _block.close_fd(fd)
-                raise ProtocolError("a slab answer on a closed connection")
+                _refuse(fd, "a slab answer on a closed connection")
             if fd is not None:
                 _check_slab_seals(fd, index)
                 old = self._slabs.pop(index, None)
@@ -177,6 +172,17 @@ class SlabTable:
 
 #: What an ok answer's block arrives as: a sealed memfd's fd, or a lease of a slab.
 BlockRef = Union[int, SlabLease]
+
+
+def _is_count(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _refuse(fd: Optional[int], problem: str) -> NoReturn:
+    """An answer that breaks docs/protocol.md: the fd that came with it is closed."""
+    if fd is not None:
+        _block.close_fd(fd)
+    raise ProtocolError(problem)
 
 
 def _check_slab_seals(fd: int, index: int) -> None:
