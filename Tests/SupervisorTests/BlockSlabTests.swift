@@ -105,6 +105,13 @@ final class BlockSlabTests {
         let after = try client.status(within: 1) { _ in true }
         let stillMine = after["clients"]?.arrayValue?.first { $0["slabs"]?.intValue == 2 }
         #expect(stillMine?["slabs_delivered"]?.intValue == 1)
+        // A `release` request of its own frees them at once.
+        let (released, _) = try client.call(["op": "release", "release_slabs": [0]], timeoutMs: 5000)
+        #expect(released["ok"]?.boolValue == true, "\(released.jsonString)")
+        let (stray, _) = try client.call(["op": "release", "slabs": [0]], timeoutMs: 5000)
+        #expect(stray.errorReason == "invalid_request" && stray["error"]?["detail"]?.stringValue == "slabs", "\(stray.jsonString)")
+        let freed = try client.status(within: 1) { _ in true }
+        #expect(freed["clients"]?.arrayValue?.first { $0["slabs"]?.intValue == 2 }?["slabs_delivered"]?.intValue == 0)
     }
 
     /// A slab is lent to one worker at a time and only back once that worker is done with it:

@@ -179,6 +179,11 @@ extension Supervisor {
                     connection.enqueue(["id": idValue, "ok": false, "done": true, "error": error.json])
                 }
             case "cancel": try handleCancel(fields, id: id, from: connection)
+            case "release":
+                // Slabs released on their own (`release_slabs`, freed above): a sample's later
+                // clips can have them before the client sends anything else.
+                try rejectUnknownKeys(fields, allowed: ["op", "id"])
+                connection.enqueue(["id": idValue, "ok": true])
             case "status":
                 try rejectUnknownKeys(fields, allowed: ["op", "id"])
                 connection.enqueue(["id": idValue, "ok": true, "status": statusJSON()])
@@ -189,7 +194,7 @@ extension Supervisor {
             case "metrics":
                 connection.enqueue(JSONValue.object(["id": idValue, "ok": true]).merging(try metricsResponse(fields)))
             default:
-                throw FieldReader.invalid("op", "unknown operation \"\(op)\" (decode, sample, probe, cancel, status, skips, forget, metrics)")
+                throw FieldReader.invalid("op", "unknown operation \"\(op)\" (decode, sample, probe, cancel, release, status, skips, forget, metrics)")
             }
         } catch {
             reply(connection, id: idValue, failure: error)

@@ -67,6 +67,7 @@ def run_sample(mux: Multiplexer, specs: Sequence[ClipSpec], *, all_or_nothing: b
         overloaded: List[int] = []
         last_error: Dict[str, Any] = {}
         final: Optional[Dict[str, Any]] = None
+        unanswered = len(todo)
         try:
             while final is None:
                 # Each answer restarts the clock: clips finish one by one, each within its
@@ -85,8 +86,11 @@ def run_sample(mux: Multiplexer, specs: Sequence[ClipSpec], *, all_or_nothing: b
                     raise ProtocolError(f"sample answer for an unknown clip {local!r}")
                 index = todo[local]
                 kind, name, _ = specs[index]
+                unanswered -= 1
                 if reply.get("ok") is True:
                     results[index] = result_of_answer(kind, reply, fd, name, allocator)
+                    if unanswered > 0:
+                        mux.release_now(s)  # its slab, for the clips still to start
                     continue
                 close_fd(fd)
                 error = error_of(reply)
@@ -187,6 +191,8 @@ def run_sample_with_fds(mux: Multiplexer, specs: Sequence[ClipSpec], *, all_or_n
             kind, name, _ = specs[index]
             if reply.get("ok") is True:
                 results[index] = result_of_answer(kind, reply, block_fd, name)
+                if outstanding:
+                    mux.release_now(s)
                 continue
             close_fd(block_fd)
             error = error_of(reply)

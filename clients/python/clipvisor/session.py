@@ -385,6 +385,19 @@ class Multiplexer:
             except Exception:
                 return
 
+    def release_now(self, s: Session) -> None:
+        """Sends the slabs whose blocks were copied out at once, in a ``release`` request of their
+        own, instead of with the next request: while a sample's clips come in, its clips not yet
+        started can then have them. Its answer is dropped when it comes. A connection lost
+        meanwhile is reported by the caller's next wait, not here."""
+        if not s.slabs.has_releases():
+            return
+        try:
+            _, rid = self.send(s, {"op": "release"}, resend=False)
+        except SupervisorUnavailable:
+            return
+        self.finish(s, rid)
+
     def exchange(self, s: Session, message: Dict[str, Any], fd: Optional[int], until: float) -> Answer:
         """Sends one request and waits until `until` for its answer (and the fd that came with it).
         `fd`, if any, is closed once sent: the kernel holds its own reference while in flight.

@@ -128,6 +128,10 @@ class SlabTable:
             if not self._closed:
                 self._releases.append(index)
 
+    def has_releases(self) -> bool:
+        with self._lock:
+            return bool(self._releases)
+
     def take_releases(self) -> List[int]:
         """The slabs to name in ``release_slabs`` of the next request (then forgotten here)."""
         with self._lock:

@@ -205,6 +205,9 @@ class FakeServer:
                 peer.cancelled.add(msg.get("target"))
                 peer.send({"id": msg["id"], "ok": True, "cancelled": msg.get("target") not in peer.answered})
                 continue
+            if op == "release":
+                peer.send({"id": msg["id"], "ok": True})
+                continue
             if op == "status":
                 peer.send({"id": msg["id"], "ok": True, "status": {"pid": os.getpid(), "version": "fake",
                                                                      "requests": len(self.requests),

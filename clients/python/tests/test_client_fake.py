@@ -165,6 +165,19 @@ def test_slab_blocks_are_read_and_released_with_the_next_request(client: clipvis
     assert peer.slab_uses == 4
 
 
+def test_a_sample_releases_each_slab_as_soon_as_its_clip_is_read(client: clipvisor.Client,
+                                                                  fake_server: FakeServer) -> None:
+    """While a sample's clips come in one by one, each slab goes back in a ``release`` request
+    at once, so the clips that finish later find it free (the fake answers them 0.25 s apart)."""
+    specs = [{"path": f"/fake/delay-{0.05 + 0.25 * i:.2f}/slab-ok/video-2-4-{4 + i}"} for i in range(3)]
+    results = client.sample(specs)
+    for i, r in enumerate(results):
+        assert isinstance(r, clipvisor.Video) and np.array_equal(r.frames, make_frames(2, 4, 4 + i))
+    releases = [r for r in fake_server.requests if r["op"] == "release"]
+    assert [r["release_slabs"] for r in releases] == [[0], [0]], "one release after each clip but the last"
+    assert fake_server.peers[-1].slab_uses == 3, "every clip of the sample found the slab free"
+
+
 def test_a_slab_answer_that_breaks_the_protocol_drops_the_connection(client: clipvisor.Client) -> None:
     client.status()
     before = open_fds()

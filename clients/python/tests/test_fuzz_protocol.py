@@ -209,7 +209,7 @@ def clip_fields(draw: Any, env_clip: str, allow_path: bool = True) -> Tuple[Dict
 @st.composite
 def requests(draw: Any, env_clip: str) -> Tuple[Dict[str, Any], List[str], bool]:
     """(request, keys that must make it invalid, answered as a sample)."""
-    op = draw(st.sampled_from(["decode", "probe", "sample", "status", "skips", "forget", "cancel", "bogus"]))
+    op = draw(st.sampled_from(["decode", "probe", "sample", "status", "skips", "forget", "cancel", "release", "bogus"]))
     rid: Any = draw(st.one_of(st.integers(0, 2**53 - 1), st.integers(0, 50)))
     req: Dict[str, Any] = {"op": op, "id": rid}
     bad: List[str] = []
@@ -252,6 +252,15 @@ def requests(draw: Any, env_clip: str) -> Tuple[Dict[str, Any], List[str], bool]
             bad.append("target")
     elif op == "bogus":
         bad.append("op")
+    if op == "release" or draw(st.integers(0, 5)) == 0:
+        # Any request may release block slabs; this connection asked for none, so only an empty
+        # list is valid (docs/protocol.md, "Block slabs").
+        release = draw(st.one_of(st.lists(st.integers(-2, 20), max_size=3), st.text(max_size=3), st.integers(-2, 5),
+                                 st.none()))
+        if release is not None:
+            req["release_slabs"] = release
+            if release != []:
+                bad.append("release_slabs")
     if draw(st.integers(0, 19)) == 0:  # an id of the wrong kind
         req["id"] = draw(st.one_of(st.text(max_size=4), st.floats(allow_nan=False), st.integers(-(2**60), -1),
                                    st.just(2**60)))
