@@ -245,7 +245,7 @@ def one_caller(name: str, client, sup, jobs: List[Job], repeat: int) -> Dict[str
     for label, m in rows.items():
         w = common.median(m.wall)
         ratio = "" if label.startswith("clipvisor") else f"{w / cvw:.2f}x"
-        print(f"  {label:<32} {w:>7.2f} {ratio:>8} | CPU {common.median(m.cpu):.2f}")
+        print(f"  {label:<40} {w:>7.2f} {ratio:>8} | CPU {common.median(m.cpu):.2f}")
     fastest = min((k for k in rows if not k.startswith("clipvisor")), key=lambda k: common.median(rows[k].wall))
     r = common.median(rows[fastest].wall) / cvw
     print(f"  one caller vs the fastest peer ({fastest}): {r:.2f}x {'met' if round(r, 2) >= 1.0 else 'MISSED'}")
