@@ -50,6 +50,8 @@ public final class BlockWriter {
         var checksum: UInt32
     }
 
+    /// Writes the block into `fd`, a fresh file.
+    ///
     /// - Parameters:
     ///   - reservedHeaderBytes: space kept free for the header frame; `estimatedHeaderBytes`
     ///     gives a good value. A larger header still works, at the cost of moving the data once.
@@ -59,17 +61,17 @@ public final class BlockWriter {
     ///     (`shmem_enabled = within_size`, docs/operations.md) the frames land in 2 MiB pages:
     ///     a 4 KiB page is counted, mapped and freed separately by the worker's writes, the
     ///     client's mapping and the last close, which on a VM costs more than the copy.
-    ///   - slab: write into this block slab instead of `fd` while the block fits its limit;
-    ///     `fd` is then unused. A slab is never cut: its pages are what makes it worth reusing.
-    public convenience init(slab: Slab, level: Int, reservedHeaderBytes: Int, expectedDataBytes: Int? = nil) throws(BlockError) {
-        try self.init(fd: slab.fd, level: level, reservedHeaderBytes: reservedHeaderBytes, expectedDataBytes: expectedDataBytes, slab: slab)
-    }
-
-    /// Writes the block into `fd`, a fresh file.
     public convenience init(
         fd: FileDescriptor, level: Int, reservedHeaderBytes: Int, expectedDataBytes: Int? = nil
     ) throws(BlockError) {
         try self.init(fd: fd, level: level, reservedHeaderBytes: reservedHeaderBytes, expectedDataBytes: expectedDataBytes, slab: nil)
+    }
+
+    /// Writes the block into a block slab from byte 0 while it fits the slab's limit (the
+    /// parameters as above). A slab is never cut: its pages are what makes it worth reusing.
+    /// `expectedDataBytes` over the limit sends the block to the slab's overflow file at once.
+    public convenience init(slab: Slab, level: Int, reservedHeaderBytes: Int, expectedDataBytes: Int? = nil) throws(BlockError) {
+        try self.init(fd: slab.fd, level: level, reservedHeaderBytes: reservedHeaderBytes, expectedDataBytes: expectedDataBytes, slab: slab)
     }
 
     private init(
