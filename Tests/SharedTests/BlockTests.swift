@@ -202,7 +202,7 @@ struct SplitMix {
         _ = try garbage.withUnsafeBytes { try slab.writeAll(toAbsoluteOffset: 0, $0) }
         var made: [FileDescriptor] = []
         defer { for fd in made { try? fd.close() } }
-        func writeInSlab(limit: Int, expected: Int?) throws -> (writer: BlockWriter, size: Int) {
+        func writeInSlab(limit: Int, expected: Int?, into slab: FileDescriptor) throws -> (writer: BlockWriter, size: Int) {
             let target = BlockWriter.Slab(fd: slab, limit: limit) { () throws(BlockError) -> FileDescriptor in
                 do {
                     let fd = try SharedMemory.createSealable(name: "test-overflow")
@@ -214,22 +214,32 @@ struct SplitMix {
             return (writer, try fill(writer))
         }
 
-        let inSlab = try writeInSlab(limit: 64 << 20, expected: bytes.count)
+        let inSlab = try writeInSlab(limit: 64 << 20, expected: bytes.count, into: slab)
         #expect(inSlab.writer.isInSlab && made.isEmpty)
         #expect(inSlab.size == plainSize)
         #expect(try contents(slab, inSlab.size) == plain, "the block in the slab differs from a fresh memfd's")
         #expect(try SharedMemory.size(of: slab) == garbage.count, "a slab is never cut")
 
-        let midWrite = try writeInSlab(limit: 300_000, expected: nil)
+        let midWrite = try writeInSlab(limit: 300_000, expected: nil, into: slab)
         #expect(!midWrite.writer.isInSlab && made.count == 1, "the block outgrew the slab and moved")
         #expect(try contents(made[0], midWrite.size) == plain)
         #expect(try SharedMemory.size(of: made[0]) == midWrite.size)
 
         _ = try garbage.withUnsafeBytes { try slab.writeAll(toAbsoluteOffset: 0, $0) }
-        let atOnce = try writeInSlab(limit: 300_000, expected: bytes.count)
+        let atOnce = try writeInSlab(limit: 300_000, expected: bytes.count, into: slab)
         #expect(!atOnce.writer.isInSlab && made.count == 2)
         #expect(try contents(made[1], atOnce.size) == plain)
         #expect(try contents(slab, 4096) == Array(garbage[0..<4096]), "a block known not to fit never touches the slab")
+
+        // A new, empty slab: the header space was never written, and a move copies only frames.
+        let empty = try SharedMemory.createSealable(name: "test-empty-slab")
+        defer { try? empty.close() }
+        try SharedMemory.sealAsSlab(empty)
+        for expected in [nil, bytes.count] {
+            let moved = try writeInSlab(limit: 300_000, expected: expected, into: empty)
+            #expect(!moved.writer.isInSlab)
+            #expect(try contents(made.last!, moved.size) == plain, "hint \(String(describing: expected))")
+        }
     }
 
     /// Every byte of the block is covered by a check: the header CRC, the zstd frame headers'
