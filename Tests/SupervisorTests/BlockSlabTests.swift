@@ -92,6 +92,8 @@ final class BlockSlabTests {
         let status = try client.status(within: 1) { _ in true }
         #expect(status["memory"]?["slabs"]?["count"]?.intValue == 2, "\(status["memory"]?.jsonString ?? "")")
         #expect(StatusReport.render(status).contains("block slabs: 2 holding "), "\(StatusReport.render(status))")
+        let metrics = try client.call(["op": "metrics"], timeoutMs: 5000).0["text"]?.stringValue ?? ""
+        #expect(metrics.contains("\nclipvisor_block_slabs 2"), "\(metrics.split(separator: "\n").filter { $0.contains("slab") })")
         let mine = status["clients"]?.arrayValue?.first { $0["slabs"]?.intValue == 2 }
         #expect(mine?["slabs_delivered"]?.intValue == 1, "slab 0 holds the last block, not released yet")
 

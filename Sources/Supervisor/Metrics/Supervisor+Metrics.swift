@@ -20,6 +20,8 @@ extension Supervisor {
         metrics.workersConfigured.set(Double(configuration.workers))
         metrics.memoryHeldBytes.set(Double(heldBlockBytes))
         metrics.memoryBudgetBytes.set(Double(configuration.effectiveMemoryBudget))
+        metrics.blockSlabs.set(Double(slabs.count))
+        metrics.blockSlabBytes.set(Double(slabs.accountedBytes))
         if now.milliseconds(since: metricsQuarantineRefreshed) >= 1000 {
             metricsQuarantineRefreshed = now
             metrics.quarantineEntries.set(Double(skipLog?.quarantinedCount ?? 0))

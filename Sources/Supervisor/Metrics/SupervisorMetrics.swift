@@ -54,6 +54,8 @@ final class SupervisorMetrics: Sendable {
     let workersConfigured: Gauge
     let memoryHeldBytes: Gauge
     let memoryBudgetBytes: Gauge
+    let blockSlabs: Gauge
+    let blockSlabBytes: Gauge
     let quarantineEntries: Gauge
     private let scraped: ScrapeTimeMetrics
 
@@ -84,6 +86,9 @@ final class SupervisorMetrics: Sendable {
         workersConfigured = r.gauge("clipvisor_workers_configured", help: "Workers that may decode at once (--workers).")
         memoryHeldBytes = r.gauge("clipvisor_memory_budget_used_bytes", help: "Bytes of finished blocks not yet read by clients.")
         memoryBudgetBytes = r.gauge("clipvisor_memory_budget_bytes", help: "Bytes of unread blocks at which dispatch pauses.")
+        blockSlabs = r.gauge("clipvisor_block_slabs", help: "Block slabs of the client connections (docs/protocol.md).")
+        blockSlabBytes = r.gauge(
+            "clipvisor_block_slab_bytes", help: "Bytes the block slabs hold, a slab a worker writes into at the room it was lent with.")
         quarantineEntries = r.gauge("clipvisor_quarantine_entries", help: "Clips currently quarantined.")
         r.gauge("clipvisor_build_info", labels: [("version", version)], help: "Always 1; the running version as a label.").set(to: 1.0)
         scraped = ScrapeTimeMetrics(registry: r)
