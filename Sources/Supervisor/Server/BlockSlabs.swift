@@ -21,7 +21,6 @@ final class BlockSlab {
 
     /// Its number on its connection; the client names it so.
     let index: Int
-    let connectionID: UInt64
     let fd: FileDescriptor
     var state: State = .free
     /// Its size when last seen (the file grows with the largest block it held; never shrinks).
@@ -29,9 +28,8 @@ final class BlockSlab {
     /// The client has its fd: later answers travel without one.
     var sentToClient = false
 
-    init(index: Int, connectionID: UInt64, fd: FileDescriptor) {
+    init(index: Int, fd: FileDescriptor) {
         self.index = index
-        self.connectionID = connectionID
         self.fd = fd
     }
 }
@@ -100,14 +98,13 @@ final class BlockSlabs {
         }
         let allowance = min(Self.maxSlabBytes, room)
         guard list.count < granted, allowance >= Self.minAllowance else { return nil }
-        let fd: FileDescriptor
-        do {
-            fd = try SharedMemory.createSealable(name: "clipvisor-slab")
-            try SharedMemory.sealAsSlab(fd)
-        } catch {
-            return nil  // out of fds or memory now: this clip gets a fresh memfd, which says why if it fails
+        // Out of fds or memory now: this clip gets a fresh memfd, which says why if it fails too.
+        guard let fd = try? SharedMemory.createSealable(name: "clipvisor-slab") else { return nil }
+        do { try SharedMemory.sealAsSlab(fd) } catch {
+            try? fd.close()
+            return nil
         }
-        let slab = BlockSlab(index: list.count, connectionID: connectionID, fd: fd)
+        let slab = BlockSlab(index: list.count, fd: fd)
         slab.state = .lent(allowance: allowance)
         list.append(slab)
         byConnection[connectionID] = list
