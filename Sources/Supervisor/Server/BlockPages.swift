@@ -39,6 +39,6 @@ enum BlockPages {
     static func line(_ pages: JSONValue) -> String? {
         guard let setting = pages["shmem_enabled"]?.stringValue else { return nil }
         if pages["huge"]?.boolValue == true { return "blocks: 2 MiB pages (shmem_enabled = \(setting))" }
-        return "blocks: 4 KiB pages (shmem_enabled = \(setting)); within_size makes the hop to clients ~2x cheaper: docs/operations.md, \"Huge pages for blocks\""
+        return "blocks: 4 KiB pages (shmem_enabled = \(setting)); within_size makes the hop of blocks outside block slabs ~2x cheaper: docs/operations.md, \"Huge pages for blocks\""
     }
 }
