@@ -5,7 +5,8 @@
 #     `clipvisor` entry point runs;
 #  2. the Debian package in a Debian 12 root booted with `systemd-nspawn -b` (a real systemd as
 #     PID 1), driven from outside with nsenter: socket activation, READY/STATUS, watchdog pings,
-#     decoding as a member of group clipvisor, the refusal of a non-member, a FIFO answered
+#     decoding as a member of group clipvisor, the wheel's Python client with block slabs
+#     against the sandboxed service, the refusal of a non-member, a FIFO answered
 #     `timeout` with its journal fields, `systemctl reload` reopening the skip log, a crash
 #     restarted by Restart=on-failure, a clean stop, and a worker whose FFmpeg library is gone.
 # The root is made once with debootstrap from the Debian mirror and cached in
@@ -198,6 +199,28 @@ workers=$(inside clipvisor status --json 2>/dev/null | python3 -c 'import json,s
 start=$(inside clipvisor status --json 2>/dev/null | python3 -c 'import json,sys; s=json.load(sys.stdin)["workers"]["start"]; print(s["mode"], s["fork_server_pid"] is not None, s["problem"])' 2>/dev/null || true)
 [ "$start" = "fork-server True None" ] || { journal | tail -20; fail "workers are not cloned by the fork server in the service: $start"; }
 echo "workers cloned by the fork server"
+
+step "the wheel's Python client with block slabs, from the host, against the sandboxed service"
+# The service's socket, reached through the container's root; blocks come back in slabs the
+# supervisor made under the unit's sandbox (docs/protocol.md, "Block slabs").
+(cd "$work" && "${clean[@]}" python - "/proc/$leader/root/run/clipvisor/clipvisor.sock" <<'EOF') ||
+import sys
+import numpy as np
+import clipvisor
+sock = sys.argv[1]
+with clipvisor.Client(sock, spawn=False) as slabbed, clipvisor.Client(sock, spawn=False, slabs=0) as plain:
+    assert slabbed.server["slabs"] == 4, slabbed.server
+    for fps in (2.0, 8.0, 25.0, 2.0):
+        a = slabbed.video("/srv/test/clip.mp4", fps=fps)
+        b = plain.video("/srv/test/clip.mp4", fps=fps)
+        assert np.array_equal(a.frames, b.frames), fps
+    clips = slabbed.sample([{"path": "/srv/test/clip.mp4", "frames": 4}] * 6)
+    assert all(isinstance(c, clipvisor.Video) and c.frames.shape[0] == 4 for c in clips), clips
+    slabs = slabbed.status()["memory"]["slabs"]
+    assert 1 <= slabs["count"] <= 4, slabs
+print(f"python client: {slabs['count']} block slabs holding {slabs['bytes']} bytes, same frames as fresh memfds")
+EOF
+    { journal | tail -20; fail "the Python client with block slabs against the service"; }
 
 step "watchdog pings"
 first=$(unit WatchdogTimestampMonotonic)
