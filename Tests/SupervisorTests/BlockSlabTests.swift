@@ -48,6 +48,26 @@ final class BlockSlabTests {
         return try BlockReader.read(mapped.bytes).1
     }
 
+    /// Decodes the good clip until its block comes in a slab (a worker that died is reaped a
+    /// moment after its clip's answer, and only then gives its slab back), up to `tries` times;
+    /// returns the last answer. `meanwhile` takes each block that came in a fresh memfd.
+    func decodeUntilInSlab(
+        _ client: SupervisorClient, _ slabs: Slabs, tries: Int, meanwhile: (FileDescriptor?) throws -> Void
+    ) throws -> JSONValue {
+        var answer: JSONValue = .null
+        for _ in 0..<tries {
+            let (next, fd) = try client.call(["op": "decode", "path": .string(goodClip), "frames": 2], timeoutMs: 60_000)
+            answer = next
+            if next["slab"] != nil {
+                _ = try slabs.tensors(next, fd)
+                break
+            }
+            try meanwhile(fd)
+            usleep(20_000)
+        }
+        return answer
+    }
+
     @Test func blocksGoIntoReusedSlabsAndEqualFreshMemfdBlocks() throws {
         let supervisor = try SupervisorProcess(arguments: ["--workers", "2"])
         let client = try supervisor.client(slabs: 2)
@@ -133,19 +153,8 @@ final class BlockSlabTests {
         var hang: JSONValue = .null
         while hang["id"]?.intValue != hangID { hang = try client.receive(timeoutMs: 10_000).0 }
         #expect(hang.errorReason == "timeout", "\(hang.jsonString)")
-        let slabs = Slabs()
-        var answer: JSONValue = .null
         // The killed worker is reaped a moment after its timeout answer.
-        for _ in 0..<50 {
-            let (next, fd) = try client.call(["op": "decode", "path": .string(goodClip), "frames": 2], timeoutMs: 60_000)
-            answer = next
-            if next["slab"] != nil {
-                _ = try slabs.tensors(next, fd)
-                break
-            }
-            try? fd?.close()
-            usleep(20_000)
-        }
+        let answer = try decodeUntilInSlab(client, Slabs(), tries: 50) { fd in try? fd?.close() }
         #expect(answer["slab"]?["index"]?.intValue == 0, "the slab serves again once its worker is gone: \(answer.jsonString)")
     }
 
@@ -160,17 +169,7 @@ final class BlockSlabTests {
             let copy = try fixtures.copy(of: goodClip, as: "\(fault).mp4")
             let (failed, failedFD) = try client.call(["op": "decode", "path": .string(copy), "frames": 2], timeoutMs: 60_000)
             #expect(failed["ok"]?.boolValue == false && failedFD == nil, "\(failed.jsonString)")
-            var answer: JSONValue = .null
-            for _ in 0..<100 {
-                let (next, fd) = try client.call(["op": "decode", "path": .string(goodClip), "frames": 2], timeoutMs: 60_000)
-                answer = next
-                if next["slab"] != nil {
-                    _ = try slabs.tensors(next, fd)
-                    break
-                }
-                _ = try tensorsOfFreshMemfd(fd)
-                usleep(20_000)
-            }
+            let answer = try decodeUntilInSlab(client, slabs, tries: 100) { fd in _ = try tensorsOfFreshMemfd(fd) }
             #expect(answer["slab"]?["index"]?.intValue == 0, "after \(fault): \(answer.jsonString)")
             let (_, _) = try client.call(["op": "status", "release_slabs": [0]], timeoutMs: 5000)
         }

@@ -143,11 +143,12 @@ extension Supervisor {
             if case .busy(let jobID, _) = worker.state, let job = jobs[jobID] { running[job.connectionID, default: 0] += 1 }
         }
         return connections.values.sorted { $0.id < $1.id }.map { connection in
-            [
+            let held = slabs.slabs(of: connection.id)
+            return [
                 "pid": .number(Double(connection.peer.pid)), "uid": .number(Double(connection.peer.uid)),
                 "queued": .number(Double(queued[connection.id] ?? 0)), "running": .number(Double(running[connection.id] ?? 0)),
-                "slabs": .number(Double(slabs.slabs(of: connection.id).count)),
-                "slabs_delivered": .number(Double(slabs.slabs(of: connection.id).filter { $0.state == .delivered }.count)),
+                "slabs": .number(Double(held.count)),
+                "slabs_delivered": .number(Double(held.filter { $0.state == .delivered }.count)),
             ]
         }
     }
