@@ -112,10 +112,18 @@ struct EngineTests {
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let path = dir + "/frame.png"
         try Support.ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=640x480", "-frames:v", "1", path])
-        let probed = try Demuxer(path: path, displayPath: path)
-        #expect(probed.stream(0).pointee.codecpar.pointee.width == 640)
-        let limited = try Demuxer(path: path, displayPath: path, maxPixels: 10_000)
-        #expect(limited.stream(0).pointee.codecpar.pointee.width == 0, "the probe decoded the frame")
+        // Under the engine lock, like every in-process FFmpeg call: the limited probe logs, and
+        // FFmpeg's log is process-global (a decode running beside it would list those lines).
+        let (full, limited) = try Support.withEngine { () throws(DecodeFailure) in
+            let probed = try Demuxer(path: path, displayPath: path)
+            let limited = try Demuxer(path: path, displayPath: path, maxPixels: 10_000)
+            // Read while both demuxers are alive: their streams are theirs.
+            return withExtendedLifetime((probed, limited)) {
+                (probed.stream(0).pointee.codecpar.pointee.width, limited.stream(0).pointee.codecpar.pointee.width)
+            }
+        }
+        #expect(full == 640)
+        #expect(limited == 0, "the probe decoded the frame")
         var o = DecodeOptions()
         o.maxSourcePixels = 10_000
         o.selection = .count(1)
@@ -280,8 +288,9 @@ struct EngineTests {
             }
             return seen
         }
-        let probed = try audioPackets(probesVideo: true)
+        // Under the engine lock: FFmpeg's log is process-global (see Support.withEngine).
+        let (probed, unprobed) = try Support.withEngine { (try audioPackets(probesVideo: true), try audioPackets(probesVideo: false)) }
         #expect(probed.count > 400, "20 s of AAC is ~860 packets; got \(probed.count)")
-        #expect(try audioPackets(probesVideo: false) == probed)
+        #expect(unprobed == probed)
     }
 }

@@ -30,9 +30,12 @@ import Testing
 
     @Test func groupsStartAtKeyframesAfterThePreviousGroupAndCoverEveryFrame() throws {
         let path = try clip
-        let demuxer = try Demuxer(path: path, displayPath: path, maxPixels: 1 << 26)
-        let stream = try #require(demuxer.bestStream(AVMEDIA_TYPE_VIDEO))
-        let table = try FrameTable.scan(demuxer, streamIndex: stream)
+        // Under the engine lock: FFmpeg's log is process-global (see Support.withEngine).
+        let table = try Support.withEngine { () throws -> FrameTable in
+            let demuxer = try Demuxer(path: path, displayPath: path, maxPixels: 1 << 26)
+            let stream = try #require(demuxer.bestStream(AVMEDIA_TYPE_VIDEO))
+            return try FrameTable.scan(demuxer, streamIndex: stream)
+        }
         let wanted = Array(stride(from: 3, to: table.count, by: 15))
         let groups = try #require(ParallelFrameReading.groups(wanted, table: table, policy: .auto, parts: 4))
         #expect(groups.count == 4)
