@@ -5,7 +5,8 @@ Same frames, same output size, same layout (THWC uint8 RGB), ratios within one r
   W1  natural 720p H.264 clips of 10-60 s, fps=2, max_pixels=448*448, factor 28
   W2  60 natural clips 320x240 3 s, all frames (fps=30 on 30 fps sources), native size
   W3  a natural 5-minute 720p clip at fps=0.25, max_pixels=448*448
-  W4  30 s of audio (AAC 48 kHz stereo) to 16 kHz mono float32
+  W4  10 files of 30 s audio (WAV, MP3, M4A at 22.05-48 kHz, mono and stereo; bench/w4_audio.py's
+      set) to 16 kHz mono float32, and one caller as for W1-W3
 The frame indices and the output size of each clip come from clipvisor's own result (the
 Qwen2.5-VL rule: `video.indices`, `video.frames.shape`); the peers are asked for exactly those:
   PyAV    av.open, decode in order, `frame.to_ndarray(width=, height=, format="rgb24",
@@ -49,7 +50,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from media import natural_clip, small_clips  # noqa: E402
+from media import OUT as MEDIA_OUT, natural_clip, small_clips  # noqa: E402
+from w4_audio import FILES as W4_FILES, make_file as make_w4_file  # noqa: E402
 
 import av  # noqa: E402
 import decord  # noqa: E402
@@ -231,15 +233,19 @@ def one_caller(name: str, client, sup, jobs: List[Job], repeat: int) -> Dict[str
     on a dense selection)."""
     rows: Dict[str, Measured] = {"clipvisor one caller": Measured(), "clipvisor one caller no slabs (info)": Measured()}
     plain = sup.client(slabs=0)
-    for peer in PEERS["video"]:
-        rows[f"{peer} 1 thread"] = Measured()
-        rows[f"{peer} 2 decoder threads"] = Measured()
+    peers = PEERS[jobs[0].kind]
+    # Audio decoders have no frame threads: their one caller is the 1-thread row.
+    threads = (1,) if jobs[0].kind == "audio" else (1, 2)
+    row_name = {1: "1 thread", 2: "2 decoder threads"}
+    for peer in peers:
+        for t in threads:
+            rows[f"{peer} {row_name[t]}"] = Measured()
     for _ in range(repeat):
         run_clipvisor(client, sup, jobs, rows["clipvisor one caller"], threads=1)
         run_clipvisor(plain, sup, jobs, rows["clipvisor one caller no slabs (info)"], threads=1)
-        for peer, fn in PEERS["video"].items():
-            run_peer_one_caller(fn, jobs, 1, rows[f"{peer} 1 thread"])
-            run_peer_one_caller(fn, jobs, 2, rows[f"{peer} 2 decoder threads"])
+        for peer, fn in peers.items():
+            for t in threads:
+                run_peer_one_caller(fn, jobs, t, rows[f"{peer} {row_name[t]}"])
     cvw = common.median(rows["clipvisor one caller"].wall)
     print(f"{name}, one caller (one clip at a time):")
     for label, m in rows.items():
@@ -395,7 +401,8 @@ def main() -> None:
     w1 = [natural_clip(s) for s in w1_seconds]
     w2 = small_clips(20 if args.quick else 60)
     w3 = natural_clip(60 if args.quick else 300, size="1280x720", audio=False)
-    w4 = natural_clip(30)
+    (MEDIA_OUT / "w4").mkdir(parents=True, exist_ok=True)
+    w4 = [make_w4_file(MEDIA_OUT / "w4", i, *spec) for i, spec in enumerate(W4_FILES)]
     with common.Supervisor(bins) as sup:
         client = sup.client()
         sup.workers = common.worker_target(client.status())
@@ -418,12 +425,14 @@ def main() -> None:
             one_caller("W3", client, sup, jobs, repeat)
         if "W4" in only:
             try:
-                client.audio(str(w4))
+                client.audio(str(w4[0]))
             except (clipvisor.ClipSkipped, clipvisor.ClipvisorError) as exc:
                 print(f"\nW4: PENDING: client.audio raised {type(exc).__name__}: {str(exc)[:200]}")
             else:
-                jobs = [Job(str(w4), "audio", dict(sample_rate=16000, channels=1))]
-                workload("W4", f"{w4.name}: 30 s audio to 16 kHz mono float32", client, sup, jobs, max(repeat, 3), False)
+                jobs = plan(client, w4, "audio", dict(sample_rate=16000, channels=1))
+                workload("W4", f"{len(w4)} x 30 s audio (WAV, MP3, M4A) to 16 kHz mono float32", client, sup, jobs,
+                         max(repeat, 3), False)
+                one_caller("W4", client, sup, jobs, max(repeat, 3))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,13 @@ Per mode, a private supervisor with --workers 2:
           and the reaped workers' minor page faults;
   warm    the same clips in one long-lived worker.
 Numbers from one run; compare rows of the same run only (a shared 2-core VM).
+The clip: a 2 s 320x240 noise clip asked at max_pixels 20000 (the default), or with
+`--clip training` a natural 5 s 640x360 H.264 clip (bench/media.py) asked at Qwen2.5-VL's
+448x448 budget: the good clips of bench/chaos.py's `--throughput-source training`, where a fresh
+worker is what `after_refused_media = "replace"` pays per refused clip.
 
     python3 bench/worker_start.py --bin-dir .build/release
+    python3 bench/worker_start.py --bin-dir .build/release --clip training --modes fork-server
 """
 from __future__ import annotations
 
@@ -54,7 +59,7 @@ def live_worker_cpu(client: clipvisor.Client) -> float:
     return total
 
 
-def run(binary: Path, mode: str, kind: str, clip: Path, work: Path) -> str:
+def run(binary: Path, mode: str, kind: str, clip: Path, work: Path, max_pixels: int) -> str:
     d = Path(tempfile.mkdtemp(dir=work))
     args = [str(binary), "serve", "--socket", str(d / "s.sock"), "--skip-log", str(d / "skips.jsonl"),
             "--workers", "2", "--worker-start", mode]
@@ -75,7 +80,7 @@ def run(binary: Path, mode: str, kind: str, clip: Path, work: Path) -> str:
                 shutil.copyfile(clip, f)
             files.append(str(f))
         with clipvisor.Client(str(d / "s.sock"), spawn=False, connect_timeout=30) as c:
-            c.video(str(clip), fps=2, max_pixels=20000)  # warm: every worker started
+            c.video(str(clip), fps=2, max_pixels=max_pixels)  # warm: every worker started
             start = c.status()["workers"]["start"]
             zygote = start.get("fork_server_pid")
             z0 = own_cpu(zygote) if zygote else 0.0
@@ -85,7 +90,7 @@ def run(binary: Path, mode: str, kind: str, clip: Path, work: Path) -> str:
             outcomes = {}
             for f in files:
                 try:
-                    c.video(f, fps=2, max_pixels=20000)
+                    c.video(f, fps=2, max_pixels=max_pixels)
                     outcomes["ok"] = outcomes.get("ok", 0) + 1
                 except clipvisor.ClipSkipped as skip:
                     outcomes[skip.reason] = outcomes.get(skip.reason, 0) + 1
@@ -109,20 +114,33 @@ def run(binary: Path, mode: str, kind: str, clip: Path, work: Path) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin-dir", default=".build/release")
+    ap.add_argument("--clip", choices=("synthetic", "training"), default="synthetic",
+                    help="synthetic: 2 s 320x240 noise at max_pixels 20000 (default); training: natural 5 s 640x360 "
+                         "H.264 at max_pixels 448*448")
+    ap.add_argument("--modes", default="exec,fork-server", help="comma-separated worker start modes (default: both)")
     a = ap.parse_args()
     binary = Path(a.bin_dir) / "clipvisor"
+    modes = [m for m in a.modes.split(",") if m]
+    if not modes or set(modes) - {"exec", "fork-server"}:
+        ap.error(f"--modes: exec and/or fork-server, not {a.modes!r}")
     work = Path(tempfile.mkdtemp(prefix="worker-start-"))
-    clip = work / "clip.mp4"
-    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i",
-                    "testsrc2=size=320x240:rate=25,noise=alls=20:allf=t", "-t", "2", "-pix_fmt", "yuv420p", str(clip)],
-                   check=True)
+    if a.clip == "training":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import media  # noqa: PLC0415  (bench/media.py, only this mode needs it)
+        clip, max_pixels = media.natural_clip(5, size="640x360", seed=11, audio=False), 448 * 448
+    else:
+        clip, max_pixels = work / "clip.mp4", 20000
+        subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i",
+                        "testsrc2=size=320x240:rate=25,noise=alls=20:allf=t", "-t", "2", "-pix_fmt", "yuv420p",
+                        str(clip)], check=True)
+    print(f"clip {clip.name} at max_pixels {max_pixels}")
     print(f"load average {os.getloadavg()[0]:.2f} at start; per clip: wall ms, CPU ms (all processes), then by process")
     print(f"{'mode':<12} {'case':<6} {'wall':>8} {'CPU':>10} {'superv.':>8} {'reaped':>8} {'forksrv':>8} "
           f"{'live':>8} {'faults':>9}")
     try:
         for kind in ("crash", "fresh", "warm"):
-            for mode in ("exec", "fork-server"):
-                print(run(binary, mode, kind, clip, work), flush=True)
+            for mode in modes:
+                print(run(binary, mode, kind, clip, work, max_pixels), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import warnings
+from typing import Dict
 
 import numpy as np
 import pytest
@@ -221,6 +222,38 @@ def test_multiplexing_many_threads_one_connection(client: clipvisor.Client, fake
     assert fake_server.connections == 1
     ids = [r["id"] for r in fake_server.requests]
     assert len(ids) == len(set(ids)) == 16
+
+
+def test_a_reader_whose_answer_came_hands_reading_over_at_once(client: clipvisor.Client,
+                                                                fake_server: FakeServer) -> None:
+    """The thread reading the connection stops at its own answer and wakes one waiting thread to
+    read on; a lost hand-over would leave the others' answers unread until their 1 s re-check."""
+    finished: Dict[str, float] = {}
+    errors = []
+
+    def work(name: str, delay: float) -> None:
+        try:
+            v = client.video(f"/fake/delay-{delay:.2f}/video-1-4-4")
+            assert np.array_equal(v.frames, make_frames(1, 4, 4))
+            finished[name] = time.monotonic()
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    client.status()  # connected before the clock starts
+    t0 = time.monotonic()
+    reader = threading.Thread(target=work, args=("reader", 0.05))
+    reader.start()
+    time.sleep(0.03)  # it reads; the others wait
+    waiters = [threading.Thread(target=work, args=(f"w{i}", 0.25 + 0.1 * i)) for i in range(3)]
+    for t in waiters:
+        t.start()
+    for t in [reader, *waiters]:
+        t.join(10)
+    assert not errors, errors
+    assert set(finished) == {"reader", "w0", "w1", "w2"}
+    for i in range(3):
+        # Answered at ~0.28-0.48 s; a missed wake-up shows as >= 1 s.
+        assert finished[f"w{i}"] - t0 < 0.9, {k: round(v - t0, 3) for k, v in finished.items()}
 
 
 def test_wedged_supervisor_times_out_and_next_call_reconnects(fake_server: FakeServer) -> None:
