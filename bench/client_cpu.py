@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""The Python client's own CPU per call, with one thread and with several sharing a Client.
+
+A private supervisor (default workers) serves issue 14's W4 set (ten 30 s audio files, WAV, MP3
+and M4A, to 16 kHz mono float32: 1.92 MB blocks, where per-call costs weigh most) or the W2 set
+(20 natural 320x240 3 s clips, every frame: 20.7 MB blocks), into new arrays. For each
+`--threads` value, a thread pool made once runs one untimed round of the whole set (each
+thread's malloc arena grows once, as in a long training run) and then `--rounds` rounds. Per
+call: wall, the client's CPU (user + system, this process only), its voluntary context switches
+(a thread woken for nothing shows here), minor faults, and CPU seconds per GB delivered
+(issue 14's goal: <= 0.25).
+
+    python3 bench/client_cpu.py --bin-dir .build/release
+    python3 bench/client_cpu.py --bin-dir .build/release --workload w2 --threads 1,4
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from media import OUT as MEDIA_OUT  # noqa: E402
+from media import small_clips  # noqa: E402
+from w4_audio import FILES as W4_FILES  # noqa: E402
+from w4_audio import make_file as make_w4_file  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bin-dir", help="directory with clipvisor and clipvisor-worker (release build)")
+    ap.add_argument("--workload", choices=("w4", "w2"), default="w4")
+    ap.add_argument("--threads", default="1,4", help="comma-separated thread counts (default 1,4)")
+    ap.add_argument("--rounds", type=int, default=10, help="rounds of the whole set per thread count")
+    a = ap.parse_args()
+    counts = [int(t) for t in a.threads.split(",") if t]
+    if not counts or min(counts) < 1 or a.rounds < 1:
+        ap.error("--threads: positive counts; --rounds: at least 1")
+    if a.workload == "w4":
+        (MEDIA_OUT / "w4").mkdir(parents=True, exist_ok=True)
+        paths = [str(make_w4_file(MEDIA_OUT / "w4", i, *spec)) for i, spec in enumerate(W4_FILES)]
+    else:
+        paths = [str(p) for p in small_clips(20)]
+
+    with common.Supervisor(common.bin_dir(a.bin_dir)) as sup:
+        client = sup.client()
+        sup.wait_warm(client, common.worker_target(client.status()))
+
+        def one(path: str) -> int:
+            if a.workload == "w4":
+                return client.audio(path, sample_rate=16000, channels=1).samples.nbytes
+            return client.video(path, fps=30.0, layout="THWC").frames.nbytes
+
+        expected = [one(p) for p in paths]  # untimed: the connection's slabs, the heap's growth
+        if min(expected) <= 0:
+            raise SystemExit(f"an empty result in the untimed round: {expected}")
+        print(common.machine_line())
+        print(f"{a.workload}: {len(paths)} files, {sum(expected) / len(paths) / 1e6:.2f} MB per call, "
+              f"{a.rounds} rounds per row")
+        print(f"{'threads':>7} {'wall ms':>8} {'CPU ms':>7} {'user':>6} {'sys':>6} {'vol. cs':>8} "
+              f"{'faults':>7} {'CPU s/GB':>9}")
+        for threads in counts:
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(one, paths))  # untimed: each pool thread's malloc arena grows once
+                r0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+                got = [n for _ in range(a.rounds) for n in pool.map(one, paths)]
+                wall, r1 = time.perf_counter() - w0, resource.getrusage(resource.RUSAGE_SELF)
+            if got != expected * a.rounds:
+                raise SystemExit(f"{threads} threads: results differ in size from the untimed round")
+            calls, gb = len(got), sum(got) / 1e9
+            user, system = r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime
+            print(f"{threads:>7} {wall / calls * 1e3:>8.2f} {(user + system) / calls * 1e3:>7.3f} "
+                  f"{user / calls * 1e3:>6.3f} {system / calls * 1e3:>6.3f} "
+                  f"{(r1.ru_nvcsw - r0.ru_nvcsw) / calls:>8.1f} {(r1.ru_minflt - r0.ru_minflt) / calls:>7.0f} "
+                  f"{(user + system) / gb:>9.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
