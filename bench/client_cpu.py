@@ -3,7 +3,8 @@
 
 A private supervisor (default workers) serves issue 14's W4 set (ten 30 s audio files, WAV, MP3
 and M4A, to 16 kHz mono float32: 1.92 MB blocks, where per-call costs weigh most) or the W2 set
-(20 natural 320x240 3 s clips, every frame: 20.7 MB blocks), into new arrays. For each
+(20 natural 320x240 3 s clips, every frame: 20.7 MB blocks) or the quick W1 set (natural 720p
+clips of 10 and 20 s at fps 2 and Qwen2.5-VL's 448x448 budget: 6.8 and 13.5 MB), into new arrays. For each
 `--threads` value, a thread pool made once runs one untimed round of the whole set (each
 thread's malloc arena grows once, as in a long training run) and then `--rounds` rounds. Per
 call: wall, the client's CPU (user + system, this process only), its voluntary context switches
@@ -12,6 +13,7 @@ call: wall, the client's CPU (user + system, this process only), its voluntary c
 
     python3 bench/client_cpu.py --bin-dir .build/release
     python3 bench/client_cpu.py --bin-dir .build/release --workload w2 --threads 1,4
+    python3 bench/client_cpu.py --bin-dir .build/release --workload w1 --rounds 5
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from media import OUT as MEDIA_OUT  # noqa: E402
-from media import small_clips  # noqa: E402
+from media import natural_clip, small_clips  # noqa: E402
 from w4_audio import FILES as W4_FILES  # noqa: E402
 from w4_audio import make_file as make_w4_file  # noqa: E402
 
@@ -33,7 +35,7 @@ from w4_audio import make_file as make_w4_file  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin-dir", help="directory with clipvisor and clipvisor-worker (release build)")
-    ap.add_argument("--workload", choices=("w4", "w2"), default="w4")
+    ap.add_argument("--workload", choices=("w4", "w2", "w1"), default="w4")
     ap.add_argument("--threads", default="1,4", help="comma-separated thread counts (default 1,4)")
     ap.add_argument("--rounds", type=int, default=10, help="rounds of the whole set per thread count")
     a = ap.parse_args()
@@ -43,8 +45,10 @@ def main() -> int:
     if a.workload == "w4":
         (MEDIA_OUT / "w4").mkdir(parents=True, exist_ok=True)
         paths = [str(make_w4_file(MEDIA_OUT / "w4", i, *spec)) for i, spec in enumerate(W4_FILES)]
-    else:
+    elif a.workload == "w2":
         paths = [str(p) for p in small_clips(20)]
+    else:
+        paths = [str(natural_clip(seconds)) for seconds in (10, 20)] * 2
 
     with common.Supervisor(common.bin_dir(a.bin_dir)) as sup:
         client = sup.client()
@@ -53,7 +57,9 @@ def main() -> int:
         def one(path: str) -> int:
             if a.workload == "w4":
                 return client.audio(path, sample_rate=16000, channels=1).samples.nbytes
-            return client.video(path, fps=30.0, layout="THWC").frames.nbytes
+            if a.workload == "w2":
+                return client.video(path, fps=30.0, layout="THWC").frames.nbytes
+            return client.video(path, fps=2.0, max_pixels=448 * 448, factor=28, layout="THWC").frames.nbytes
 
         expected = [one(p) for p in paths]  # untimed: the connection's slabs, the heap's growth
         if min(expected) <= 0:
