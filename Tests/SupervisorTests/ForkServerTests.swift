@@ -84,6 +84,26 @@ final class ForkServerTests {
         for pid in workers { #expect(kill(pid, 0) != 0, "worker \(pid) outlived the supervisor") }
     }
 
+    /// A clone starts as a copy of the fork server's only thread, thread ids cached in it
+    /// included. Two of a clone's threads waiting on one Swift runtime lock (as a clip's reader
+    /// threads do on type metadata) spun at 100 % CPU until the deadline while the clone served
+    /// from that thread; it serves from a thread of its own now. `contend-on` makes the wait
+    /// certain (a lazy global initialised by one thread while another reads it) in fresh clones,
+    /// and exec'd workers show what the same clips cost where no id was ever copied.
+    @Test(arguments: ["fork-server", "exec"])
+    func threadsOfAFreshCloneWaitingOnOneRuntimeLockGoOn(_ mode: String) throws {
+        let supervisor = try SupervisorProcess(
+            arguments: ["--workers", "2", "--worker-start", mode, "--clips-per-worker", "1", "--deadline", "10"],
+            environment: [WorkerMessage.faultEnvironmentKey: "contend-on=CONTENDME"])
+        #expect(try startInfo(supervisor)["mode"]?.stringValue == mode)
+        let client = try supervisor.client()
+        for i in 0..<3 {  // each clip in a fresh worker, whose lazy global is not yet initialised
+            let (answer, _) = try client.decode(try copy("CONTENDME-\(i).mp4"), ["fps": 2])
+            #expect(answer["ok"]?.boolValue == true, "\(mode), clip \(i): \(answer)")
+        }
+        #expect(supervisor.stop() == 0)
+    }
+
     @Test func aDeadForkServerIsSaidAndWorkersAreExecdUntilItIsBack() throws {
         let supervisor = try SupervisorProcess(arguments: ["--workers", "1"], environment: Self.faults)
         let forkServer = try #require(try startInfo(supervisor)["fork_server_pid"]?.intValue.map { pid_t($0) })

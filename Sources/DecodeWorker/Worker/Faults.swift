@@ -19,6 +19,11 @@ struct Faults: Sendable, Equatable {
     var poisonOn: [String] = []
     /// Paths for which the worker breaks the protocol the way a compromised worker could.
     var lieOn: [String] = []
+    /// Paths before whose decode two threads of the worker contend for one Swift runtime lock
+    /// (a lazy global's initialisation), as a clip's reader threads do for type metadata: in a
+    /// clone of the fork server that hung both threads while a thread kept the fork server's
+    /// thread id (ForkServer.swift says why), so a test can show it no longer does.
+    var contendOn: [String] = []
     var exitAtStart = false
     /// The fork server stops answering (blocks in `pause()`) at this fork request (1-based).
     var forkServerStallAt: Int?
@@ -31,8 +36,8 @@ struct Faults: Sendable, Equatable {
     }
 
     /// A comma-separated list of `crash-on=TEXT`, `abort-on=TEXT`, `spin-on=TEXT` (alias `hang-on=TEXT`),
-    /// `sleep-on=TEXT`, `oom-on=TEXT`, `poison-on=TEXT`, `lie-on=TEXT`, `exit-at-start`, `fork-server-stall-at=N`,
-    /// `fork-server-lie-at=N`. Unknown entries are ignored.
+    /// `sleep-on=TEXT`, `oom-on=TEXT`, `poison-on=TEXT`, `lie-on=TEXT`, `contend-on=TEXT`, `exit-at-start`,
+    /// `fork-server-stall-at=N`, `fork-server-lie-at=N`. Unknown entries are ignored.
     static func parse(_ text: String) -> Faults {
         var faults = Faults()
         for item in text.split(separator: ",") {
@@ -47,6 +52,7 @@ struct Faults: Sendable, Equatable {
             case "oom-on" where !value.isEmpty: faults.oomOn.append(value)
             case "poison-on" where !value.isEmpty: faults.poisonOn.append(value)
             case "lie-on" where !value.isEmpty: faults.lieOn.append(value)
+            case "contend-on" where !value.isEmpty: faults.contendOn.append(value)
             case "exit-at-start": faults.exitAtStart = true
             case "fork-server-stall-at": faults.forkServerStallAt = Int(value)
             case "fork-server-lie-at": faults.forkServerLieAt = Int(value)
@@ -75,6 +81,9 @@ struct Faults: Sendable, Equatable {
         if sleepOn.contains(where: { path.contains($0) }) {
             Self.sleepForever()
         }
+        if contendOn.contains(where: { path.contains($0) }) {
+            Self.contendForRuntimeLock()
+        }
         if oomOn.contains(where: { path.contains($0) }) {
             let total = Self.exhaustMemory()
             return DecodeFailure(
@@ -82,6 +91,19 @@ struct Faults: Sendable, Equatable {
                 detail: "allocation failed (CLIPVISOR_TEST_FAULTS)")
         }
         return nil
+    }
+
+    /// This thread starts the 200 ms initialisation of a lazy global; 20 ms later a second thread
+    /// reads the same global and waits on the runtime's lock for it (`swift_once`). Returns when
+    /// both have it: at once in a healthy process.
+    static func contendForRuntimeLock() {
+        var helper = pthread_t()
+        let started = pthread_create(&helper, nil, { _ in
+            usleep(20_000)
+            return UnsafeMutableRawPointer(bitPattern: slowlyInitialised)
+        }, nil)
+        _ = slowlyInitialised
+        if started == 0 { pthread_join(helper, nil) }
     }
 
     /// Dies of SIGSEGV, as a codec reading out of bounds does.
@@ -125,4 +147,12 @@ struct Faults: Sendable, Equatable {
         return total
     }
 }
+
+/// Read by `Faults.contendForRuntimeLock`: a global is initialised lazily, under the Swift
+/// runtime's once-lock, on its first read in each process (a clone of the fork server included:
+/// the fork server never reads it).
+private let slowlyInitialised: Int = {
+    usleep(200_000)
+    return 1
+}()
 

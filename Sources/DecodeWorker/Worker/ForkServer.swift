@@ -89,8 +89,45 @@ struct ForkServer {
         }
         var workerConfig = config
         workerConfig.controlFD = 3
-        _exit(WorkerServer(workerConfig, faults: faults).run())  // as `serve` does (Commands.swift)
+        let server = WorkerServer(workerConfig, faults: faults)
+        // The sandbox first, while this is the only thread: every thread started later inherits
+        // it (seccomp, no_new_privs and Landlock are per thread).
+        guard let landlock = server.enterSandbox() else { _exit(WorkerMessage.ExitCode.sandbox.rawValue) }
+        // Then the worker serves from a thread of its own. This thread is a raw clone of the
+        // fork server's and keeps thread ids cached from it: the Swift runtime's locks
+        // (`ulock_get_tid`) and glibc's own bookkeeping. A lock this thread held would carry the
+        // fork server's id, and a second thread waiting for it (FUTEX_LOCK_PI) then spun, as did
+        // this thread's unlock, both at 100 % CPU until the deadline: the reader threads of a
+        // clip did so on type metadata (docs/benchmarks.md, fifth session; `contend-on` shows it).
+        // A thread started here caches its own id; this one only waits for it.
+        let code = runOnFreshThread { server.serve(landlock: landlock) }
+        _exit(code)
     }
+
+    /// Runs `body` on a thread started now, waits for it and returns its result; the exit code
+    /// `ExitCode.sandbox` (logged) when no thread can be started.
+    private func runOnFreshThread(_ body: @escaping () -> Int32) -> Int32 {
+        final class Call {
+            let body: () -> Int32
+            var result: Int32 = 0
+            init(_ body: @escaping () -> Int32) { self.body = body }
+        }
+        let call = Call(body)
+        let started = withExtendedLifetime(call) {
+            cv_run_on_new_thread({ context in
+                let call = Unmanaged<Call>.fromOpaque(context).takeUnretainedValue()
+                call.result = call.body()
+            }, Unmanaged.passUnretained(call).toOpaque(), Self.workerStackBytes)
+        }
+        guard started == 0 else {
+            logLine("new worker: cannot start its thread: \(Errno(rawValue: started))")
+            return WorkerMessage.ExitCode.sandbox.rawValue
+        }
+        return call.result
+    }
+
+    /// The serving thread's stack: what a main thread gets under the usual 8 MiB RLIMIT_STACK.
+    static let workerStackBytes = 8 << 20
 
     private func send(_ message: ForkServerMessage, on control: FileDescriptor) -> Bool {
         let bytes = message.json.serialized()

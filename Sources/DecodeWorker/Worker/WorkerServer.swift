@@ -32,20 +32,31 @@ final class WorkerServer {
 
     /// Runs until recycled; returns the exit code.
     func run() -> Int32 {
+        guard let landlock = enterSandbox() else { return WorkerMessage.ExitCode.sandbox.rawValue }
+        return serve(landlock: landlock)
+    }
+
+    /// Binds the worker to its parent and applies the sandbox, on the calling thread and so to
+    /// every thread started after it; nil (logged) when the worker cannot start and must exit
+    /// with `ExitCode.sandbox`.
+    func enterSandbox() -> Sandbox.LandlockOutcome? {
         signal(SIGPIPE, SIG_IGN)
         Sandbox.defaultCrashSignals()
         if faults.exitAtStart {
             logLine("exiting at start (test fault exit-at-start)")
-            return WorkerMessage.ExitCode.sandbox.rawValue
+            return nil
         }
-        let landlock: Sandbox.LandlockOutcome
         do {
             try Sandbox.bindToParent(config.parentPID)
-            landlock = try Sandbox.apply(limits: config.limits, landlock: config.landlock)
+            return try Sandbox.apply(limits: config.limits, landlock: config.landlock)
         } catch {
             logLine("cannot start: \(error.description)")
-            return WorkerMessage.ExitCode.sandbox.rawValue
+            return nil
         }
+    }
+
+    /// Says `ready` and serves jobs until recycled; returns the exit code.
+    func serve(landlock: Sandbox.LandlockOutcome) -> Int32 {
         // The Landlock problem is said to the supervisor, which tells the operator once.
         let ready = WorkerReply.ready(.init(
             pid: getpid(), protocolVersion: ClipvisorVersion.workerProtocol, version: WorkerCommand.version,
