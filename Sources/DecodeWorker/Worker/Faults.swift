@@ -155,4 +155,3 @@ private let slowlyInitialised: Int = {
     usleep(200_000)
     return 1
 }()
-
