@@ -49,6 +49,8 @@ pid_t cv_clone_sibling(void) {
     return (pid_t)syscall(SYS_clone, CLONE_PARENT | SIGCHLD, 0, NULL, NULL, 0);
 }
 
+pid_t cv_gettid(void) { return (pid_t)syscall(SYS_gettid); }
+
 struct cv_thread_call {
     void (*body)(void *context);
     void *context;

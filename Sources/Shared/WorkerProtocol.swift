@@ -190,13 +190,19 @@ public enum WorkerReply: Sendable {
         public var landlockABI: Int
         /// Why the write ban is not in force (`--landlock auto` where it was refused).
         public var landlockProblem: String?
+        /// The thread that serves jobs, when it is not the process's first thread (a clone of the
+        /// fork server serves from a thread of its own): the supervisor reads whether the worker
+        /// is blocked, and its finest CPU clock, from that thread.
+        public var thread: Int32?
 
-        public init(pid: Int32, protocolVersion: Int, version: String, landlockABI: Int, landlockProblem: String?) {
+        public init(pid: Int32, protocolVersion: Int, version: String, landlockABI: Int, landlockProblem: String?,
+                    thread: Int32? = nil) {
             self.pid = pid
             self.protocolVersion = protocolVersion
             self.version = version
             self.landlockABI = landlockABI
             self.landlockProblem = landlockProblem
+            self.thread = thread
         }
     }
 
@@ -217,6 +223,7 @@ public enum WorkerReply: Sendable {
                 "version": .string(ready.version), "landlock": .number(Double(ready.landlockABI)),
             ]
             if let problem = ready.landlockProblem { message["landlock_problem"] = .string(problem) }
+            if let thread = ready.thread { message["thread"] = .number(Double(thread)) }
             return .object(message)
         case .started(let job, let size, let mtime):
             return [
@@ -256,7 +263,8 @@ public enum WorkerReply: Sendable {
             self = .ready(Ready(
                 pid: pid, protocolVersion: version, version: json["version"]?.stringValue ?? "?",
                 landlockABI: json["landlock"]?.intValue ?? 0,
-                landlockProblem: json["landlock_problem"]?.stringValue.map { String($0.prefix(500)) }))
+                landlockProblem: json["landlock_problem"]?.stringValue.map { String($0.prefix(500)) },
+                thread: json["thread"]?.intValue.flatMap(Int32.init(exactly:)).flatMap { $0 > 0 ? $0 : nil }))
         case "started":
             self = .started(
                 job: try job(), size: json["size"]?.doubleValue.flatMap { Int64(exactly: $0) },

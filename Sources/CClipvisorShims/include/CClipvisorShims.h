@@ -39,6 +39,9 @@ int cv_pidfd_open(pid_t pid);
 /// the child signals the child even though glibc's own fork bookkeeping did not run.
 pid_t cv_clone_sibling(void);
 
+/// The calling thread's id (gettid(2), which the Swift Glibc module does not import).
+pid_t cv_gettid(void);
+
 /// Runs `body(context)` on a new thread with a stack of `stack_bytes` and waits for it to end.
 /// 0 once it has, or the error number when no thread could be started.
 int cv_run_on_new_thread(void (*body)(void *context), void *context, size_t stack_bytes);

@@ -1,3 +1,4 @@
+import CClipvisorShims
 import Shared
 import SystemPackage
 
@@ -55,12 +56,18 @@ final class WorkerServer {
         }
     }
 
+    /// This thread's id when it is not the process's first thread (ForkServer.swift), else nil.
+    private static func servingThread() -> Int32? {
+        let thread = cv_gettid()
+        return thread == getpid() ? nil : thread
+    }
+
     /// Says `ready` and serves jobs until recycled; returns the exit code.
     func serve(landlock: Sandbox.LandlockOutcome) -> Int32 {
         // The Landlock problem is said to the supervisor, which tells the operator once.
         let ready = WorkerReply.ready(.init(
             pid: getpid(), protocolVersion: ClipvisorVersion.workerProtocol, version: WorkerCommand.version,
-            landlockABI: Int(landlock.abi), landlockProblem: landlock.problem))
+            landlockABI: Int(landlock.abi), landlockProblem: landlock.problem, thread: Self.servingThread()))
         // A supervisor that closed the channel before we were ready is shutting down: leave quietly.
         guard send(ready.json, fd: nil, quietOnClosedPeer: true) else { return WorkerMessage.ExitCode.recycled.rawValue }
 

@@ -17,8 +17,9 @@ struct ProcStat {
     static let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
 
     /// `/proc/self/stat` for nil. Nil when the process is gone or /proc is not readable.
-    static func read(pid: Int32?) -> ProcStat? {
-        guard let bytes = Filesystem.read(pid.map { "/proc/\($0)/stat" } ?? "/proc/self/stat", chunk: 1024),
+    static func read(pid: Int32?, thread: Int32? = nil) -> ProcStat? {
+        let path = pid.map { pid in thread.map { "/proc/\(pid)/task/\($0)/stat" } ?? "/proc/\(pid)/stat" } ?? "/proc/self/stat"
+        guard let bytes = Filesystem.read(path, chunk: 1024),
             let close = bytes.lastIndex(of: UInt8(ascii: ")"))
         else { return nil }
         // The command name (field 2) may hold spaces and parentheses: fields count from its end.
@@ -34,10 +35,11 @@ struct ProcStat {
             startTimeSeconds: bootTime + field(22) / ticksPerSecond)
     }
 
-    /// The main thread's time on the CPU in nanoseconds, as seconds (`/proc/PID/schedstat`'s
-    /// first field): finer than the 10 ms ticks of `stat`, for short windows.
-    static func mainThreadCPUSeconds(pid: Int32) -> Double? {
-        guard let bytes = Filesystem.read("/proc/\(pid)/schedstat", chunk: 256),
+    /// A thread's time on the CPU in nanoseconds, as seconds (`schedstat`'s first field; the
+    /// main thread's without `thread`): finer than the 10 ms ticks of `stat`, for short windows.
+    static func threadCPUSeconds(pid: Int32, thread: Int32? = nil) -> Double? {
+        let path = thread.map { "/proc/\(pid)/task/\($0)/schedstat" } ?? "/proc/\(pid)/schedstat"
+        guard let bytes = Filesystem.read(path, chunk: 256),
             let first = bytes.split(separator: UInt8(ascii: " ")).first,
             let nanoseconds = UInt64(String(decoding: first, as: UTF8.self))
         else { return nil }

@@ -7,9 +7,11 @@ import Glibc
 /// the next clip while it waits for its deadline. Sampled from the event loop's timer — the
 /// same idea as Go's sysmon handing the processor of a thread blocked in a syscall to another.
 ///
-/// Two clocks: /proc/PID/stat's utime + stime (every thread, but in 10 ms ticks) and
-/// /proc/PID/schedstat's time on the CPU (nanoseconds, the main thread). A worker is stalled when
-/// neither moved over a window and it is asleep: the first check comes 20 ms after it takes the
+/// Two clocks: /proc/PID/stat's utime + stime (every thread, but in 10 ms ticks) and the serving
+/// thread's schedstat (nanoseconds). A worker is stalled when neither moved over a window and its
+/// serving thread is asleep. That thread is the process's first one for an exec'd worker, and a
+/// thread of its own for a clone of the fork server (`ready`'s `thread`; ForkServer.swift says
+/// why), whose first thread only waits for it. The first check comes 20 ms after it takes the
 /// clip (a FIFO blocks at once; the nanosecond clock tells at that scale), then every 100 ms,
 /// so a hang holds a decode slot for about 20 ms, not for its whole deadline. (At 50 ms, eight
 /// hangs with a 2 s deadline held 10 % of a 2-worker pool's time; at 20 ms, 7 %: bench/chaos.py.)
@@ -29,14 +31,21 @@ struct CPUWatch {
         /// The main thread's time on the CPU, when /proc/PID/schedstat is there.
         var threadSeconds: Double?
 
-        init?(pid: pid_t) {
+        init?(pid: pid_t, thread: pid_t?) {
             guard let stat = ProcStat.read(pid: pid) else { return nil }
-            state = stat.state
             processSeconds = stat.cpuSeconds
-            threadSeconds = ProcStat.mainThreadCPUSeconds(pid: pid)
+            if let thread {
+                guard let serving = ProcStat.read(pid: pid, thread: thread) else { return nil }
+                state = serving.state
+            } else {
+                state = stat.state
+            }
+            threadSeconds = ProcStat.threadCPUSeconds(pid: pid, thread: thread)
         }
     }
 
+    /// The serving thread, when it is not the first one.
+    private let thread: pid_t?
     private var last: Reading
     private(set) var lastAt: Instant
     /// CPU seconds (all threads) when the clip started.
@@ -48,9 +57,11 @@ struct CPUWatch {
     /// The share of one CPU the last window showed.
     private(set) var lastShare = 1.0
 
-    /// Starts watching `pid` as it takes a clip; nil when its /proc entry cannot be read.
-    init?(pid: pid_t, now: Instant) {
-        guard let reading = Reading(pid: pid) else { return nil }
+    /// Starts watching `pid` (whose jobs `thread` serves, when it is not the first thread) as it
+    /// takes a clip; nil when its /proc entries cannot be read.
+    init?(pid: pid_t, thread: pid_t?, now: Instant) {
+        guard let reading = Reading(pid: pid, thread: thread) else { return nil }
+        self.thread = thread
         last = reading
         startSeconds = reading.processSeconds
         lastAt = now
@@ -63,7 +74,7 @@ struct CPUWatch {
     /// Reads the CPU time again once a window has passed; returns whether `stalled` changed.
     mutating func sample(pid: pid_t, now: Instant) -> Bool {
         let elapsedMs = now.milliseconds(since: lastAt)
-        guard now >= nextSampleAt, elapsedMs > 0, let reading = Reading(pid: pid) else { return false }
+        guard now >= nextSampleAt, elapsedMs > 0, let reading = Reading(pid: pid, thread: thread) else { return false }
         let seconds = Double(elapsedMs) / 1000
         var used = max(0, reading.processSeconds - last.processSeconds)
         if let thread = reading.threadSeconds, let before = last.threadSeconds { used = max(used, thread - before) }

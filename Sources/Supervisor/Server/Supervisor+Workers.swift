@@ -164,6 +164,7 @@ extension Supervisor {
             }
             worker.landlockABI = ready.landlockABI
             worker.landlockProblem = ready.landlockProblem
+            worker.servingThread = ready.thread
             noteSandbox(of: worker)
             worker.state = .idle
             pool.noteReady()

@@ -450,7 +450,7 @@ final class Supervisor {
         job.state = .running(worker: worker.id, since: now)
         recordDispatch(of: job, at: now)
         worker.state = .busy(job: job.id, deadline: now.adding(milliseconds: job.deadlineMs))
-        worker.cpu = CPUWatch(pid: worker.pid, now: now)
+        worker.cpu = CPUWatch(pid: worker.pid, thread: worker.servingThread, now: now)
         return .sent
     }
 

@@ -33,6 +33,8 @@ final class WorkerProcess {
     var landlockABI = 0
     /// Why the worker runs without the Landlock write ban, as it said in `ready`.
     var landlockProblem: String?
+    /// The thread that serves jobs (`ready`'s `thread`), when it is not the first one.
+    var servingThread: pid_t?
     /// CPU use on the clip it decodes (set when it takes one): a worker that uses no CPU is
     /// blocked in I/O, and its slot is lent (`WorkerPool.Census.stalled`).
     var cpu: CPUWatch?
