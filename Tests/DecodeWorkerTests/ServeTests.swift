@@ -103,6 +103,7 @@ struct ServeTests {
         #expect(ready["pid"]?.intValue == Int(w.pid))
         #expect(ready["protocol"]?.intValue == ClipvisorVersion.workerProtocol)
         #expect((ready["landlock"]?.intValue ?? -1) >= 0)
+        #expect(ready["thread"] == nil, "an exec'd worker serves from its first thread: \(ready.jsonString)")
 
         try w.send(["op": "probe", "job": 1, "path": .string(clip)])
         let (probe, _) = try #require(try w.receive())
@@ -256,6 +257,11 @@ struct ServeTests {
         let fields = stat[stat.index(stat.lastIndex(of: ")")!, offsetBy: 2)...].split(separator: " ")
         #expect(pid_t(fields[1]) == getpid(), "the clone's parent is not the requester")
         #expect(pid_t(fields[2]) == pid, "the clone does not lead its own process group")
+        // It serves from a thread of its own (ForkServer.swift says why), which ready names; its
+        // first thread waits for that one.
+        let thread = try #require(workerReady["thread"]?.intValue.map { pid_t($0) }, "\(workerReady.jsonString)")
+        #expect(thread != pid)
+        #expect(FileManager.default.fileExists(atPath: "/proc/\(pid)/task/\(thread)"), "thread \(thread) is not the clone's")
         let probe: JSONValue = ["op": "probe", "job": 1, "path": .string(clip)]
         _ = try probe.serialized().withUnsafeBytes { try SocketIO.send(ours, $0) }
         let done = try #require(try receive())
