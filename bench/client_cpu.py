@@ -28,8 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from media import OUT as MEDIA_OUT  # noqa: E402
 from media import natural_clip, small_clips  # noqa: E402
-from w4_audio import FILES as W4_FILES  # noqa: E402
-from w4_audio import make_file as make_w4_file  # noqa: E402
+from w4_audio import cached_files as w4_files  # noqa: E402
 
 
 def main() -> int:
@@ -43,8 +42,7 @@ def main() -> int:
     if not counts or min(counts) < 1 or a.rounds < 1:
         ap.error("--threads: positive counts; --rounds: at least 1")
     if a.workload == "w4":
-        (MEDIA_OUT / "w4").mkdir(parents=True, exist_ok=True)
-        paths = [str(make_w4_file(MEDIA_OUT / "w4", i, *spec)) for i, spec in enumerate(W4_FILES)]
+        paths = [str(p) for p in w4_files(MEDIA_OUT / "w4")]
     elif a.workload == "w2":
         paths = [str(p) for p in small_clips(20)]
     else:

@@ -51,7 +51,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from media import OUT as MEDIA_OUT, natural_clip, small_clips  # noqa: E402
-from w4_audio import FILES as W4_FILES, make_file as make_w4_file  # noqa: E402
+from w4_audio import cached_files as w4_files  # noqa: E402
 
 import av  # noqa: E402
 import decord  # noqa: E402
@@ -401,8 +401,7 @@ def main() -> None:
     w1 = [natural_clip(s) for s in w1_seconds]
     w2 = small_clips(20 if args.quick else 60)
     w3 = natural_clip(60 if args.quick else 300, size="1280x720", audio=False)
-    (MEDIA_OUT / "w4").mkdir(parents=True, exist_ok=True)
-    w4 = [make_w4_file(MEDIA_OUT / "w4", i, *spec) for i, spec in enumerate(W4_FILES)]
+    w4 = w4_files(MEDIA_OUT / "w4")
     with common.Supervisor(bins) as sup:
         client = sup.client()
         sup.workers = common.worker_target(client.status())

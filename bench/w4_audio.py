@@ -51,6 +51,12 @@ SECONDS = 30
 RATE = 16000
 
 
+def cached_files(directory: Path) -> list[Path]:
+    """The ten files, made once in `directory` (bench/e2e.py's and bench/client_cpu.py's W4)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return [make_file(directory, i, *spec) for i, spec in enumerate(FILES)]
+
+
 def make_file(directory: Path, index: int, name: str, rate: int, channels: int, colour: str, codec: list[str]) -> Path:
     out = directory / name
     if out.exists():

@@ -4,7 +4,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/landlock.h>
-#include <pthread.h>
 #include <sched.h>
 #include <signal.h>
 #include <spawn.h>
@@ -50,30 +49,6 @@ pid_t cv_clone_sibling(void) {
 }
 
 pid_t cv_gettid(void) { return (pid_t)syscall(SYS_gettid); }
-
-struct cv_thread_call {
-    void (*body)(void *context);
-    void *context;
-};
-
-static void *cv_thread_start(void *argument) {
-    struct cv_thread_call *call = argument;
-    call->body(call->context);
-    return NULL;
-}
-
-int cv_run_on_new_thread(void (*body)(void *context), void *context, size_t stack_bytes) {
-    struct cv_thread_call call = {body, context};
-    pthread_attr_t attributes;
-    int rc = pthread_attr_init(&attributes);
-    if (rc != 0) return rc;
-    rc = pthread_attr_setstacksize(&attributes, stack_bytes);
-    pthread_t thread;
-    if (rc == 0) rc = pthread_create(&thread, &attributes, cv_thread_start, &call);
-    pthread_attr_destroy(&attributes);
-    if (rc != 0) return rc;
-    return pthread_join(thread, NULL);
-}
 
 int cv_become_worker(int control) {
     if (control != 3) {

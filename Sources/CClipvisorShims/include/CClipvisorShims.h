@@ -42,10 +42,6 @@ pid_t cv_clone_sibling(void);
 /// The calling thread's id (gettid(2), which the Swift Glibc module does not import).
 pid_t cv_gettid(void);
 
-/// Runs `body(context)` on a new thread with a stack of `stack_bytes` and waits for it to end.
-/// 0 once it has, or the error number when no thread could be started.
-int cv_run_on_new_thread(void (*body)(void *context), void *context, size_t stack_bytes);
-
 /// In a freshly cloned worker: `control` becomes fd 3, every other fd above 2 is closed, and the
 /// process leads a new process group (the supervisor kills workers by group). 0 or -1 with errno.
 int cv_become_worker(int control);

@@ -113,17 +113,24 @@ struct ForkServer {
             init(_ body: @escaping () -> Int32) { self.body = body }
         }
         let call = Call(body)
-        let started = withExtendedLifetime(call) {
-            cv_run_on_new_thread({ context in
-                let call = Unmanaged<Call>.fromOpaque(context).takeUnretainedValue()
+        var attributes = pthread_attr_t()
+        pthread_attr_init(&attributes)
+        defer { pthread_attr_destroy(&attributes) }
+        var started = pthread_attr_setstacksize(&attributes, Self.workerStackBytes)
+        var thread = pthread_t()
+        if started == 0 {
+            started = pthread_create(&thread, &attributes, { raw in
+                let call = Unmanaged<Call>.fromOpaque(raw!).takeUnretainedValue()
                 call.result = call.body()
-            }, Unmanaged.passUnretained(call).toOpaque(), Self.workerStackBytes)
+                return nil
+            }, Unmanaged.passUnretained(call).toOpaque())
         }
         guard started == 0 else {
             logLine("new worker: cannot start its thread: \(Errno(rawValue: started))")
             return WorkerMessage.ExitCode.sandbox.rawValue
         }
-        return call.result
+        pthread_join(thread, nil)
+        return withExtendedLifetime(call) { call.result }
     }
 
     /// The serving thread's stack: what a main thread gets under the usual 8 MiB RLIMIT_STACK.

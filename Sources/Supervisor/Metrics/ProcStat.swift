@@ -16,9 +16,15 @@ struct ProcStat {
     static let ticksPerSecond = Double(sysconf(Int32(_SC_CLK_TCK)))
     static let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
 
-    /// `/proc/self/stat` for nil. Nil when the process is gone or /proc is not readable.
+    /// `/proc/self/stat` for nil, one thread's `stat` with `thread`. Nil when the process is gone or
+    /// /proc is not readable.
     static func read(pid: Int32?, thread: Int32? = nil) -> ProcStat? {
-        let path = pid.map { pid in thread.map { "/proc/\(pid)/task/\($0)/stat" } ?? "/proc/\(pid)/stat" } ?? "/proc/self/stat"
+        let path: String
+        switch (pid, thread) {
+        case (nil, _): path = "/proc/self/stat"
+        case (let pid?, nil): path = "/proc/\(pid)/stat"
+        case (let pid?, let thread?): path = "/proc/\(pid)/task/\(thread)/stat"
+        }
         guard let bytes = Filesystem.read(path, chunk: 1024),
             let close = bytes.lastIndex(of: UInt8(ascii: ")"))
         else { return nil }
