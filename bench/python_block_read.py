@@ -19,7 +19,8 @@ Strategies (decompression only; the block is already mapped and validated):
   rawcopy UNSAFE      the same without verifying the checksum: an upper bound, not correct
   memcpy bound        one numpy copy of as many bytes: the ceiling
 Then the whole client path (clipvisor.block.read_block_fd: seals, mmap, validate, decompress,
-unmap, close) with and without MAP_POPULATE, and other zstd levels.
+unmap, close) with and without MAP_POPULATE, on 2 (and up to 4) threads (`decompress_threads`),
+and other zstd levels.
 """
 
 from __future__ import annotations
@@ -173,13 +174,13 @@ def strategies(mm: mmap.mmap, layout: B.BlockLayout):
     return out
 
 
-def pipeline(fd: int, populate: bool) -> Callable[[], int]:
+def pipeline(fd: int, populate: bool, threads: int = 1) -> Callable[[], int]:
     saved = B.MAP_POPULATE
 
     def run() -> int:
         B.MAP_POPULATE = B.MAP_POPULATE if populate else 0
         try:
-            block = B.read_block_fd(os.dup(fd))
+            block = B.read_block_fd(os.dup(fd), threads=threads)
         finally:
             B.MAP_POPULATE = saved
         return block.tensors["video"].nbytes
@@ -221,6 +222,11 @@ def main() -> None:
     for populate in (True, False):
         cpu, wall = measure(pipeline(fd, populate), reps)
         name = "mmap MAP_POPULATE" if populate else "mmap (page faults)"
+        print(f"{name:<22}{cpu:>16.2f}{wall:>12.2f}{1 / cpu:>10.3f}")
+    # Client(decompress_threads=N): runs of frames decompressed by N threads at once.
+    for threads in sorted({2, min(4, os.cpu_count() or 1)} - {1}):
+        cpu, wall = measure(pipeline(fd, True, threads), reps)
+        name = f"  on {threads} threads"
         print(f"{name:<22}{cpu:>16.2f}{wall:>12.2f}{1 / cpu:>10.3f}")
     nb = layout.tensors[0].nbytes
 

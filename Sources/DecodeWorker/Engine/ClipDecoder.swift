@@ -1,5 +1,6 @@
 import CFFmpeg
 import Shared
+import Synchronization
 import SystemPackage
 
 #if canImport(Glibc)
@@ -308,7 +309,8 @@ enum ClipDecoder {
         let plan = video.plan
         let converter = FrameConverter(
             width: video.width, height: video.height, rotation: video.rotation, layout: options.layout)
-        let sink = FrameSink(outputs: plan.outputs, writer: writer, path: path)
+        let buffers = FrameBuffers(frameBytes: converter.frameBytes)
+        let sink = FrameSink(outputs: plan.outputs, writer: writer, buffers: buffers, path: path)
         let threads = decoderThreads(plan: plan, request: request)
         let reopen = { () throws(DecodeFailure) in try Demuxer(path: request.path, displayPath: path, maxPixels: options.maxSourcePixels) }
         let wanted = Array(Set(plan.outputs)).sorted()
@@ -326,12 +328,12 @@ enum ClipDecoder {
                     converter: index == 0
                         ? converter
                         : FrameConverter(width: video.width, height: video.height, rotation: video.rotation, layout: options.layout),
-                    path: path)
+                    buffers: buffers, path: path)
             }
         } else {
             let reader = try VideoFrameReader(
                 demuxer: demuxer, reopen: reopen, streamIndex: video.streamIndex, table: table, threads: threads,
-                maxPixels: options.maxSourcePixels, converter: converter, path: path)
+                maxPixels: options.maxSourcePixels, converter: converter, buffers: buffers, path: path)
             outcome = try reader.run(wanted: wanted, policy: request.access) { index, bytes, _ throws(DecodeFailure) in
                 try sink.deliver(index, bytes)
             }
@@ -511,10 +513,12 @@ enum ClipDecoder {
     }
 }
 
-/// Writes converted frames into the block in output order, holding early ones until their turn.
+/// Writes converted frames into the block in output order, holding early ones until their turn,
+/// and gives each frame's buffer back to `buffers` once it is written for the last time.
 final class FrameSink {
     let outputs: [Int]
     private let writer: BlockWriter
+    private let buffers: FrameBuffers
     private let path: String
     private var held: [Int: [UInt8]] = [:]
     private var usesLeft: [Int: Int] = [:]
@@ -523,9 +527,10 @@ final class FrameSink {
     /// Presentation indices written, in order.
     private(set) var written: [Int] = []
 
-    init(outputs: [Int], writer: BlockWriter, path: String) {
+    init(outputs: [Int], writer: BlockWriter, buffers: FrameBuffers, path: String) {
         self.outputs = outputs
         self.writer = writer
+        self.buffers = buffers
         self.path = path
         for index in outputs { usesLeft[index, default: 0] += 1 }
     }
@@ -561,8 +566,36 @@ final class FrameSink {
             }
             written.append(index)
             usesLeft[index]! -= 1
-            if usesLeft[index] == 0 { held[index] = nil }
+            if usesLeft[index] == 0, let done = held.removeValue(forKey: index) { buffers.give(done) }
             next += 1
         }
+    }
+}
+
+/// Buffers for converted frames, reused within a clip. A new array per frame cost a malloc,
+/// the first touch of its pages and a free each time (4 % of a worker's time on W2's every
+/// frame at 320×240); a clip in order needs one or two. Shared by the readers of a clip, which
+/// may run on several threads (`ParallelFrameReading`), hence the lock.
+final class FrameBuffers: @unchecked Sendable {
+    let frameBytes: Int
+    /// Buffers kept for reuse at most; frames held out of order beyond that are freed.
+    static let kept = 8
+    private let spare = Mutex<[[UInt8]]>([])
+
+    init(frameBytes: Int) {
+        self.frameBytes = frameBytes
+    }
+
+    /// A buffer of `frameBytes` bytes whose contents are undefined: the converter writes every
+    /// byte, so a new one is not zero-filled first.
+    func take() -> [UInt8] {
+        if let reused = spare.withLock({ $0.popLast() }) { return reused }
+        return [UInt8](unsafeUninitializedCapacity: frameBytes) { _, count in count = frameBytes }
+    }
+
+    /// Takes back a buffer nothing reads any more.
+    func give(_ buffer: [UInt8]) {
+        guard buffer.count == frameBytes else { return }
+        spare.withLock { if $0.count < Self.kept { $0.append(buffer) } }
     }
 }

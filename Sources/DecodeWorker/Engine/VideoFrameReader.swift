@@ -45,6 +45,7 @@ final class VideoFrameReader {
     private let maxPixels: Int
     private let path: String
     private let converter: FrameConverter
+    private let buffers: FrameBuffers
     private var decoder: Decoder
     private let packet: Packet
     private let frame: Frame
@@ -61,7 +62,7 @@ final class VideoFrameReader {
 
     init(
         demuxer: Demuxer, reopen: @escaping () throws(DecodeFailure) -> Demuxer, streamIndex: Int, table: FrameTable,
-        threads: Int, maxPixels: Int, converter: FrameConverter, path: String
+        threads: Int, maxPixels: Int, converter: FrameConverter, buffers: FrameBuffers, path: String
     ) throws(DecodeFailure) {
         self.demuxer = demuxer
         self.reopen = reopen
@@ -70,6 +71,7 @@ final class VideoFrameReader {
         self.threads = threads
         self.maxPixels = maxPixels
         self.converter = converter
+        self.buffers = buffers
         self.path = path
         decoder = try Decoder(stream: demuxer.stream(streamIndex), media: .video(maxPixels: maxPixels), threads: threads, path: path)
         packet = try Packet()
@@ -318,17 +320,19 @@ final class VideoFrameReader {
             }
             guard let index else { return head >= pending.count }
             if wanted.contains(index), !filled.contains(index) {
-                // Not zero-filled first: the converter writes every byte.
+                var bytes = buffers.take()
                 var failure: DecodeFailure?
-                let bytes = [UInt8](unsafeUninitializedCapacity: converter.frameBytes) { buffer, count in
+                bytes.withUnsafeMutableBytes { raw in
                     do throws(DecodeFailure) {
-                        try converter.convert(frame, into: UnsafeMutableRawBufferPointer(buffer), path: path)
+                        try converter.convert(frame, into: raw, path: path)
                     } catch {
                         failure = error
                     }
-                    count = converter.frameBytes
                 }
-                if let failure { throw failure }
+                if let failure {
+                    buffers.give(bytes)
+                    throw failure
+                }
                 filled.insert(index)
                 try store(index, bytes, frame.isCorrupt)
                 advanceHead()

@@ -40,6 +40,7 @@ from .errors import (
     SupervisorTimeout,
     SupervisorUnavailable,
 )
+from .gpu import CudaUploader
 from .results import Audio, Clip, Video
 from .spawn import ClipvisorWarning
 
@@ -47,6 +48,7 @@ __all__ = [
     "Client",
     "Allocator",
     "ReusedBuffers",
+    "CudaUploader",
     "Video",
     "Audio",
     "Clip",

@@ -28,6 +28,7 @@ import struct
 import threading
 import weakref
 import zlib
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -350,6 +351,71 @@ def _copy_per_frame(buf: memoryview, frames: Sequence[FrameInfo], dest: np.ndarr
         pos += len(data)
 
 
+# -- decompression on several threads ------------------------------------------------------------
+
+#: Tensors below this size are decompressed by the calling thread alone: for them, handing runs
+#: to other threads costs about what those threads save.
+PARALLEL_MIN_BYTES = 4 << 20
+
+_pool: Optional[ThreadPoolExecutor] = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def _helpers(count: int) -> ThreadPoolExecutor:
+    """The shared helper threads, at least ``count`` of them (made at first use, and again in a
+    forked child, which has none of its parent's threads)."""
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size < count:
+            old = _pool
+            _pool, _pool_size = ThreadPoolExecutor(count, thread_name_prefix="clipvisor-decompress"), count
+            if old is not None:
+                old.shutdown(wait=False)
+        return _pool
+
+
+def frame_runs(frames: Sequence[FrameInfo], count: int) -> List[Tuple[int, int, int, int]]:
+    """Splits ``frames`` into at most ``count`` runs of consecutive frames with about equal output:
+    ``(first, end, output offset, output bytes)`` each, covering every frame once, in order."""
+    total = sum(f.decompressed_size for f in frames)
+    runs: List[Tuple[int, int, int, int]] = []
+    first, start, done = 0, 0, 0
+    for i, f in enumerate(frames):
+        done += f.decompressed_size
+        # Close a run once its share is reached, keeping a frame for each run still to come.
+        if len(runs) < count - 1 and done * count >= total * (len(runs) + 1) and len(frames) - i - 1 >= 1:
+            runs.append((first, i + 1, start, done - start))
+            first, start = i + 1, done
+    runs.append((first, len(frames), start, done - start))
+    return runs
+
+
+def _readinto_runs(whole: memoryview, frames: Sequence[FrameInfo], flat: np.ndarray, threads: int, name: str) -> None:
+    """Decompresses runs of frames into their places in ``flat``: the first run on this thread,
+    the others on helper threads. Returns only once every run has ended (none writes into
+    ``flat`` afterwards, even when one failed)."""
+
+    def one(run: Tuple[int, int, int, int]) -> None:
+        first, end, start, n = run
+        a, b = frames[first], frames[end - 1]
+        with whole[a.offset:b.offset + b.compressed_size] as src, \
+                memoryview(flat)[start:start + n] as dest:  # type: ignore[arg-type]
+            got = _readinto_tensor(src, dest)
+        if got != n:
+            raise _fail(f"tensor {name!r}: frames {first}..{end - 1} decompressed to {got} bytes, not {n}")
+
+    runs = frame_runs(frames, threads)
+    pool = _helpers(len(runs) - 1)
+    pending = [pool.submit(one, run) for run in runs[1:]]
+    try:
+        one(runs[0])
+    finally:
+        wait(pending)
+    for future in pending:
+        future.result()  # the first failure, if any
+
+
 _strategy: Optional[str] = None
 _strategy_lock = threading.Lock()
 
@@ -448,11 +514,13 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _strategy_lock, _fds_lock, _fork_guard
+    global _strategy_lock, _fds_lock, _fork_guard, _pool_lock, _pool, _pool_size
     # A parent thread may have held these locks at the fork; it does not exist here.
     _strategy_lock = threading.Lock()
     _fds_lock = threading.Lock()
     _fork_guard = threading.Lock()
+    _pool_lock = threading.Lock()
+    _pool, _pool_size = None, 0  # its threads stayed in the parent
     maps = list(_live_maps.items())
     _pinned_in_child.extend(mm for mm, _ in maps)  # never deallocated here, so never munmapped
     _live_maps.clear()
@@ -520,9 +588,12 @@ def decompression_strategy() -> str:
     return _strategy
 
 
-def decompress_tensor(buf: Buffer, layout: BlockLayout, index: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+def decompress_tensor(buf: Buffer, layout: BlockLayout, index: int, out: Optional[np.ndarray] = None,
+                      threads: int = 1) -> np.ndarray:
     """Decompresses tensor ``index`` of a validated block into ``out`` (or a new array of the
-    tensor's shape and dtype), verifying every frame's content checksum."""
+    tensor's shape and dtype), verifying every frame's content checksum. With ``threads`` > 1,
+    a tensor of at least :data:`PARALLEL_MIN_BYTES` is split into runs of whole frames,
+    decompressed by that many threads at once (zstd releases the GIL)."""
     info = layout.tensors[index]
     frames = layout.frames[index]
     if out is None:
@@ -537,11 +608,14 @@ def decompress_tensor(buf: Buffer, layout: BlockLayout, index: int, out: Optiona
         try:
             if decompression_strategy() == "readinto" and nbytes > 0:
                 first, last = frames[0], frames[-1]
-                with whole[first.offset:last.offset + last.compressed_size] as src, \
-                        memoryview(flat) as dest:  # type: ignore[arg-type]
-                    got = _readinto_tensor(src, dest)
-                if got != nbytes:
-                    raise _fail(f"tensor {info.name!r} decompressed to {got} bytes, not {nbytes}")
+                if threads > 1 and nbytes >= PARALLEL_MIN_BYTES and len(frames) > 1:
+                    _readinto_runs(whole, frames, flat, threads, info.name)
+                else:
+                    with whole[first.offset:last.offset + last.compressed_size] as src, \
+                            memoryview(flat) as dest:  # type: ignore[arg-type]
+                        got = _readinto_tensor(src, dest)
+                    if got != nbytes:
+                        raise _fail(f"tensor {info.name!r} decompressed to {got} bytes, not {nbytes}")
                 # Empty frames produce no output, so readinto may stop before those at the end;
                 # check their checksums one by one (they do not occur in practice).
                 empties = [f for f in frames if f.decompressed_size == 0]
@@ -573,14 +647,15 @@ def _allocated(allocator: Allocator, info: TensorInfo) -> np.ndarray:
     return out
 
 
-def read_block(buf: Buffer, allocator: Optional[Allocator] = None) -> Block:
+def read_block(buf: Buffer, allocator: Optional[Allocator] = None, threads: int = 1) -> Block:
     """Validates a block and decompresses every tensor into a new numpy array, or into the
-    array ``allocator`` returns for it."""
+    array ``allocator`` returns for it; on up to ``threads`` threads (see
+    :func:`decompress_tensor`)."""
     layout = validate_block(buf)
     block = Block(layout.header)
     for i, info in enumerate(layout.tensors):
         out = _allocated(allocator, info) if allocator is not None else None
-        block.tensors[info.name] = decompress_tensor(buf, layout, i, out)
+        block.tensors[info.name] = decompress_tensor(buf, layout, i, out, threads)
     return block
 
 
@@ -631,7 +706,7 @@ def _unmap(mm: mmap.mmap) -> None:
 
 
 def read_block_fd(fd: int, *, require_seals: bool = True, close: bool = True,
-                  allocator: Optional[Allocator] = None) -> Block:
+                  allocator: Optional[Allocator] = None, threads: int = 1) -> Block:
     """Reads a block from an fd: checks the seals (unless ``require_seals`` is false, e.g. for
     a cache file), maps it read-only, closes the fd (when ``close``), validates and decompresses
     every tensor into new arrays (or those ``allocator`` returns), and unmaps before returning —
@@ -648,7 +723,7 @@ def read_block_fd(fd: int, *, require_seals: bool = True, close: bool = True,
         if close:
             close_fd(fd)
     try:
-        return read_block(mm, allocator)
+        return read_block(mm, allocator, threads)
     finally:
         _unmap(mm)
 

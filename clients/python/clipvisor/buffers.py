@@ -30,6 +30,9 @@ class ReusedBuffers:
     ``capacity()`` tells how many bytes it holds (for memory budgets).
     """
 
+    #: Tells ``Client.sample`` that this allocator hands the same memory out again.
+    reuses_memory = True
+
     def __init__(self) -> None:
         self._local = threading.local()
 

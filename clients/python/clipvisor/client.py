@@ -16,7 +16,6 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from . import spawn as _spawn
 from ._version import __version__
 from .block import Allocator
-from .buffers import ReusedBuffers
 from .errors import ClipSkipped, ProtocolError, skip_from_error
 from .options import (
     ClipSpec,
@@ -58,6 +57,10 @@ class Client:
         tag: default ``tag`` of requests, recorded in the skip log (default: the SLURM or
             torchelastic job id, when set).
         allocator: where tensors are decompressed to by default (e.g. ``ReusedBuffers``).
+        decompress_threads: threads that copy a large tensor (4 MiB or more) out of its block
+            at once (default 1). More help a single caller, whose thread waits for each
+            clip, and GPU delivery, where this copy sets the pace (docs/python-client.md,
+            "GPU delivery"); in DataLoader workers, which already fill the cores, keep 1.
         slabs: block slabs to ask the supervisor for (0 to 16, docs/protocol.md "Block
             slabs"): blocks are then written into shared memory this process maps once,
             instead of a fresh memfd mapped and freed per clip (on a VM that costs more
@@ -75,9 +78,13 @@ class Client:
         tag: Optional[str] = None,
         allocator: Optional[Allocator] = None,
         slabs: int = DEFAULT_SLABS,
+        decompress_threads: int = 1,
     ):
         if not isinstance(slabs, int) or isinstance(slabs, bool) or not 0 <= slabs <= 16:
             raise ValueError(f"slabs must be an integer from 0 to 16, got {slabs!r}")
+        if not isinstance(decompress_threads, int) or isinstance(decompress_threads, bool) \
+                or not 1 <= decompress_threads <= 64:
+            raise ValueError(f"decompress_threads must be an integer from 1 to 64, got {decompress_threads!r}")
         self.socket_path = os.fspath(socket) if socket is not None else None
         self.deadline = deadline
         self.spawn = spawn
@@ -86,6 +93,7 @@ class Client:
         self.tag = tag if tag is not None else default_tag()
         self.allocator = allocator
         self.slabs = slabs
+        self.decompress_threads = decompress_threads
         self._mux = Multiplexer(self.socket_path, spawn, margin, connect_timeout, slabs)
         if spawn and socket is None:
             _spawn.private_supervisor()  # fix the private slot now, before any fork
@@ -116,7 +124,7 @@ class Client:
             path = self._mux.session().conn.path
         return {"socket": path, "deadline": self.deadline, "spawn": False, "margin": self.margin,
                 "connect_timeout": self.connect_timeout, "tag": self.tag, "allocator": self.allocator,
-                "slabs": self.slabs}
+                "slabs": self.slabs, "decompress_threads": self.decompress_threads}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__init__(**state)  # type: ignore[misc]
@@ -138,7 +146,8 @@ class Client:
         if tag is not None:
             fields["tag"] = tag
         reply, block_fd, name = self._clip_request("decode", path, fields, deadline, pass_fd)
-        return result_of_answer(kind, reply, block_fd, name, allocator if allocator is not None else self.allocator)
+        return result_of_answer(kind, reply, block_fd, name, allocator if allocator is not None else self.allocator,
+                                self.decompress_threads)
 
     def _clip_request(self, op: str, path: PathLike, fields: Dict[str, Any], deadline: Optional[float],
                       pass_fd: bool) -> Tuple[Dict[str, Any], Optional[BlockRef], str]:
@@ -300,11 +309,13 @@ class Client:
         :class:`ClipvisorError`) raises. A sample the supervisor refuses as a whole raises in
         both modes, except ``overloaded``, which is retried (module :mod:`clipvisor.sample`).
         ``allocator`` (default: the client's) receives every clip's tensors; it must hand out
-        memory that stays valid for the whole sample, so :class:`ReusedBuffers` is refused.
+        memory that stays valid for the whole sample, so allocators that hand the same memory out
+        again (:class:`ReusedBuffers`, a :class:`~clipvisor.gpu.CudaUploader`'s) are refused.
         """
         allocator = allocator if allocator is not None else self.allocator
-        if isinstance(allocator, ReusedBuffers):
-            raise ValueError("ReusedBuffers keeps one buffer per tensor, so a sample's clips would overwrite each "
+        if getattr(allocator, "reuses_memory", False):
+            owner = type(getattr(allocator, "__self__", allocator)).__name__
+            raise ValueError(f"{owner} hands the same memory out again, so a sample's clips would overwrite each "
                              "other: pass allocator=None to sample(), or an allocator that hands out fresh memory")
         if len(clips) == 0:
             return []
@@ -317,7 +328,7 @@ class Client:
             return run_sample_with_fds(self._mux, specs, all_or_nothing=all_or_nothing,
                                        deadline=self._deadline(deadline), tag=tag, decode_one=decode_one)
         return run_sample(self._mux, specs, all_or_nothing=all_or_nothing, deadline=self._deadline(deadline), tag=tag,
-                          allocator=allocator)
+                          allocator=allocator, threads=self.decompress_threads)
 
     # -- other operations ----------------------------------------------------------------------
 

@@ -13,20 +13,33 @@ import numpy as np
 
 from .block import Allocator, read_block_fd
 from .errors import ProtocolError
+from .gpu import default_uploader, is_cuda
 from .slabs import BlockRef, SlabLease
 
 __all__ = ["Video", "Audio", "Clip", "Result", "to_torch", "build_result", "result_of_answer"]
 
 
-def to_torch(array: np.ndarray, pin_memory: bool = False, device: Any = None) -> Any:
-    """A torch tensor sharing `array`'s memory; with ``pin_memory`` a copy in page-locked memory
-    (for fast asynchronous host-to-GPU copies); with ``device`` moved there (non-blocking when
-    pinned). Use ``pin_memory``/``device`` in the main process only: CUDA cannot be initialised
-    in forked DataLoader workers (there, use ``DataLoader(pin_memory=True)``)."""
+def to_torch(array: np.ndarray, pin_memory: bool = False, device: Any = None, stream: Any = None) -> Any:
+    """A torch tensor of `array`.
+
+    - No options: ``torch.from_numpy``, sharing `array`'s memory (no copy).
+    - ``pin_memory``: a copy in page-locked memory (for your own asynchronous copies).
+    - ``device`` a CUDA device: the bytes go through a page-locked staging slot that is reused
+      (:func:`clipvisor.gpu.default_uploader`) and the copy to the device is queued with
+      ``non_blocking=True`` on ``stream`` (default: the current stream), so the call returns
+      before the copy ends and the next clip is read meanwhile. ``array`` may change at once.
+    - ``device`` another device: moved there (``tensor.to(device)``).
+
+    Use ``pin_memory``/``device`` in the main process only: CUDA cannot be initialised in forked
+    DataLoader workers (there, use ``DataLoader(pin_memory=True)``)."""
     try:
         import torch
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("to_torch() needs PyTorch: pip install torch (or 'clipvisor[torch]')") from exc
+    if is_cuda(device):
+        return default_uploader(device).upload(array, stream=stream)
+    if stream is not None:
+        raise ValueError(f"to_torch(stream=...) is for CUDA devices, not device={device!r}")
     tensor = torch.from_numpy(array)
     if pin_memory:
         tensor = tensor.pin_memory()
@@ -79,9 +92,9 @@ class Video:
     def __len__(self) -> int:
         return int(self.frames.shape[0])
 
-    def to_torch(self, pin_memory: bool = False, device: Any = None) -> Any:
+    def to_torch(self, pin_memory: bool = False, device: Any = None, stream: Any = None) -> Any:
         """The frames as a torch uint8 tensor (see :func:`to_torch`)."""
-        return to_torch(self.frames, pin_memory, device)
+        return to_torch(self.frames, pin_memory, device, stream)
 
     @classmethod
     def from_result(cls, result: Mapping[str, Any], frames: np.ndarray) -> "Video":
@@ -144,9 +157,9 @@ class Audio:
     def duration(self) -> float:
         return self.samples.shape[1] / self.sample_rate if self.sample_rate else 0.0
 
-    def to_torch(self, pin_memory: bool = False, device: Any = None) -> Any:
+    def to_torch(self, pin_memory: bool = False, device: Any = None, stream: Any = None) -> Any:
         """The samples as a torch float32 tensor (see :func:`to_torch`)."""
-        return to_torch(self.samples, pin_memory, device)
+        return to_torch(self.samples, pin_memory, device, stream)
 
     @classmethod
     def from_result(cls, result: Mapping[str, Any], samples: np.ndarray) -> "Audio":
@@ -178,11 +191,11 @@ class Clip:
     warnings: List[str] = field(default_factory=list)
     result: Dict[str, Any] = field(default_factory=dict, repr=False)
 
-    def to_torch(self, pin_memory: bool = False, device: Any = None) -> Tuple[Any, Any]:
+    def to_torch(self, pin_memory: bool = False, device: Any = None, stream: Any = None) -> Tuple[Any, Any]:
         """``(frames, samples)`` as torch tensors (None where absent)."""
         return (
-            self.video.to_torch(pin_memory, device) if self.video is not None else None,
-            self.audio.to_torch(pin_memory, device) if self.audio is not None else None,
+            self.video.to_torch(pin_memory, device, stream) if self.video is not None else None,
+            self.audio.to_torch(pin_memory, device, stream) if self.audio is not None else None,
         )
 
 
@@ -214,16 +227,16 @@ def build_result(kind: str, result: Mapping[str, Any], tensors: Mapping[str, np.
 
 
 def result_of_answer(kind: str, reply: Mapping[str, Any], fd: "Optional[BlockRef]", path: str,
-                     allocator: Optional[Allocator] = None) -> Result:
+                     allocator: Optional[Allocator] = None, threads: int = 1) -> Result:
     """The result of an ``ok`` answer and its block: the fd that came with it (read, then
     closed) or its slab (read, then released), its tensors decompressed into what
-    ``allocator`` returns (default: new arrays)."""
+    ``allocator`` returns (default: new arrays), on up to ``threads`` threads."""
     if fd is None:
         raise ProtocolError(f"{path}: the supervisor answered ok without a block")
     if isinstance(fd, SlabLease):
-        block = fd.read(allocator)
+        block = fd.read(allocator, threads)
     else:
-        block = read_block_fd(fd, allocator=allocator)  # closes fd, unmaps before returning
+        block = read_block_fd(fd, allocator=allocator, threads=threads)  # closes fd, unmaps before returning
     result = reply.get("result")
     if not isinstance(result, dict):
         result = block.result

@@ -46,7 +46,7 @@ def _clip_from_detail(detail: Any) -> Optional[int]:
 
 
 def run_sample(mux: Multiplexer, specs: Sequence[ClipSpec], *, all_or_nothing: bool, deadline: Optional[float],
-               tag: Optional[str], allocator: Optional[Allocator] = None) -> List[Outcome]:
+               tag: Optional[str], allocator: Optional[Allocator] = None, threads: int = 1) -> List[Outcome]:
     """One ``sample`` request for `specs` (sent again for the clips answered ``overloaded``)."""
     results: List[Optional[Union[Result, ClipFailure]]] = [None] * len(specs)
     todo = list(range(len(specs)))
@@ -88,7 +88,7 @@ def run_sample(mux: Multiplexer, specs: Sequence[ClipSpec], *, all_or_nothing: b
                 kind, name, _ = specs[index]
                 unanswered -= 1
                 if reply.get("ok") is True:
-                    results[index] = result_of_answer(kind, reply, fd, name, allocator)
+                    results[index] = result_of_answer(kind, reply, fd, name, allocator, threads)
                     if unanswered > 0:
                         mux.release_now(s)  # its slab, for the clips still to start
                     continue

@@ -53,11 +53,11 @@ class SlabLease:
         self.nbytes = nbytes
         self._done = False
 
-    def read(self, allocator: Optional[Allocator] = None) -> Block:
-        """Validates the block and copies its tensors out (into what `allocator` returns);
-        the slab is released either way."""
+    def read(self, allocator: Optional[Allocator] = None, threads: int = 1) -> Block:
+        """Validates the block and copies its tensors out (into what `allocator` returns, on up
+        to `threads` threads); the slab is released either way."""
         try:
-            return self.table.read(self.index, self.nbytes, allocator)
+            return self.table.read(self.index, self.nbytes, allocator, threads)
         finally:
             self.release()
 
@@ -102,7 +102,7 @@ class SlabTable:
                 raise ProtocolError(f"slab {index}: a block in a slab whose fd never came")
         return SlabLease(self, index, nbytes)
 
-    def read(self, index: int, nbytes: int, allocator: Optional[Allocator]) -> Block:
+    def read(self, index: int, nbytes: int, allocator: Optional[Allocator], threads: int = 1) -> Block:
         with self._lock:
             slab = self._slabs.get(index)
             if slab is None or self._closed:
@@ -119,7 +119,7 @@ class SlabTable:
             # connection closed meanwhile unmaps it only once this read is done.
             view = memoryview(slab.mapping)[:nbytes]
         try:
-            return _block.read_block(view, allocator)
+            return _block.read_block(view, allocator, threads)
         finally:
             view.release()
 

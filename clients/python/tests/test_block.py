@@ -219,6 +219,68 @@ def test_decompress_into_caller_array() -> None:
         B.decompress_tensor(blob, layout, 0, np.empty((1,), np.uint8))
 
 
+# -- decompression on several threads ---------------------------------------------------------------
+
+
+def big_block(level: int = -1000) -> tuple:
+    """Video over PARALLEL_MIN_BYTES (14 frames of 448x252), and audio beside it."""
+    frames = np.ascontiguousarray(natural_frames(14, 252, 448, seed=3).transpose(0, 3, 1, 2))
+    audio = np.random.default_rng(2).standard_normal((1, 48000)).astype(np.float32)
+    assert frames.nbytes >= B.PARALLEL_MIN_BYTES
+    blob = write_block([("video", frames, "TCHW"), ("audio", audio, "CN")], video_result(frames), level=level)
+    return blob, frames, audio
+
+
+def test_frame_runs_cover_every_frame_once_in_order_with_about_equal_output() -> None:
+    def frames_of(sizes: list) -> list:
+        return [B.FrameInfo(offset=i, compressed_size=1, decompressed_size=n, checksum=0) for i, n in enumerate(sizes)]
+
+    cases = [[100] * 12, [100] * 3, [5, 500, 5, 5, 500], [0, 0, 100, 0], [1], [7] * 100, [100, 0, 0, 0, 0, 100]]
+    for sizes in cases:
+        frames = frames_of(sizes)
+        for count in (1, 2, 3, 4, 8, 200):
+            runs = B.frame_runs(frames, count)
+            assert 1 <= len(runs) <= min(count, len(frames)), (sizes, count, runs)
+            assert runs[0][0] == 0 and runs[-1][1] == len(frames)
+            offset = 0
+            for (first, end, start, n), nxt in zip(runs, runs[1:] + [(len(frames),)]):
+                assert first < end == nxt[0], (sizes, count, runs)  # non-empty, consecutive
+                assert start == offset and n == sum(sizes[first:end])
+                offset += n
+    even = B.frame_runs(frames_of([100] * 12), 4)
+    assert [n for *_, n in even] == [300, 300, 300, 300]
+
+
+@pytest.mark.parametrize("level", [-1000, 3])
+def test_several_threads_decompress_the_same_bytes(level: int) -> None:
+    blob, frames, audio = big_block(level)
+    for threads in (2, 3, 8):
+        block = B.read_block(blob, threads=threads)
+        assert np.array_equal(block.tensors["video"], frames) and np.array_equal(block.tensors["audio"], audio)
+
+
+def test_several_threads_reject_a_damaged_frame_in_any_run() -> None:
+    blob, _, _ = big_block()
+    layout = B.validate_block(blob)
+    video = layout.frames[0]
+    for frame in (video[0], video[5], video[-1]):  # in the first (this thread's), a middle and the last run
+        bad = bytearray(blob)
+        bad[frame.offset + frame.compressed_size // 2] ^= 0x10
+        with pytest.raises(BlockFormatError, match="tensor 'video'"):
+            B.read_block(bytes(bad), threads=4)
+    assert np.array_equal(B.read_block(blob, threads=4).tensors["video"], B.read_block(blob).tensors["video"])
+
+
+def test_a_forked_child_decompresses_on_threads_of_its_own() -> None:
+    blob, frames, _ = big_block()
+    assert np.array_equal(B.read_block(blob, threads=3).tensors["video"], frames)  # the parent's threads exist
+
+    def child() -> bool:
+        return bool(np.array_equal(B.read_block(blob, threads=3).tensors["video"], frames))
+
+    assert status_in_child(child) == 0, "the child hung on the parent's helper threads, or decoded wrong bytes"
+
+
 # -- fork safety -------------------------------------------------------------------------------------
 
 
@@ -268,11 +330,11 @@ def test_forked_child_does_not_inherit_a_block_being_read(monkeypatch: pytest.Mo
     seen = {}
     real_read_block = B.read_block
 
-    def read_block_and_fork(buf, allocator=None):
+    def read_block_and_fork(buf, allocator=None, threads=1):
         # The fd is closed by now; the mapping (and the mmap object's own dup of the fd) live.
         seen["parent"] = _memfd_copies(ident)
         seen["child"] = status_in_child(lambda: _memfd_copies(ident) == ([], []))
-        return real_read_block(buf, allocator)
+        return real_read_block(buf, allocator, threads)
 
     monkeypatch.setattr(B, "read_block", read_block_and_fork)
     block = B.read_block_fd(fd)
@@ -292,9 +354,9 @@ def test_child_never_unmaps_an_inherited_live_mapping(monkeypatch: pytest.Monkey
     stash = []
     real_read_block = B.read_block
 
-    def keep_a_view(buf, allocator=None):
+    def keep_a_view(buf, allocator=None, threads=1):
         stash.append(memoryview(buf))
-        return real_read_block(buf, allocator)
+        return real_read_block(buf, allocator, threads)
 
     monkeypatch.setattr(B, "read_block", keep_a_view)
     B.read_block_fd(memfd_with(blob))

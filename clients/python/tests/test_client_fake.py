@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import warnings
-from typing import Dict
+from typing import Any, Dict, List
 
 import numpy as np
 import pytest
@@ -197,6 +197,31 @@ def test_no_slabs_when_asked_for_none(fake_server: FakeServer) -> None:
         assert fake_server.peers[-1].slab_uses == 0
     with pytest.raises(ValueError, match="slabs"):
         clipvisor.Client(fake_server.path, spawn=False, slabs=17)
+
+
+def test_decompress_threads_copy_a_large_block_out_alike(fake_server: FakeServer,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from clipvisor import block as B
+
+    threads_used: List[int] = []
+    real_runs = B._readinto_runs
+
+    def spy(whole: Any, frames: Any, flat: Any, threads: int, name: str) -> None:
+        threads_used.append(threads)
+        real_runs(whole, frames, flat, threads, name)
+
+    monkeypatch.setattr(B, "_readinto_runs", spy)
+    # 8 frames of 480x640: 7.4 MB, over the size from which runs go to several threads.
+    with clipvisor.Client(fake_server.path, spawn=False, decompress_threads=3) as c:
+        for path in ("/fake/video-8-480-640", "/fake/slab-ok/video-8-480-640"):
+            assert np.array_equal(c.video(path).frames, make_frames(8, 480, 640))
+        assert pickle.loads(pickle.dumps(c)).decompress_threads == 3
+        results = c.sample(["/fake/video-8-480-640", "/fake/video-2-4-4"])
+        assert np.array_equal(results[0].frames, make_frames(8, 480, 640))
+    assert threads_used == [3, 3, 3], "a block fd, a slab and a sample's clip, each on 3 threads"
+    for bad in (0, 65, True, 2.0):
+        with pytest.raises(ValueError, match="decompress_threads"):
+            clipvisor.Client(fake_server.path, spawn=False, decompress_threads=bad)
 
 
 def test_multiplexing_many_threads_one_connection(client: clipvisor.Client, fake_server: FakeServer) -> None:
