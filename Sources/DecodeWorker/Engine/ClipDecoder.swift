@@ -572,10 +572,10 @@ final class FrameSink {
     }
 }
 
-/// Buffers for converted frames, reused within a clip. A new array per frame cost a malloc,
-/// the first touch of its pages and a free each time (4 % of a worker's time on W2's every
-/// frame at 320×240); a clip in order needs one or two. Shared by the readers of a clip, which
-/// may run on several threads (`ParallelFrameReading`), hence the lock.
+/// Buffers for converted frames, reused within a clip: a new array per frame cost a malloc,
+/// the first touch of fresh pages and a free each time (about 1 % of a worker's CPU on W2,
+/// docs/benchmarks.md); a clip in order needs one or two. Shared by the readers of a clip,
+/// which may run on several threads (`ParallelFrameReading`), hence the lock.
 final class FrameBuffers: @unchecked Sendable {
     let frameBytes: Int
     /// Buffers kept for reuse at most; frames held out of order beyond that are freed.

@@ -357,21 +357,20 @@ def _copy_per_frame(buf: memoryview, frames: Sequence[FrameInfo], dest: np.ndarr
 #: to other threads costs about what those threads save.
 PARALLEL_MIN_BYTES = 4 << 20
 
+#: Helper threads at most (``Client(decompress_threads=)`` allows up to 64, less the caller's).
+MAX_HELPERS = 63
+
 _pool: Optional[ThreadPoolExecutor] = None
-_pool_size = 0
 _pool_lock = threading.Lock()
 
 
-def _helpers(count: int) -> ThreadPoolExecutor:
-    """The shared helper threads, at least ``count`` of them (made at first use, and again in a
-    forked child, which has none of its parent's threads)."""
-    global _pool, _pool_size
+def _helpers() -> ThreadPoolExecutor:
+    """The shared helper threads (started as runs need them, up to :data:`MAX_HELPERS`), made at
+    first use, and again in a forked child, which has none of its parent's threads."""
+    global _pool
     with _pool_lock:
-        if _pool is None or _pool_size < count:
-            old = _pool
-            _pool, _pool_size = ThreadPoolExecutor(count, thread_name_prefix="clipvisor-decompress"), count
-            if old is not None:
-                old.shutdown(wait=False)
+        if _pool is None:
+            _pool = ThreadPoolExecutor(MAX_HELPERS, thread_name_prefix="clipvisor-decompress")
         return _pool
 
 
@@ -405,8 +404,8 @@ def _readinto_runs(whole: memoryview, frames: Sequence[FrameInfo], flat: np.ndar
         if got != n:
             raise _fail(f"tensor {name!r}: frames {first}..{end - 1} decompressed to {got} bytes, not {n}")
 
-    runs = frame_runs(frames, threads)
-    pool = _helpers(len(runs) - 1)
+    runs = frame_runs(frames, min(threads, MAX_HELPERS + 1))
+    pool = _helpers()
     pending = [pool.submit(one, run) for run in runs[1:]]
     try:
         one(runs[0])
@@ -514,13 +513,13 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _strategy_lock, _fds_lock, _fork_guard, _pool_lock, _pool, _pool_size
+    global _strategy_lock, _fds_lock, _fork_guard, _pool_lock, _pool
     # A parent thread may have held these locks at the fork; it does not exist here.
     _strategy_lock = threading.Lock()
     _fds_lock = threading.Lock()
     _fork_guard = threading.Lock()
     _pool_lock = threading.Lock()
-    _pool, _pool_size = None, 0  # its threads stayed in the parent
+    _pool = None  # its threads stayed in the parent
     maps = list(_live_maps.items())
     _pinned_in_child.extend(mm for mm, _ in maps)  # never deallocated here, so never munmapped
     _live_maps.clear()
