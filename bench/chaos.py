@@ -23,7 +23,9 @@ never asserted (the goal of issue 13 is >= 0.9 against alone); the run with bad 
 hangs separates what the bad clips cost by themselves from what the hangs cost. The good clips
 are the catalog's small clips by default (a few frames each, ~3 ms of work: the per-clip fixed
 costs weigh most, the worst case), or with `--throughput-source training` natural 5 s 640x360
-H.264 clips (bench/media.py) asked at Qwen2.5-VL's 448x448 budget, like a training run's.
+H.264 clips (bench/media.py) asked at Qwen2.5-VL's 448x448 budget, like a training run's, or
+with `--throughput-source training-720p` natural 10 s 720p clips (issue 14's W1 kind) at the
+same budget.
 
 Exit status: 0 when every correctness check passed, 1 otherwise (the throughput ratio does not
 count; the RSS bound counts only with --long).
@@ -133,8 +135,8 @@ class Config:
     # What the 25 % bad clips of the throughput runs are: "both" (half damaged copies that fail
     # to decode, half crash faults), "damaged" or "crash".
     bad_mix: str = "both"
-    # The good clips of the throughput runs: "catalog" (the small clips above) or "training"
-    # (natural 5 s 640x360 clips, asked at 448x448).
+    # The good clips of the throughput runs: "catalog" (the small clips above), "training"
+    # (natural 5 s 640x360 clips, asked at 448x448) or "training-720p" (natural 10 s 720p clips).
     throughput_source: str = "catalog"
     # The supervisor's `after_refused_media`: "replace" (the default) or "keep".
     after_refused_media: str = "replace"
@@ -748,12 +750,14 @@ def client_main(index: int, cfg: Config, items: List[Item], sock_path: str, out_
 _THROUGHPUT_CANDIDATES: Dict[str, List[Item]] = {}
 
 
-def training_clips(count: int = 6) -> List[Item]:
-    """Natural-looking 5 s 640x360 H.264 clips (bench/media.py; made once, then cached)."""
+def training_clips(source: str, count: int = 6) -> List[Item]:
+    """Natural-looking H.264 clips (bench/media.py; made once, then cached): 5 s 640x360 for
+    "training", 10 s 720p for "training-720p"."""
     sys.path.insert(0, str(HERE))
     import media  # noqa: PLC0415  (bench/media.py, only this mode needs it)
-    return [Item(str(media.natural_clip(5, size="640x360", seed=11 + i, audio=False)), "good", ["v1"],
-                 "natural 640x360 5 s") for i in range(count)]
+    seconds, size = (10, "1280x720") if source == "training-720p" else (5, "640x360")
+    return [Item(str(media.natural_clip(seconds, size=size, seed=11 + i, audio=False)), "good", ["v1"],
+                 f"natural {size} {seconds} s") for i in range(count)]
 
 
 def throughput_candidates(cfg: Config, sup: Supervisor, cat: Catalog) -> List[Item]:
@@ -761,7 +765,8 @@ def throughput_candidates(cfg: Config, sup: Supervisor, cat: Catalog) -> List[It
     clip of the corpus is `invalid_request` for it, which is right but is not throughput."""
     key = f"{sup.socket}:{cfg.throughput_source}"
     if key not in _THROUGHPUT_CANDIDATES:
-        sources = training_clips() if cfg.throughput_source == "training" else list({it.path: it for it in cat.good}.values())
+        sources = (training_clips(cfg.throughput_source) if cfg.throughput_source.startswith("training")
+                   else list({it.path: it for it in cat.good}.values()))
         usable = []
         with clipvisor.Client(sup.socket, spawn=False, connect_timeout=5.0) as c:
             for item in sources:
@@ -770,7 +775,7 @@ def throughput_candidates(cfg: Config, sup: Supervisor, cat: Catalog) -> List[It
                     usable.append(item)
                 except (clipvisor.ClipSkipped, clipvisor.ClipvisorError):
                     pass
-        if cfg.throughput_source == "training" and len(usable) < len(sources):
+        if cfg.throughput_source.startswith("training") and len(usable) < len(sources):
             raise RuntimeError(f"only {len(usable)} of {len(sources)} training clips decode; see the supervisor log")
         _THROUGHPUT_CANDIDATES[key] = usable or sources
     return _THROUGHPUT_CANDIDATES[key]
@@ -1330,10 +1335,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--bad-mix", choices=("both", "damaged", "crash"), default="both",
                     help="the throughput runs' 25%% bad clips: half damaged copies that fail to decode and half "
                          "crash faults (default), or all of one kind")
-    ap.add_argument("--throughput-source", choices=("catalog", "training"), default="catalog",
+    ap.add_argument("--throughput-source", choices=("catalog", "training", "training-720p"), default="catalog",
                     help="the throughput runs' good clips: the catalog's small clips (default; ~3 ms of work each, "
-                         "fixed costs weigh most) or natural 5 s 640x360 clips at 448x448 (what a training run asks; "
-                         "implies --throughput-max-pixels 200704 unless given)")
+                         "fixed costs weigh most), natural 5 s 640x360 clips at 448x448 (what a training run asks; "
+                         "implies --throughput-max-pixels 200704 unless given), or natural 10 s 720p clips at "
+                         "448x448 (issue 14's W1 kind; the same default budget)")
     ap.add_argument("--after-refused-media", choices=("replace", "keep"), default="replace",
                     help="the supervisor's after_refused_media: replace a worker after media it refused (default) "
                          "or keep it (a later crash in it is retried on a fresh worker)")
@@ -1364,7 +1370,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg.throughput_source = a.throughput_source
     if a.throughput_max_pixels is not None:
         cfg.throughput_max_pixels = a.throughput_max_pixels
-    elif a.throughput_source == "training":
+    elif a.throughput_source.startswith("training"):
         cfg.throughput_max_pixels = 200704
     cfg.bad_mix = a.bad_mix
     cfg.after_refused_media = a.after_refused_media
