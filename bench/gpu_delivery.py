@@ -107,6 +107,12 @@ class _HostBackend:
     def on(self, stream: Any) -> Any:
         return contextlib.nullcontext()
 
+    def device_of(self, stream: Any) -> Any:
+        return self.torch.device("cpu")
+
+    def used_on(self, tensor: Any, stream: Any) -> None:
+        pass
+
 
 def measure(blocks_dir: Path, repeat: int, threads: int, dry_run: bool) -> int:
     import torch

@@ -61,17 +61,27 @@ class _CudaBackend:
     def on(self, stream: Any) -> ContextManager[Any]:
         return self.torch.cuda.stream(stream)
 
+    def device_of(self, stream: Any) -> Any:
+        return stream.device
+
+    def used_on(self, tensor: Any, stream: Any) -> None:
+        tensor.record_stream(stream)
+
 
 class _Slot:
-    """One page-locked buffer: its bytes, a numpy view of them, the event behind the last copy
-    that read it, and the array the allocator last handed out from it (until it is taken again)."""
+    """One page-locked buffer: its bytes, a numpy view of them, an event per stream that copied
+    from it (recorded behind its last copy on that stream), and the array the allocator last
+    handed out from it (until it is taken again)."""
 
-    __slots__ = ("storage", "array", "event", "claim")
+    __slots__ = ("storage", "array", "events", "claim")
+
+    #: Streams whose events a slot keeps at most; past that they are forgotten once waited for.
+    kept_streams = 8
 
     def __init__(self) -> None:
         self.storage: Any = None
         self.array: np.ndarray = np.empty(0, dtype=np.uint8)
-        self.event: Any = None
+        self.events: Dict[Any, Any] = {}
         self.claim: Optional[np.ndarray] = None  # flat, over a buffer of its own (see `allocator`)
 
 
@@ -140,10 +150,16 @@ class CudaUploader:
         nbytes = array.nbytes
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype, device=self.device)
-        held = self._held(array)
+        current = self._backend.current_stream()
         stream = stream if stream is not None else self.stream
         if stream is None:
-            stream = self._backend.current_stream()
+            stream = current
+        elif self._backend.device_of(stream) != self.device:
+            # The copy would run on the current stream of the uploader's device, not on this one,
+            # and the event recorded here would not cover it.
+            on = self._backend.device_of(stream)
+            raise ValueError(f"the stream is on {on}, the uploader copies to {self.device}")
+        held = self._held(array)
         with self._backend.on(stream):
             # Allocated on the copy's stream: the caching allocator then knows which stream
             # uses the memory.
@@ -154,9 +170,14 @@ class CudaUploader:
             else:
                 slot = self._take(nbytes)
                 self._stage(array, slot, out)
-            if slot.event is None:
-                slot.event = self._backend.event()
-            slot.event.record(stream)
+            event = slot.events.get(stream)
+            if event is None:
+                event = slot.events[stream] = self._backend.event()
+            event.record(stream)
+        if stream != current:
+            # The tensor is used where the caller's kernels run: the caching allocator must not
+            # hand its memory out again until they are done with it (Tensor.record_stream).
+            self._backend.used_on(out, current)
         return out
 
     def capacity(self) -> int:
@@ -176,12 +197,15 @@ class CudaUploader:
         slots, cursor = self._ring()
         slot = slots[cursor[0]]
         cursor[0] = (cursor[0] + 1) % len(slots)
-        if slot.event is not None:
-            slot.event.synchronize()
+        for event in slot.events.values():
+            event.synchronize()  # every stream's last copy from this slot has finished
+        if len(slot.events) > _Slot.kept_streams:
+            slot.events.clear()
         if slot.array.nbytes < nbytes:
-            # Grown by half again so that slowly growing clips do not re-pin every time.
+            # Grown by half again so that slowly growing clips do not re-pin every time. The old
+            # buffer is let go first (arrays handed out from it keep it alive as long as they live).
             size = max(nbytes, int(slot.array.nbytes * 1.5), 64)
-            slot.storage = None  # the old buffer goes before the new one is pinned
+            slot.array, slot.storage = np.empty(0, dtype=np.uint8), None
             slot.storage = self._backend.page_locked(size)
             slot.array = slot.storage.numpy()
         slot.claim = None
@@ -197,9 +221,10 @@ class CudaUploader:
                 raise ValueError(
                     "this array was decompressed into a staging slot that has been reused since: upload it before "
                     f"{self.slots} more tensors are staged in this thread (or make the uploader with more slots)")
-            if array.flags.c_contiguous:
-                return slot, array.ctypes.data - slot.array.ctypes.data
-            return None  # a strided view of a slot: staged as a copy
+            offset = array.ctypes.data - slot.array.ctypes.data
+            if array.flags.c_contiguous and offset % array.itemsize == 0:
+                return slot, offset
+            return None  # strided, or re-typed at an offset torch cannot view: staged as a copy
         return None
 
     def _stage(self, array: np.ndarray, slot: _Slot, out: Any) -> None:
@@ -254,10 +279,13 @@ def default_uploader(device: Any) -> CudaUploader:
 
 
 def is_cuda(device: Any) -> bool:
-    """Whether ``device`` (a string, ``torch.device`` or index) names a CUDA device."""
+    """Whether ``device`` (a string, ``torch.device`` or index) names a CUDA device, as torch
+    reads it (a bare index names the current accelerator)."""
     if device is None:
         return False
-    if isinstance(device, int) and not isinstance(device, bool):
-        return True  # torch reads a bare index as a CUDA device
-    return str(device).split(":")[0] == "cuda"
+    torch = _import_torch()
+    try:
+        return bool(torch.device(device).type == "cuda")
+    except (TypeError, RuntimeError, ValueError):
+        return False  # not a device torch knows: `tensor.to(device)` says why
 

@@ -28,6 +28,8 @@ def to_torch(array: np.ndarray, pin_memory: bool = False, device: Any = None, st
       (:func:`clipvisor.gpu.default_uploader`) and the copy to the device is queued with
       ``non_blocking=True`` on ``stream`` (default: the current stream), so the call returns
       before the copy ends and the next clip is read meanwhile. ``array`` may change at once.
+      With a ``stream`` of your own, make the stream that uses the tensor wait for it
+      (``torch.cuda.current_stream().wait_stream(stream)``).
     - ``device`` another device: moved there (``tensor.to(device)``).
 
     Use ``pin_memory``/``device`` in the main process only: CUDA cannot be initialised in forked

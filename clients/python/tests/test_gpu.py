@@ -40,7 +40,8 @@ class RecordingEvent:
 
 
 class HostBackend:
-    """Page-locked memory as plain memory, events that log, streams as names."""
+    """Page-locked memory as plain memory, events that log, streams as names (on the host,
+    except those named "elsewhere:..."), and a log of the tensors said to be used on a stream."""
 
     def __init__(self) -> None:
         self.log: List[Tuple[Any, ...]] = []
@@ -63,6 +64,14 @@ class HostBackend:
     def on(self, stream: Any) -> ContextManager[Any]:
         self.log.append(("on", stream))
         return contextlib.nullcontext()
+
+    def device_of(self, stream: Any) -> Any:
+        import torch
+
+        return torch.device("meta") if str(stream).startswith("elsewhere:") else torch.device("cpu")
+
+    def used_on(self, tensor: Any, stream: Any) -> None:
+        self.log.append(("used_on", stream))
 
 
 def uploader(slots: int = 2) -> Tuple[clipvisor.gpu.CudaUploader, HostBackend]:
@@ -194,6 +203,35 @@ def test_the_callers_stream_carries_the_copy() -> None:
     side.upload(frames(1))
     assert [e for e in backend.log if e[0] == "on"] == [("on", "current"), ("on", "mine"), ("on", "side")]
     assert [e[2] for e in backend.log if e[0] == "record"] == ["current", "mine", "side"]
+    # A tensor copied on a side stream is marked as used on the caller's current one, so that
+    # its memory is not handed out again while the caller's kernels still read it.
+    assert [e for e in backend.log if e[0] == "used_on"] == [("used_on", "current"), ("used_on", "current")]
+    with pytest.raises(ValueError, match="the stream is on meta"):
+        up.upload(frames(1), stream="elsewhere:1")
+
+
+def test_a_slot_read_on_two_streams_waits_for_both_before_it_is_rewritten() -> None:
+    up, backend = uploader(slots=1)
+    staged = up.allocator("video", (4, 3, 24, 40), np.dtype(np.uint8))
+    staged[:] = frames(4)
+    up.upload(staged[:2], stream="s1")
+    up.upload(staged[2:], stream="s2")
+    up.upload(frames(1))  # takes the slot again
+    recorded = [(e[1], e[2]) for e in backend.log if e[0] == "record"]
+    assert recorded[:2] == [(1, "s1"), (2, "s2")]
+    assert sorted(waits(backend.log)) == [1, 2]
+
+
+def test_a_view_retyped_at_an_odd_offset_is_staged_as_a_copy() -> None:
+    import torch
+
+    up, backend = uploader(slots=2)
+    raw = up.allocator("audio", (64,), np.dtype(np.uint8))
+    raw[:] = np.arange(64, dtype=np.uint8)
+    odd = raw[1:33].view(np.float32)  # 8 floats starting at byte 1: torch cannot view that
+    got = up.upload(odd)
+    assert torch.equal(got, torch.from_numpy(odd.copy()))
+    assert len(backend.pinned) == 2, "copied into the other slot"
 
 
 def test_empty_arrays_and_bad_arguments() -> None:
