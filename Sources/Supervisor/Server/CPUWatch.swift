@@ -28,7 +28,7 @@ struct CPUWatch {
         var state: UInt8
         /// All threads, user + system (10 ms resolution).
         var processSeconds: Double
-        /// The main thread's time on the CPU, when /proc/PID/schedstat is there.
+        /// The serving thread's time on the CPU, when its schedstat is there.
         var threadSeconds: Double?
 
         init?(pid: pid_t, thread: pid_t?) {

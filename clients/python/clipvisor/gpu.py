@@ -8,10 +8,10 @@ numpy array, ``tensor.to("cuda")`` blocks while CUDA stages the bytes itself, an
 - :meth:`CudaUploader.upload` copies an array into the next slot, starts the copy to the
   device with ``non_blocking=True`` on a stream (the caller's, or the current one) and returns at
   once, so that the next clip is read while this one travels;
-- as a client's allocator (:attr:`CudaUploader.allocator`) it lets the block be decompressed
+- as a client's allocator (:meth:`CudaUploader.allocator`) it lets the block be decompressed
   straight into a slot, and ``upload`` of that array then copies nothing on the host;
-- a slot is written again only after the copy that last read it has finished (an event
-  recorded behind that copy), so a slot is never overwritten while the GPU may read it.
+- a slot is written again only after the copies that read it have finished (an event recorded
+  behind the last one on each stream), so a slot is never overwritten while the GPU may read it.
 
 ``Video.to_torch(device="cuda")`` (and ``Audio``/``Clip``) goes through a default uploader per
 device. torch is imported only when an uploader is made. CUDA cannot be initialised in forked
@@ -34,6 +34,15 @@ def _import_torch() -> Any:
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("GPU delivery needs PyTorch with CUDA: pip install torch (or 'clipvisor[torch]')") from exc
     return torch
+
+
+def _resolved(torch: Any, device: Any) -> Any:
+    """``device`` as a ``torch.device``; "cuda" without an index is the current CUDA device, so
+    that "cuda" and "cuda:N" name the same uploader."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return dev
 
 
 class _CudaBackend:
@@ -108,9 +117,7 @@ class CudaUploader:
             raise ValueError(f"slots must be a positive integer, not {slots!r}")
         torch = _import_torch()
         self._torch = torch
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None and _backend is None:
-            self.device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+        self.device = _resolved(torch, device)
         self._backend = _backend if _backend is not None else _CudaBackend(torch, self.device)
         self.stream = stream
         self.slots = slots
@@ -217,7 +224,7 @@ class CudaUploader:
         for slot in self._ring()[0]:
             if slot.array.nbytes == 0 or not np.may_share_memory(array, slot.array):
                 continue
-            if slot.claim is None or not _within(array, slot.claim):
+            if slot.claim is None or not (array is slot.claim or array.base is slot.claim):
                 raise ValueError(
                     "this array was decompressed into a staging slot that has been reused since: upload it before "
                     f"{self.slots} more tensors are staged in this thread (or make the uploader with more slots)")
@@ -255,21 +262,13 @@ class CudaUploader:
         return found
 
 
-def _within(array: np.ndarray, claim: np.ndarray) -> bool:
-    """Whether ``array`` is ``claim`` or a view of it."""
-    return array is claim or array.base is claim
-
-
 _defaults: Dict[str, CudaUploader] = {}
 _defaults_lock = threading.Lock()
 
 
 def default_uploader(device: Any) -> CudaUploader:
     """The uploader ``to_torch(device=...)`` uses for ``device`` (one per device per process)."""
-    torch = _import_torch()
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    dev = _resolved(_import_torch(), device)
     key = str(dev)
     with _defaults_lock:
         uploader = _defaults.get(key)
