@@ -17,7 +17,7 @@ See docs/python-client.md.
 """
 
 from .block import Allocator, Block, read_block, read_block_fd, read_block_file, validate_block
-from .buffers import ReusedBuffers
+from .buffers import RecycledArrays, ReusedBuffers
 from .client import Client, __version__, default_tag
 from .errors import (
     BlockFormatError,
@@ -48,6 +48,7 @@ __all__ = [
     "Client",
     "Allocator",
     "ReusedBuffers",
+    "RecycledArrays",
     "CudaUploader",
     "Video",
     "Audio",

@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import zstandard
 
+from .buffers import default_arrays
 from .errors import BlockFormatError
 
 __all__ = [
@@ -590,13 +591,14 @@ def decompression_strategy() -> str:
 def decompress_tensor(buf: Buffer, layout: BlockLayout, index: int, out: Optional[np.ndarray] = None,
                       threads: int = 1) -> np.ndarray:
     """Decompresses tensor ``index`` of a validated block into ``out`` (or a new array of the
-    tensor's shape and dtype), verifying every frame's content checksum. With ``threads`` > 1,
+    tensor's shape and dtype from :data:`clipvisor.buffers.default_arrays`), verifying every
+    frame's content checksum. With ``threads`` > 1,
     a tensor of at least :data:`PARALLEL_MIN_BYTES` is split into runs of whole frames,
     decompressed by that many threads at once (zstd releases the GIL)."""
     info = layout.tensors[index]
     frames = layout.frames[index]
     if out is None:
-        out = np.empty(info.shape, dtype=info.dtype)
+        out = default_arrays(info.name, info.shape, np.dtype(info.dtype))
     elif out.shape != info.shape or out.dtype != info.dtype or not out.flags.c_contiguous or not out.flags.writeable:
         raise ValueError(f"out must be a writable C-contiguous {info.dtype} array of shape {info.shape}")
     nbytes = info.nbytes

@@ -5,16 +5,21 @@ fresh array of tens of MB costs as much as the copy out of the shared-memory blo
 (docs/benchmark-method.md §4.3), and a GPU training loop wants frames in pinned memory anyway.
 An *allocator* (``Client(allocator=...)`` or ``allocator=`` on a call) says where each tensor
 goes: :class:`ReusedBuffers` below, or any callable ``(name, shape, dtype) -> array``.
+Without one, large tensors come from :class:`RecycledArrays`: new arrays to the caller, whose
+memory is used again once they are garbage.
 """
 from __future__ import annotations
 
+import collections
 import math
+import os
 import threading
-from typing import Any, Dict, Tuple
+import weakref
+from typing import Any, Deque, Dict, List, Tuple
 
 import numpy as np
 
-__all__ = ["ReusedBuffers"]
+__all__ = ["ReusedBuffers", "RecycledArrays"]
 
 
 class ReusedBuffers:
@@ -65,3 +70,120 @@ class ReusedBuffers:
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__init__()  # type: ignore[misc]
+
+
+_live_pools: "weakref.WeakSet[RecycledArrays]" = weakref.WeakSet()
+
+
+class _Lease:
+    """The base of an array from :class:`RecycledArrays`: numpy keeps it alive as long as the
+    array or any view of it (a torch tensor from ``torch.from_numpy`` included) lives, and its
+    memory goes back to the pool when the last of them is gone."""
+
+    __slots__ = ("__array_interface__", "_memory", "_pool")
+
+    def __init__(self, memory: np.ndarray, shape: Tuple[int, ...], dtype: np.dtype, pool: "RecycledArrays"):
+        self._memory = memory
+        self._pool = pool
+        self.__array_interface__ = {"version": 3, "shape": shape, "typestr": dtype.str,
+                                    "data": (memory.ctypes.data, False)}
+
+    def __del__(self) -> None:
+        # deque.append is atomic: this may run in any thread, inside any allocation (a garbage
+        # collection), even one that holds the pool's lock; so it takes no lock.
+        self._pool._returned.append(self._memory)
+
+
+class RecycledArrays:
+    """An allocator of new arrays whose memory is used again once they are garbage.
+
+    Each array is the caller's, like ``np.empty``'s, for as long as it or any view of it lives
+    (safe for ``Client.sample`` and for arrays kept across steps). What differs is where the
+    memory goes afterwards: into a pool that the next array of about the same size is taken
+    from, instead of back to the system. The first write to fresh memory costs as much as the
+    copy out of the block on this kind of VM (the kernel zeroes every page), and glibc gives a
+    thread's memory back to the system whenever that thread's heap empties, so a client called
+    from several threads paid it for nearly every large tensor (docs/benchmarks.md).
+
+    The client uses one process-wide instance for tensors of ``min_bytes`` or more when no
+    allocator is given. ``keep_bytes`` bounds the memory the pool holds while no array uses it
+    (oldest first out); a buffer serves requests down to ``1 / max_slack`` of its size, so a
+    short clip never pins a long clip's memory.
+    """
+
+    #: Every array is new to its caller (``Client.sample`` accepts this allocator).
+    reuses_memory = False
+
+    #: Buffers are whole multiples of this (2 MiB: a transparent huge page).
+    granule = 2 << 20
+
+    def __init__(self, keep_bytes: int = 256 << 20, min_bytes: int = 1 << 20, max_slack: float = 1.25) -> None:
+        if keep_bytes < 0 or min_bytes < 0 or max_slack < 1:
+            raise ValueError("keep_bytes and min_bytes must be >= 0 and max_slack >= 1")
+        self.keep_bytes = keep_bytes
+        self.min_bytes = min_bytes
+        self.max_slack = max_slack
+        self._reset()
+        _live_pools.add(self)
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._returned: Deque[np.ndarray] = collections.deque()
+        self._free: List[np.ndarray] = []  # oldest first
+
+    def __call__(self, name: str, shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        shape = tuple(int(n) for n in shape)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes < max(self.min_bytes, 1) or dtype.hasobject:
+            return np.empty(shape, dtype)
+        memory = self._take(nbytes)
+        if memory is None:
+            memory = np.empty(-(-nbytes // self.granule) * self.granule, np.uint8)
+        return np.asarray(_Lease(memory, shape, dtype, self))
+
+    def _take(self, nbytes: int) -> "np.ndarray | None":
+        with self._lock:
+            self._collect()
+            limit = nbytes * self.max_slack + self.granule
+            fits = [i for i, m in enumerate(self._free) if nbytes <= m.nbytes <= limit]
+            if not fits:
+                return None
+            return self._free.pop(min(fits, key=lambda i: self._free[i].nbytes))
+
+    def _collect(self) -> None:
+        """Moves returned memory into the free list and drops the oldest beyond ``keep_bytes``
+        (under the lock)."""
+        returned = self._returned
+        while returned:
+            self._free.append(returned.popleft())
+        held = sum(m.nbytes for m in self._free)
+        while self._free and held > self.keep_bytes:
+            held -= self._free.pop(0).nbytes
+
+    def held_bytes(self) -> int:
+        """Bytes the pool holds for arrays to come (none of them in use)."""
+        with self._lock:
+            self._collect()
+            return sum(m.nbytes for m in self._free)
+
+    # Pickled into DataLoader workers with the client: each starts with an empty pool.
+    def __getstate__(self) -> Dict[str, Any]:
+        return {"keep_bytes": self.keep_bytes, "min_bytes": self.min_bytes, "max_slack": self.max_slack}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
+
+
+def _after_fork_in_child() -> None:
+    # A parent thread may have held a pool's lock at the fork. The child keeps the arrays it
+    # inherited (its own copies, which come back to its pools when they die).
+    for pool in list(_live_pools):
+        pool._reset()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+#: The pool behind every decode that names no allocator.
+default_arrays = RecycledArrays()

@@ -137,6 +137,146 @@ def test_sample_refuses_reused_buffers_before_sending_anything() -> None:
         client.sample(["/a.mp4", "/b.mp4"])
 
 
+# -- RecycledArrays: new arrays whose memory comes back when they die -----------------------
+
+MiB = 1 << 20
+
+
+def _address(a: np.ndarray) -> int:
+    return int(a.__array_interface__["data"][0])
+
+
+def test_recycled_arrays_are_ordinary_writable_arrays_of_the_asked_shape() -> None:
+    pool = clipvisor.RecycledArrays()
+    a = pool("video", (3, 5, 240, 320), np.dtype(np.uint8))  # 1.1 MiB
+    b = pool("audio", (2, 300_000), np.dtype(np.float32))  # 2.3 MiB
+    assert a.base is not None and b.base is not None
+    assert a.shape == (3, 5, 240, 320) and a.dtype == np.uint8
+    assert b.shape == (2, 300_000) and b.dtype == np.float32
+    for arr in (a, b):
+        assert arr.flags.c_contiguous and arr.flags.writeable
+    a[...] = 7
+    b[...] = 1.5
+    assert int(a.sum()) == 7 * a.size and float(b.sum()) == 1.5 * b.size
+    assert not np.shares_memory(a, b)
+    # Below min_bytes: plain numpy arrays, nothing pooled.
+    small = pool("audio", (10,), np.dtype(np.float32))
+    assert small.base is None
+    del a, b, arr, small
+    assert pool.held_bytes() == 2 * MiB + 4 * MiB  # each rounded up to whole 2 MiB granules
+
+
+def test_recycled_memory_comes_back_only_when_the_last_view_dies() -> None:
+    pool = clipvisor.RecycledArrays()
+    first = pool("video", (4, 1 << 20), np.dtype(np.uint8))
+    where = _address(first)
+    view = first[1:3].reshape(-1)  # a view outlives its array
+    del first
+    second = pool("video", (4, 1 << 20), np.dtype(np.uint8))
+    assert _address(second) != where and not np.shares_memory(second, view)
+    view[:] = 5
+    second[...] = 9
+    assert int(view.min()) == 5, "two live arrays share memory"
+    del view
+    third = pool("video", (4, 1 << 20), np.dtype(np.uint8))
+    assert _address(third) == where, "the memory of a dead array was not used again"
+    del second, third
+
+
+def test_recycled_arrays_fit_sizes_and_keep_at_most_keep_bytes() -> None:
+    pool = clipvisor.RecycledArrays(keep_bytes=8 * MiB)
+    big = pool("video", (16 * MiB,), np.dtype(np.uint8))
+    where = _address(big)
+    del big
+    assert pool.held_bytes() == 0, "a buffer over keep_bytes stayed in the pool"
+    pool = clipvisor.RecycledArrays(keep_bytes=64 * MiB)
+    big = pool("video", (16 * MiB,), np.dtype(np.uint8))
+    where = _address(big)
+    del big
+    # A clip much shorter than the buffer gets memory of its own: it must not pin 16 MiB.
+    short = pool("video", (3 * MiB,), np.dtype(np.uint8))
+    assert _address(short) != where
+    del short
+    again = pool("video", (15 * MiB,), np.dtype(np.uint8))
+    assert _address(again) == where, "a buffer within max_slack was not used"
+    del again
+    held = [pool("video", (6 * MiB,), np.dtype(np.uint8)) for _ in range(20)]
+    del held
+    assert pool.held_bytes() <= 64 * MiB
+    with pytest.raises(ValueError):
+        clipvisor.RecycledArrays(max_slack=0.5)
+
+
+def test_recycled_arrays_never_hand_live_memory_to_two_threads() -> None:
+    pool = clipvisor.RecycledArrays()
+    live: Dict[int, Tuple[int, int]] = {}
+    lock = threading.Lock()
+    errors: List[str] = []
+
+    def worker(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        kept: List[np.ndarray] = []
+        for _ in range(150):
+            n = int(rng.integers(1, 5)) * MiB + int(rng.integers(0, 4096))
+            a = pool("video", (n,), np.dtype(np.uint8))
+            start, end = _address(a), _address(a) + n
+            with lock:
+                for other, (s, e) in live.items():
+                    if start < e and s < end:
+                        errors.append(f"thread {seed} got memory in use by array {other}")
+                live[id(a)] = (start, end)
+            a[::4096] = seed
+            kept.append(a)
+            if len(kept) > 3 or rng.random() < 0.5:
+                gone = kept.pop(int(rng.integers(0, len(kept))))
+                assert int(gone[::4096].min()) == seed and int(gone[::4096].max()) == seed, "another thread wrote here"
+                with lock:
+                    del live[id(gone)]
+                del gone
+        with lock:
+            for a in kept:
+                del live[id(a)]
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(1, 5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert 0 < pool.held_bytes() <= pool.keep_bytes
+
+
+def test_a_child_forked_while_a_pool_is_locked_allocates_from_a_fresh_pool() -> None:
+    from forking import status_in_child
+
+    pool = clipvisor.RecycledArrays()
+    inherited = pool("video", (2 * MiB,), np.dtype(np.uint8))
+    inherited[...] = 3
+
+    def child() -> bool:
+        a = pool("video", (2 * MiB,), np.dtype(np.uint8))  # would deadlock on the parent's lock
+        a[...] = 4
+        return int(inherited.max()) == 3 and not np.shares_memory(a, inherited)
+
+    with pool._lock:  # as if another thread were inside the pool at the fork
+        code = status_in_child(child)
+    assert code == 0
+
+
+def test_decoding_without_an_allocator_recycles_memory_and_pickles_an_empty_pool() -> None:
+    video = np.ascontiguousarray(natural_frames(40, 120, 160, seed=3).transpose(0, 3, 1, 2))
+    blob = write_block([("video", video, "TCHW")], video_result(video))
+    first = B.read_block(blob).tensors["video"]
+    assert np.array_equal(first, video) and first.base is not None
+    where = _address(first)
+    del first
+    second = B.read_block(blob).tensors["video"]
+    assert _address(second) == where and np.array_equal(second, video)
+    copy = pickle.loads(pickle.dumps(clipvisor.buffers.default_arrays))
+    assert copy.held_bytes() == 0 and copy.keep_bytes == clipvisor.buffers.default_arrays.keep_bytes
+    del second
+
+
 # -- against the real supervisor ------------------------------------------------------------
 
 needs_binary = pytest.mark.skipif(not os.path.exists(BINARY), reason=f"no clipvisor binary at {BINARY}")
