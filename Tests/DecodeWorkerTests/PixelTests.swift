@@ -99,6 +99,32 @@ struct PixelTests {
         }
     }
 
+    /// At native size in THWC, rows of a multiple of 16 bytes are converted straight into the
+    /// output buffer (FrameConverter's direct path), others through the scratch image: both give
+    /// the bytes of the planar layout (always the scratch path) and ffmpeg's, every frame.
+    @Test(arguments: [320, 328, 336])
+    func directConversionGivesTheScratchPathsBytes(_ width: Int) throws {
+        let directory = try Support.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let path = directory + "/w\(width).mp4"
+        try Support.ffmpeg([
+            "-f", "lavfi", "-i", "testsrc2=size=\(width)x96:rate=25:duration=1,noise=alls=30:allf=t",
+            "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", path,
+        ])
+        var o = Self.frames(25)
+        let (planar, a) = try Support.decode(path, o)
+        o.layout = .thwc
+        let (packed, b) = try Support.decode(path, o)
+        let frames = try #require(packed.video?.shape.first)
+        #expect(frames == 25 && planar.video!.shape == [frames, 3, 96, width])
+        let frame = 3 * 96 * width
+        try #require(a.count == frames * frame && b.count == frames * frame)
+        for t in 0..<frames {
+            #expect(Support.planarToPacked(a[t * frame..<(t + 1) * frame], width: width, height: 96) == Array(b[t * frame..<(t + 1) * frame]), "frame \(t)")
+        }
+        try Self.compare(path, options: o)
+    }
+
     struct Reference: Sendable {
         var file: String, reference: String, time: Double, bound: Double
     }

@@ -309,7 +309,7 @@ enum ClipDecoder {
         let plan = video.plan
         let converter = FrameConverter(
             width: video.width, height: video.height, rotation: video.rotation, layout: options.layout)
-        let buffers = FrameBuffers(frameBytes: converter.frameBytes)
+        let buffers = FrameBuffers(frameBytes: converter.frameBytes, bufferBytes: converter.bufferBytes)
         let sink = FrameSink(outputs: plan.outputs, writer: writer, buffers: buffers, path: path)
         let threads = decoderThreads(plan: plan, request: request)
         let reopen = { () throws(DecodeFailure) in try Demuxer(path: request.path, displayPath: path, maxPixels: options.maxSourcePixels) }
@@ -559,7 +559,9 @@ final class FrameSink {
             }
             guard let bytes = held[index] else { return }
             do {
-                try bytes.withUnsafeBytes { raw in try writer.append(tensor: 0, raw) }
+                try bytes.withUnsafeBytes { raw in
+                    try writer.append(tensor: 0, UnsafeRawBufferPointer(rebasing: raw[..<buffers.frameBytes]))
+                }
             } catch {
                 let message = (error as? BlockError)?.message ?? "\(error)"
                 throw DecodeFailure(.decodeError, "\(path): cannot write the block: \(message)", path: path)
@@ -577,25 +579,31 @@ final class FrameSink {
 /// docs/benchmarks.md); a clip in order needs one or two. Shared by the readers of a clip,
 /// which may run on several threads (`ParallelFrameReading`), hence the lock.
 final class FrameBuffers: @unchecked Sendable {
+    /// The converted frame: the first `frameBytes` bytes of each buffer.
     let frameBytes: Int
+    /// A buffer's size: the frame and the bytes past it that the converter may overwrite
+    /// (`FrameConverter.bufferBytes`).
+    let bufferBytes: Int
     /// Buffers kept for reuse at most; frames held out of order beyond that are freed.
     static let kept = 8
     private let spare = Mutex<[[UInt8]]>([])
 
-    init(frameBytes: Int) {
+    init(frameBytes: Int, bufferBytes: Int) {
+        precondition(bufferBytes >= frameBytes)
         self.frameBytes = frameBytes
+        self.bufferBytes = bufferBytes
     }
 
-    /// A buffer of `frameBytes` bytes whose contents are undefined: the converter writes every
-    /// byte, so a new one is not zero-filled first.
+    /// A buffer of `bufferBytes` bytes whose contents are undefined: the converter writes every
+    /// byte of the frame, so a new one is not zero-filled first.
     func take() -> [UInt8] {
         if let reused = spare.withLock({ $0.popLast() }) { return reused }
-        return [UInt8](unsafeUninitializedCapacity: frameBytes) { _, count in count = frameBytes }
+        return [UInt8](unsafeUninitializedCapacity: bufferBytes) { _, count in count = bufferBytes }
     }
 
     /// Takes back a buffer nothing reads any more.
     func give(_ buffer: [UInt8]) {
-        guard buffer.count == frameBytes else { return }
+        guard buffer.count == bufferBytes else { return }
         spare.withLock { if $0.count < Self.kept { $0.append(buffer) } }
     }
 }

@@ -15,7 +15,12 @@ import Shared
 ///   default); accurate rounding alone would make this ~10× slower.
 /// swscale writes into an aligned scratch buffer (its SIMD paths may write past a row's end);
 /// `place` then copies, (de)interleaves and rotates into the contiguous output frame, in the
-/// requested layout.
+/// requested layout. Where the scratch image already is the output (native size, THWC, no
+/// rotation) and rows stay 16-byte aligned, swscale writes straight into the output buffer
+/// instead: rows are written top to bottom, so what a row's SIMD tail spills into the next row
+/// is overwritten by that row, and the last row's spill lands in the buffer's
+/// `overrunBytes` past the frame. That saves a copy of every frame (every frame of a W2 clip:
+/// docs/benchmarks.md).
 final class FrameConverter {
     let outputWidth: Int
     let outputHeight: Int
@@ -39,6 +44,10 @@ final class FrameConverter {
     static let nativeFlags = SWS_BICUBIC | SWS_FULL_CHR_H_INP
 
     var frameBytes: Int { 3 * outputWidth * outputHeight }
+    /// Bytes past the frame that `convert` may overwrite: a buffer it writes into holds
+    /// `frameBytes + overrunBytes`.
+    static let overrunBytes = 64
+    var bufferBytes: Int { frameBytes + Self.overrunBytes }
 
     init(width: Int, height: Int, rotation: Int, layout: DecodeOptions.Layout) {
         outputWidth = width
@@ -59,8 +68,10 @@ final class FrameConverter {
         scratch.deallocate()
     }
 
-    /// Converts `frame` into `output` (exactly `frameBytes` bytes).
+    /// Converts `frame` into the first `frameBytes` bytes of `output`, which holds
+    /// `bufferBytes` (the rest may be overwritten).
     func convert(_ frame: Frame, into output: UnsafeMutableRawBufferPointer, path: String) throws(DecodeFailure) {
+        precondition(output.count >= bufferBytes, "a frame buffer holds frameBytes + overrunBytes")
         let f = frame.pointer
         let format = AVPixelFormat(rawValue: f.pointee.format)
         let fullRange = f.pointee.color_range == AVCOL_RANGE_JPEG || Self.isJPEGFormat(format)
@@ -88,7 +99,13 @@ final class FrameConverter {
         var dst: [UnsafeMutablePointer<UInt8>?] = [nil, nil, nil, nil]
         var strides: [Int32] = [0, 0, 0, 0]
         let base = scratch.assumingMemoryBound(to: UInt8.self)
-        if packedScratch {
+        let outputBase = output.baseAddress!.assumingMemoryBound(to: UInt8.self)
+        let direct = packedScratch && rotation == 0 && layout == .thwc && (3 * outputWidth) % 16 == 0
+            && Int(bitPattern: outputBase) % 16 == 0
+        if direct {
+            dst[0] = outputBase
+            strides[0] = Int32(3 * outputWidth)
+        } else if packedScratch {
             dst[0] = base
             strides[0] = Int32(scratchStride)
         } else {
@@ -106,7 +123,7 @@ final class FrameConverter {
         guard rows > 0 else {
             throw DecodeFailure(.decodeError, "\(path): colour conversion failed", path: path, detail: "sws_scale returned \(rows)")
         }
-        place(into: output.baseAddress!.assumingMemoryBound(to: UInt8.self))
+        if !direct { place(into: outputBase) }
     }
 
     /// Moves the scratch image (packed or planar, scaledWidth × scaledHeight) into the output
