@@ -30,7 +30,7 @@ import weakref
 import zlib
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import zstandard
@@ -84,6 +84,8 @@ MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000 if os.uname().sysname == "Li
 
 _U32 = struct.Struct("<I")
 _ENTRY = struct.Struct("<III")
+_FRAME_START = struct.Struct("<IB")  # magic, frame header descriptor
+_FCS = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I"), 8: struct.Struct("<Q")}
 
 Buffer = Union[bytes, bytearray, memoryview, mmap.mmap]
 
@@ -103,9 +105,9 @@ class TensorInfo:
         return int(sum(self.frame_sizes))
 
 
-@dataclass(frozen=True)
-class FrameInfo:
-    """One data frame, as cross-checked between the seek table and the zstd frame itself."""
+class FrameInfo(NamedTuple):
+    """One data frame, as cross-checked between the seek table and the zstd frame itself. (A
+    named tuple: a block has one per video frame or audio second, made on every read.)"""
 
     offset: int
     compressed_size: int
@@ -155,6 +157,12 @@ def _is_int(value: Any) -> bool:
 
 
 def _parse_header(raw: bytes) -> Tuple[Dict[str, Any], List[TensorInfo], int]:
+    # The writer pads the header with spaces (room reserved before the result is known): ~10 KB
+    # behind an audio block's 1 KB of JSON. Cut them with one comparison rather than let the
+    # parser scan them (any other tail is left for the parser to judge).
+    end = raw.rfind(b"}") + 1
+    if end and raw[end:] == b" " * (len(raw) - end):
+        raw = raw[:end]
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -189,9 +197,10 @@ def _parse_header(raw: bytes) -> Tuple[Dict[str, Any], List[TensorInfo], int]:
         if dtype_name not in DTYPES:
             raise _fail(f"tensor {name!r}: unknown dtype {dtype_name!r}")
         dtype = DTYPES[dtype_name]
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        # `type(x) is int`: JSON gives plain ints, and a bool is not one (a frame list is long).
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise _fail(f"tensor {name!r} has a bad shape")
-        if not isinstance(sizes, list) or not all(_is_int(s) and 0 <= s <= MAX_FRAME_BYTES for s in sizes):
+        if not isinstance(sizes, list) or not all(type(s) is int and 0 <= s <= MAX_FRAME_BYTES for s in sizes):
             raise _fail(f"tensor {name!r} has bad frame_sizes")
         total = dtype.itemsize
         for d in shape:
@@ -207,9 +216,9 @@ def _zstd_frame(buf: Buffer, start: int, end: int, index: int) -> Tuple[int, int
     the frame as its block structure says). Never reads outside ``[start, end)``."""
     if end - start < 6:
         raise _fail(f"frame {index}: truncated zstd frame header")
-    if _U32.unpack_from(buf, start)[0] != ZSTD_MAGIC:
+    magic, fhd = _FRAME_START.unpack_from(buf, start)
+    if magic != ZSTD_MAGIC:
         raise _fail(f"frame {index}: not a zstd frame")
-    fhd = buf[start + 4]
     if not fhd & 0x04:
         raise _fail(f"frame {index}: has no content checksum")
     if fhd & 0x08:
@@ -226,14 +235,16 @@ def _zstd_frame(buf: Buffer, start: int, end: int, index: int) -> Tuple[int, int
     pos += did_size
     if fcs_size == 0:
         raise _fail(f"frame {index}: has no content size")
-    content = int.from_bytes(bytes(buf[pos:pos + fcs_size]), "little")
+    content = _FCS[fcs_size].unpack_from(buf, pos)[0]
     if fcs_size == 2:
         content += 256
     pos = start + header_size
     while True:
         if end - pos < 3:
             raise _fail(f"frame {index}: truncated zstd block header")
-        bh = buf[pos] | (buf[pos + 1] << 8) | (buf[pos + 2] << 16)
+        # Four bytes at once where they are inside the frame (a checksum always follows).
+        bh = _U32.unpack_from(buf, pos)[0] & 0xFFFFFF if end - pos >= 4 else \
+            buf[pos] | (buf[pos + 1] << 8) | (buf[pos + 2] << 16)
         btype = (bh >> 1) & 3
         if btype == 3:
             raise _fail(f"frame {index}: reserved zstd block type")
@@ -285,8 +296,17 @@ def validate_block(buf: Buffer) -> BlockLayout:
     if _u32(buf, table_start, size) != SEEK_TABLE_MAGIC or _u32(buf, table_start + 4, size) != table_size:
         raise _fail("seek table frame header is wrong")
     # 4. Entries against the header and the zstd frames.
+    with memoryview(buf) as whole, whole.cast("B") as view:
+        frames = _check_frames(view, tensors, header_end, table_start, frames_crc)
+    return BlockLayout(header, tensors, frames, size)
+
+
+def _check_frames(view: memoryview, tensors: List[TensorInfo], header_end: int, table_start: int,
+                  frames_crc: int) -> List[List[FrameInfo]]:
+    """Step 4 to 6 of :func:`validate_block`: the seek table's entries against the header's
+    frame sizes and the zstd frames themselves, the frame headers' CRC, no stray bytes."""
     base = table_start + 8
-    if _ENTRY.unpack_from(buf, base) != (header_end, 0, 0):
+    if _ENTRY.unpack_from(view, base) != (header_end, 0, 0):
         raise _fail("seek table entry 0 does not describe the header frame")
     offset = header_end
     index = 1
@@ -295,19 +315,19 @@ def validate_block(buf: Buffer) -> BlockLayout:
     for tensor in tensors:
         listed: List[FrameInfo] = []
         for want in tensor.frame_sizes:
-            compressed, decompressed, checksum = _ENTRY.unpack_from(buf, base + index * SEEK_ENTRY)
+            compressed, decompressed, checksum = _ENTRY.unpack_from(view, base + index * SEEK_ENTRY)
             if decompressed != want:
                 raise _fail(f"frame {index}: seek table says {decompressed} bytes, header {want}")
             if compressed < 12 or compressed > table_start - offset:
                 raise _fail(f"frame {index}: compressed size {compressed} is out of bounds")
             end = offset + compressed
-            header_size, content, frame_end = _zstd_frame(buf, offset, end, index)
-            crc = zlib.crc32(bytes(buf[offset:offset + header_size]), crc)
+            header_size, content, frame_end = _zstd_frame(view, offset, end, index)
+            crc = zlib.crc32(view[offset:offset + header_size], crc)
             if content != decompressed:
                 raise _fail(f"frame {index}: content size {content} differs from the seek table")
             if frame_end != end:
                 raise _fail(f"frame {index}: zstd frame length differs from the seek table")
-            if _U32.unpack_from(buf, end - 4)[0] != checksum:
+            if _U32.unpack_from(view, end - 4)[0] != checksum:
                 raise _fail(f"frame {index}: checksum differs from the seek table")
             listed.append(FrameInfo(offset, compressed, decompressed, checksum))
             offset = end
@@ -319,7 +339,7 @@ def validate_block(buf: Buffer) -> BlockLayout:
     # 6. No stray bytes.
     if offset != table_start:
         raise _fail(f"{table_start - offset} stray bytes between the last frame and the seek table")
-    return BlockLayout(header, tensors, frames, size)
+    return frames
 
 
 # --- decompression -------------------------------------------------------------------------
