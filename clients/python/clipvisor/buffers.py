@@ -114,8 +114,8 @@ class RecycledArrays:
     #: Every array is new to its caller (``Client.sample`` accepts this allocator).
     reuses_memory = False
 
-    #: Buffers are whole multiples of this (2 MiB: a transparent huge page).
-    granule = 2 << 20
+    #: Buffers are whole multiples of this, so sizes that differ by a little share buffers.
+    granule = 64 << 10
 
     def __init__(self, keep_bytes: int = 256 << 20, min_bytes: int = 1 << 20, max_slack: float = 1.25) -> None:
         if keep_bytes < 0 or min_bytes < 0 or max_slack < 1:
