@@ -89,9 +89,12 @@ class _Lease:
                                     "data": (memory.ctypes.data, False)}
 
     def __del__(self) -> None:
-        # deque.append is atomic: this may run in any thread, inside any allocation (a garbage
-        # collection), even one that holds the pool's lock; so it takes no lock.
-        self._pool._returned.append(self._memory)
+        self._pool._give_back(self._memory)
+
+    def __reduce__(self) -> Any:
+        # A copy would hand the same memory back twice (and a pickled pointer means nothing in
+        # another process): copy or pickle the array, never its lease.
+        raise TypeError("the lease of a RecycledArrays array cannot be copied or pickled; copy the array")
 
 
 class RecycledArrays:
@@ -107,8 +110,10 @@ class RecycledArrays:
 
     The client uses one process-wide instance for tensors of ``min_bytes`` or more when no
     allocator is given. ``keep_bytes`` bounds the memory the pool holds while no array uses it
-    (oldest first out); a buffer serves requests down to ``1 / max_slack`` of its size, so a
-    short clip never pins a long clip's memory.
+    (oldest first out), from the moment an array dies; a buffer serves requests down to
+    ``1 / max_slack`` of its size, so a short clip never pins a long clip's memory. The arrays do
+    not own their data (``arr.base`` is the pool's lease), so ``arr.resize`` refuses them, as it
+    refuses any view.
     """
 
     #: Every array is new to its caller (``Client.sample`` accepts this allocator).
@@ -135,7 +140,9 @@ class RecycledArrays:
         dtype = np.dtype(dtype)
         shape = tuple(int(n) for n in shape)
         nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes < max(self.min_bytes, 1) or dtype.hasobject:
+        # Structured and subarray dtypes do not survive `__array_interface__`'s typestr: plain
+        # arrays for those (decoded tensors are never such), as for small ones.
+        if nbytes < max(self.min_bytes, 1) or dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
             return np.empty(shape, dtype)
         memory = self._take(nbytes)
         if memory is None:
@@ -147,9 +154,21 @@ class RecycledArrays:
             self._collect()
             limit = nbytes * self.max_slack + self.granule
             fits = [i for i, m in enumerate(self._free) if nbytes <= m.nbytes <= limit]
-            if not fits:
-                return None
-            return self._free.pop(min(fits, key=lambda i: self._free[i].nbytes))
+            taken = self._free.pop(min(fits, key=lambda i: self._free[i].nbytes)) if fits else None
+            self._collect()  # what a garbage collection returned meanwhile
+            return taken
+
+    def _give_back(self, memory: np.ndarray) -> None:
+        """Called when an array's last view is gone, in whatever thread that happened, possibly
+        inside a garbage collection that interrupted this pool's own code under its lock: so
+        it never waits for the lock. deque.append is atomic; the trim to ``keep_bytes`` runs
+        now when the lock is free, else when its holder (or the next return) collects."""
+        self._returned.append(memory)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._collect()
+            finally:
+                self._lock.release()
 
     def _collect(self) -> None:
         """Moves returned memory into the free list and drops the oldest beyond ``keep_bytes``

@@ -247,6 +247,31 @@ def test_recycled_arrays_never_hand_live_memory_to_two_threads() -> None:
     assert 0 < pool.held_bytes() <= pool.keep_bytes
 
 
+def test_recycled_memory_beyond_keep_bytes_is_freed_as_arrays_die() -> None:
+    pool = clipvisor.RecycledArrays(keep_bytes=8 * MiB)
+    arrays = [pool("video", (4 * MiB,), np.dtype(np.uint8)) for _ in range(6)]
+    del arrays
+    # No allocation since: the pool trimmed itself when the arrays died.
+    assert len(pool._free) + len(pool._returned) <= 2
+    assert pool.held_bytes() <= 8 * MiB
+
+
+def test_a_lease_cannot_be_copied_and_odd_dtypes_get_plain_arrays() -> None:
+    import copy
+
+    pool = clipvisor.RecycledArrays()
+    a = pool("video", (2 * MiB,), np.dtype(np.uint8))
+    for duplicate in (copy.copy, copy.deepcopy, lambda x: pickle.loads(pickle.dumps(x))):
+        with pytest.raises(TypeError, match="cannot be copied or pickled"):
+            duplicate(a.base)
+    assert np.array_equal(pickle.loads(pickle.dumps(a)), a)  # the array itself pickles its data
+    structured = np.dtype([("a", "<i4"), ("b", "<f4")])
+    s = pool("x", (MiB,), structured)
+    assert s.dtype == structured and s.shape == (MiB,) and s.base is None
+    sub = pool("x", (MiB,), np.dtype(("<f4", (3,))))
+    assert sub.dtype == np.float32 and sub.shape == (MiB, 3)
+
+
 def test_a_child_forked_while_a_pool_is_locked_allocates_from_a_fresh_pool() -> None:
     from forking import status_in_child
 
