@@ -16,11 +16,14 @@ import Shared
 /// swscale writes into an aligned scratch buffer (its SIMD paths may write past a row's end);
 /// `place` then copies, (de)interleaves and rotates into the contiguous output frame, in the
 /// requested layout. Where the scratch image already is the output (native size, THWC, no
-/// rotation) and rows stay 16-byte aligned, swscale writes straight into the output buffer
-/// instead: rows are written top to bottom, so what a row's SIMD tail spills into the next row
-/// is overwritten by that row, and the last row's spill lands in the buffer's
-/// `overrunBytes` past the frame. That saves a copy of every frame (every frame of a W2 clip:
-/// docs/benchmarks.md).
+/// rotation) and a row is a multiple of 16 bytes, swscale writes straight into the output
+/// buffer instead, saving a copy of every frame (docs/benchmarks.md). At such widths swscale
+/// 5.1 writes no byte past a row (its SSSE3 converter stores 16 pixels at a time; its C writers
+/// are exact; checked for every input format, at every x86 SIMD level, and 25 widths × 19
+/// heights); at others the SSSE3 tail may write 24 bytes past a row, and with a tight stride it
+/// leaves a row's last `width % 8` pixels unwritten, hence the condition. Rows are written top to
+/// bottom, and the buffer keeps `overrunBytes` past the frame, so even a spill would land on a
+/// row written later or in that slack, never outside the buffer.
 final class FrameConverter {
     let outputWidth: Int
     let outputHeight: Int
