@@ -612,9 +612,9 @@ def decompress_tensor(buf: Buffer, layout: BlockLayout, index: int, out: Optiona
                       threads: int = 1) -> np.ndarray:
     """Decompresses tensor ``index`` of a validated block into ``out`` (or a new array of the
     tensor's shape and dtype from :data:`clipvisor.buffers.default_arrays`), verifying every
-    frame's content checksum. With ``threads`` > 1,
-    a tensor of at least :data:`PARALLEL_MIN_BYTES` is split into runs of whole frames,
-    decompressed by that many threads at once (zstd releases the GIL)."""
+    frame's content checksum. With ``threads`` > 1, a tensor of at least
+    :data:`PARALLEL_MIN_BYTES` is split into runs of whole frames, decompressed by that many
+    threads at once (zstd releases the GIL)."""
     info = layout.tensors[index]
     frames = layout.frames[index]
     if out is None:
