@@ -24,7 +24,8 @@ Both peers run in this process, single-threaded, one clip at a time (a DataLoade
 with 2 clips at a time on 2 threads (both release the GIL while decoding; one decoder thread each),
 or, for the one-clip workloads W3 and W4, with 2 decoder threads.
 clipvisor: a private `clipvisor serve` with the default worker count (one per CPU: 2 here), the
-Python client with 4 threads submitting clips concurrently, layout="THWC".
+Python client with 4 threads (kept for the whole run, as a loader keeps its threads) submitting clips
+concurrently, layout="THWC".
 ffmpeg: `ffmpeg -threads 1 -i CLIP -an -f null -` on the W1 clips (all frames, no scaling), the
 issue's raw-decode reference.
 
@@ -176,6 +177,17 @@ class Measured:
         self.bytes = 0
 
 
+_client_pools: Dict[int, ThreadPoolExecutor] = {}
+
+
+def client_pool(threads: int) -> ThreadPoolExecutor:
+    """The client's threads, made once per count and kept for the whole run, as a training
+    loader keeps its threads (a `ReusedBuffers` allocator holds one buffer per thread)."""
+    if threads not in _client_pools:
+        _client_pools[threads] = ThreadPoolExecutor(threads)
+    return _client_pools[threads]
+
+
 def run_clipvisor(client, sup: common.Supervisor, jobs: List[Job], m: Measured, layout: str = "THWC",
                   allocator=None, threads: int = 0) -> None:
     def one(job: Job) -> int:
@@ -188,8 +200,7 @@ def run_clipvisor(client, sup: common.Supervisor, jobs: List[Job], m: Measured, 
     s0 = sup.cpu() + sum(common.proc_cpu(p) for p in pids)
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     c0, w0 = common.cpu_self(), time.perf_counter()
-    with ThreadPoolExecutor(threads or CLIENT_THREADS) as ex:
-        total = sum(ex.map(one, jobs))
+    total = sum(client_pool(threads or CLIENT_THREADS).map(one, jobs))
     wall, here = time.perf_counter() - w0, common.cpu_self() - c0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     pids = set(pids) | {int(w["pid"]) for w in common.worker_list(client.status())}
@@ -325,14 +336,16 @@ def workload(name: str, title: str, client, sup, jobs: List[Job], repeat: int, f
     if ffmpeg:
         rows["ffmpeg -threads 1 -f null"] = Measured()
     # Once, untimed: a connection makes its slabs at its first clips (as it connects once), and a
-    # training run decodes thousands of clips on it.
+    # training run decodes thousands of clips on it; so do the reused buffers.
+    reused = clipvisor.ReusedBuffers()
     run_clipvisor(client, sup, jobs, Measured())
+    run_clipvisor(client, sup, jobs, Measured(), allocator=reused)
     for r in range(repeat):
         run_clipvisor(client, sup, jobs, rows["clipvisor"])
         run_clipvisor(plain, sup, jobs, rows["clipvisor no slabs (info)"])
         if kind == "video":
             run_clipvisor(client, sup, jobs, rows["clipvisor TCHW (info)"], layout="TCHW")
-        run_clipvisor(client, sup, jobs, rows["clipvisor reused (info)"], allocator=clipvisor.ReusedBuffers())
+        run_clipvisor(client, sup, jobs, rows["clipvisor reused (info)"], allocator=reused)
         for peer, fn in PEERS[kind].items():
             run_peer(fn, jobs, 1, rows[f"{peer} 1 thread"])
             run_peer(fn, jobs, 2, rows[f"{peer} 2 threads"])
