@@ -109,7 +109,8 @@ class RecycledArrays:
     from several threads paid it for nearly every large tensor (docs/benchmarks.md).
 
     The client uses one process-wide instance for tensors of ``min_bytes`` or more when no
-    allocator is given. ``keep_bytes`` bounds the memory the pool holds while no array uses it
+    allocator is given (``default_arrays``; set its ``keep_bytes`` to change its bound, 0 to
+    keep nothing). ``keep_bytes`` bounds the memory the pool holds while no array uses it
     (oldest first out), from the moment an array dies; a buffer serves requests down to
     ``1 / max_slack`` of its size, so a short clip never pins a long clip's memory. The arrays do
     not own their data (``arr.base`` is the pool's lease), so ``arr.resize`` refuses them, as it
@@ -122,7 +123,7 @@ class RecycledArrays:
     #: Buffers are whole multiples of this, so sizes that differ by a little share buffers.
     granule = 64 << 10
 
-    def __init__(self, keep_bytes: int = 256 << 20, min_bytes: int = 1 << 20, max_slack: float = 1.25) -> None:
+    def __init__(self, keep_bytes: int = 128 << 20, min_bytes: int = 1 << 20, max_slack: float = 1.25) -> None:
         if keep_bytes < 0 or min_bytes < 0 or max_slack < 1:
             raise ValueError("keep_bytes and min_bytes must be >= 0 and max_slack >= 1")
         self.keep_bytes = keep_bytes
