@@ -15,7 +15,7 @@ import math
 import os
 import threading
 import weakref
-from typing import Any, Deque, Dict, List, Tuple
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -108,12 +108,18 @@ class RecycledArrays:
     thread's memory back to the system whenever that thread's heap empties, so a client called
     from several threads paid it for nearly every large tensor (docs/benchmarks.md).
 
+    How much free memory it keeps: up to ``keep_bytes`` (256 MiB), or, with ``keep_peak``, up
+    to the most its arrays ever held at once when that is more: clips decoded one after another
+    at a few sizes find their buffers again, and so does a training step that decodes a 2 GB
+    sample, at the next step. A buffer that no allocation took for ``max_idle`` allocations
+    goes back to the system, so memory for sizes no longer asked for does not stay; beyond
+    the bound, the oldest buffers go first. ``keep_bytes=0, keep_peak=False`` keeps nothing.
+    A buffer serves requests down to ``1 / max_slack`` of its size, so a short clip never pins a
+    long clip's memory. The oldest free buffers go first.
+
     The client uses one process-wide instance for tensors of ``min_bytes`` or more when no
-    allocator is given (``default_arrays``; set its ``keep_bytes`` to change its bound, 0 to
-    keep nothing). ``keep_bytes`` bounds the memory the pool holds while no array uses it
-    (oldest first out), from the moment an array dies; a buffer serves requests down to
-    ``1 / max_slack`` of its size, so a short clip never pins a long clip's memory. The arrays do
-    not own their data (``arr.base`` is the pool's lease), so ``arr.resize`` refuses them, as it
+    allocator is given (``default_arrays``; its attributes may be changed). The arrays do not
+    own their data (``arr.base`` is the pool's lease), so ``arr.resize`` refuses them, as it
     refuses any view.
     """
 
@@ -123,19 +129,26 @@ class RecycledArrays:
     #: Buffers are whole multiples of this, so sizes that differ by a little share buffers.
     granule = 64 << 10
 
-    def __init__(self, keep_bytes: int = 128 << 20, min_bytes: int = 1 << 20, max_slack: float = 1.25) -> None:
-        if keep_bytes < 0 or min_bytes < 0 or max_slack < 1:
-            raise ValueError("keep_bytes and min_bytes must be >= 0 and max_slack >= 1")
+    def __init__(self, keep_bytes: int = 256 << 20, keep_peak: bool = True, min_bytes: int = 1 << 20,
+                 max_slack: float = 1.25, max_idle: int = 256) -> None:
+        if keep_bytes < 0 or min_bytes < 0 or max_slack < 1 or max_idle < 1:
+            raise ValueError("keep_bytes and min_bytes must be >= 0, max_slack >= 1, max_idle >= 1")
         self.keep_bytes = keep_bytes
+        self.keep_peak = keep_peak
         self.min_bytes = min_bytes
         self.max_slack = max_slack
+        self.max_idle = max_idle
+        #: Bytes of buffers in arrays not yet known to be dead, and the most there ever were.
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._allocations = 0
         self._reset()
         _live_pools.add(self)
 
     def _reset(self) -> None:
         self._lock = threading.Lock()
         self._returned: Deque[np.ndarray] = collections.deque()
-        self._free: List[np.ndarray] = []  # oldest first
+        self._free: List[Tuple[np.ndarray, int]] = []  # (buffer, allocation count when freed), oldest first
 
     def __call__(self, name: str, shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         dtype = np.dtype(dtype)
@@ -145,25 +158,34 @@ class RecycledArrays:
         # arrays for those (decoded tensors are never such), as for small ones.
         if nbytes < max(self.min_bytes, 1) or dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
             return np.empty(shape, dtype)
-        memory = self._take(nbytes)
+        size = -(-nbytes // self.granule) * self.granule
+        memory = self._take(nbytes, size)
         if memory is None:
-            memory = np.empty(-(-nbytes // self.granule) * self.granule, np.uint8)
+            memory = np.empty(size, np.uint8)
         return np.asarray(_Lease(memory, shape, dtype, self))
 
-    def _take(self, nbytes: int) -> "np.ndarray | None":
+    def _take(self, nbytes: int, size: int) -> Optional[np.ndarray]:
+        """A free buffer for ``nbytes``, or None after making room for a new one of ``size``;
+        either way counted as live."""
         with self._lock:
             self._collect()
+            self._allocations += 1
             limit = nbytes * self.max_slack + self.granule
-            fits = [i for i, m in enumerate(self._free) if nbytes <= m.nbytes <= limit]
-            taken = self._free.pop(min(fits, key=lambda i: self._free[i].nbytes)) if fits else None
+            fits = [i for i, (m, _) in enumerate(self._free) if nbytes <= m.nbytes <= limit]
+            taken: Optional[np.ndarray] = None
+            if fits:
+                taken = self._free.pop(min(fits, key=lambda i: self._free[i][0].nbytes))[0]
+            self.live_bytes += taken.nbytes if taken is not None else size
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+            self._trim()
             self._collect()  # what a garbage collection returned meanwhile
             return taken
 
     def _give_back(self, memory: np.ndarray) -> None:
         """Called when an array's last view is gone, in whatever thread that happened, possibly
         inside a garbage collection that interrupted this pool's own code under its lock: so
-        it never waits for the lock. deque.append is atomic; the trim to ``keep_bytes`` runs
-        now when the lock is free, else when its holder (or the next return) collects."""
+        it never waits for the lock. deque.append is atomic; the returned memory is counted and
+        trimmed now when the lock is free, else when its holder (or the next return) collects."""
         self._returned.append(memory)
         if self._lock.acquire(blocking=False):
             try:
@@ -172,24 +194,33 @@ class RecycledArrays:
                 self._lock.release()
 
     def _collect(self) -> None:
-        """Moves returned memory into the free list and drops the oldest beyond ``keep_bytes``
-        (under the lock)."""
+        """Moves returned memory into the free list, then trims (under the lock)."""
         returned = self._returned
         while returned:
-            self._free.append(returned.popleft())
-        held = sum(m.nbytes for m in self._free)
-        while self._free and held > self.keep_bytes:
-            held -= self._free.pop(0).nbytes
+            memory = returned.popleft()
+            self.live_bytes = max(0, self.live_bytes - memory.nbytes)
+            self._free.append((memory, self._allocations))
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drops free buffers idle for ``max_idle`` allocations, then the oldest while the free
+        memory is over its bound (under the lock)."""
+        self._free = [(m, at) for m, at in self._free if self._allocations - at < self.max_idle]
+        bound = max(self.keep_bytes, self.peak_bytes if self.keep_peak else 0)
+        held = sum(m.nbytes for m, _ in self._free)
+        while self._free and held > bound:
+            held -= self._free.pop(0)[0].nbytes
 
     def held_bytes(self) -> int:
         """Bytes the pool holds for arrays to come (none of them in use)."""
         with self._lock:
             self._collect()
-            return sum(m.nbytes for m in self._free)
+            return sum(m.nbytes for m, _ in self._free)
 
     # Pickled into DataLoader workers with the client: each starts with an empty pool.
     def __getstate__(self) -> Dict[str, Any]:
-        return {"keep_bytes": self.keep_bytes, "min_bytes": self.min_bytes, "max_slack": self.max_slack}
+        return {"keep_bytes": self.keep_bytes, "keep_peak": self.keep_peak, "min_bytes": self.min_bytes,
+                "max_slack": self.max_slack, "max_idle": self.max_idle}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__init__(**state)  # type: ignore[misc]
@@ -197,7 +228,8 @@ class RecycledArrays:
 
 def _after_fork_in_child() -> None:
     # A parent thread may have held a pool's lock at the fork. The child keeps the arrays it
-    # inherited (its own copies, which come back to its pools when they die).
+    # inherited (its own copies, which come back to its pools when they die, hence the live
+    # count stays); the free buffers are dropped.
     for pool in list(_live_pools):
         pool._reset()
 

@@ -185,12 +185,12 @@ def test_recycled_memory_comes_back_only_when_the_last_view_dies() -> None:
 
 
 def test_recycled_arrays_fit_sizes_and_keep_at_most_keep_bytes() -> None:
-    pool = clipvisor.RecycledArrays(keep_bytes=8 * MiB)
+    pool = clipvisor.RecycledArrays(keep_bytes=8 * MiB, keep_peak=False)
     big = pool("video", (16 * MiB,), np.dtype(np.uint8))
     where = _address(big)
     del big
     assert pool.held_bytes() == 0, "a buffer over keep_bytes stayed in the pool"
-    pool = clipvisor.RecycledArrays(keep_bytes=64 * MiB)
+    pool = clipvisor.RecycledArrays(keep_bytes=64 * MiB, keep_peak=False)
     big = pool("video", (16 * MiB,), np.dtype(np.uint8))
     where = _address(big)
     del big
@@ -206,6 +206,8 @@ def test_recycled_arrays_fit_sizes_and_keep_at_most_keep_bytes() -> None:
     assert pool.held_bytes() <= 64 * MiB
     with pytest.raises(ValueError):
         clipvisor.RecycledArrays(max_slack=0.5)
+    with pytest.raises(ValueError):
+        clipvisor.RecycledArrays(keep_bytes=-1)
 
 
 def test_recycled_arrays_never_hand_live_memory_to_two_threads() -> None:
@@ -244,11 +246,50 @@ def test_recycled_arrays_never_hand_live_memory_to_two_threads() -> None:
     for t in threads:
         t.join()
     assert errors == []
-    assert 0 < pool.held_bytes() <= pool.keep_bytes
+    assert 0 < pool.held_bytes() <= max(pool.keep_bytes, pool.peak_bytes) and pool.live_bytes == 0
+
+
+def test_free_memory_is_bounded_by_keep_bytes_or_the_arrays_peak() -> None:
+    pool = clipvisor.RecycledArrays(keep_bytes=4 * MiB)
+    small = [pool("video", (4 * MiB,), np.dtype(np.uint8)) for _ in range(3)]
+    assert pool.live_bytes == pool.peak_bytes == 12 * MiB
+    del small
+    # Three arrays were alive at once: their 12 MiB stay for the next three.
+    assert pool.held_bytes() == 12 * MiB and pool.live_bytes == 0
+    big = pool("video", (10 * MiB,), np.dtype(np.uint8))  # fits no free buffer
+    del big
+    # 22 MiB free against a 12 MiB peak: the three oldest buffers went first.
+    assert pool.held_bytes() == 10 * MiB
+    flat = clipvisor.RecycledArrays(keep_bytes=4 * MiB, keep_peak=False)
+    small = [flat("video", (4 * MiB,), np.dtype(np.uint8)) for _ in range(3)]
+    del small
+    assert flat.held_bytes() == 4 * MiB
+
+
+def test_a_sample_of_many_clips_finds_its_memory_again_at_the_next_step() -> None:
+    pool = clipvisor.RecycledArrays()
+    sizes = [int(n) * MiB // 4 for n in np.random.default_rng(5).integers(5, 40, size=30)]
+    step = [pool("video", (n,), np.dtype(np.uint8)) for n in sizes]
+    first = {_address(a) for a in step}
+    del step
+    step = [pool("video", (n,), np.dtype(np.uint8)) for n in sizes]
+    assert {_address(a) for a in step} == first, "the second step got new memory"
+    assert pool.live_bytes == pool.peak_bytes
+    del step
+
+
+def test_a_buffer_no_allocation_took_for_max_idle_allocations_is_dropped() -> None:
+    pool = clipvisor.RecycledArrays(max_idle=4)
+    odd = pool("video", (5 * MiB,), np.dtype(np.uint8))
+    del odd
+    for _ in range(5):
+        a = pool("video", (2 * MiB,), np.dtype(np.uint8))
+        del a
+    assert pool.held_bytes() == 2 * MiB, "the 5 MiB buffer nobody asked for stayed"
 
 
 def test_recycled_memory_beyond_keep_bytes_is_freed_as_arrays_die() -> None:
-    pool = clipvisor.RecycledArrays(keep_bytes=8 * MiB)
+    pool = clipvisor.RecycledArrays(keep_bytes=8 * MiB, keep_peak=False)
     arrays = [pool("video", (4 * MiB,), np.dtype(np.uint8)) for _ in range(6)]
     del arrays
     # No allocation since: the pool trimmed itself when the arrays died.
