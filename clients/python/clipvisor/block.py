@@ -628,10 +628,10 @@ def decompress_tensor(buf: Buffer, layout: BlockLayout, index: int, out: Optiona
     with memoryview(buf) as whole:
         try:
             if decompression_strategy() == "readinto" and nbytes > 0:
-                first, last = frames[0], frames[-1]
                 if threads > 1 and nbytes >= PARALLEL_MIN_BYTES and len(frames) > 1:
                     _readinto_runs(whole, frames, flat, threads, info.name)
                 else:
+                    first, last = frames[0], frames[-1]
                     with whole[first.offset:last.offset + last.compressed_size] as src, \
                             memoryview(flat) as dest:  # type: ignore[arg-type]
                         got = _readinto_tensor(src, dest)

@@ -115,7 +115,7 @@ class RecycledArrays:
     goes back to the system, so memory for sizes no longer asked for does not stay; beyond
     the bound, the oldest buffers go first. ``keep_bytes=0, keep_peak=False`` keeps nothing.
     A buffer serves requests down to ``1 / max_slack`` of its size, so a short clip never pins a
-    long clip's memory. The oldest free buffers go first.
+    long clip's memory.
 
     The client uses one process-wide instance for tensors of ``min_bytes`` or more when no
     allocator is given (``default_arrays``; its attributes may be changed). The arrays do not
@@ -177,8 +177,7 @@ class RecycledArrays:
                 taken = self._free.pop(min(fits, key=lambda i: self._free[i][0].nbytes))[0]
             self.live_bytes += taken.nbytes if taken is not None else size
             self.peak_bytes = max(self.peak_bytes, self.live_bytes)
-            self._trim()
-            self._collect()  # what a garbage collection returned meanwhile
+            self._collect()  # what a garbage collection returned meanwhile, then the trim
             return taken
 
     def _give_back(self, memory: np.ndarray) -> None:
