@@ -59,11 +59,14 @@ public struct VideoResult: Sendable, Equatable, Codable {
     /// Readers that decoded the clip in parallel, each from its own keyframes (a sparse
     /// selection given idle slots); 1 normally. Absent in results of older workers.
     public var readers: Int?
+    /// The frames were converted and written on a thread of their own beside the decoder (a
+    /// dense selection given idle slots). Absent in results of older workers.
+    public var conversionThread: Bool?
 
     public init(
         shape: [Int], layout: DecodeOptions.Layout, pts: [Double], indices: [Int], sampleFps: Double,
         width: Int, height: Int, rotationApplied: Int, framesInRange: Int, access: String, decoderThreads: Int? = nil,
-        readers: Int? = nil
+        readers: Int? = nil, conversionThread: Bool? = nil
     ) {
         self.shape = shape
         self.layout = layout
@@ -77,6 +80,7 @@ public struct VideoResult: Sendable, Equatable, Codable {
         self.access = access
         self.decoderThreads = decoderThreads
         self.readers = readers
+        self.conversionThread = conversionThread
     }
 }
 

@@ -53,12 +53,13 @@ import Testing
         #expect(ParallelFrameReading.groups(wanted, table: table, policy: .auto, parts: 1) == nil)
     }
 
-    @Test func aDenseSelectionGetsFrameThreadsNotReaders() throws {
+    /// A dense selection gets a conversion thread and frame threads instead (ConversionStageTests).
+    @Test func aDenseSelectionGetsNoReaders() throws {
         var options = DecodeOptions()
         options.selection = .rate(fps: 30)
         options.maxFrames = 768
         let (result, _) = try Support.decode(clip, options, threadBudget: 2)
-        #expect(result.video?.decoderThreads == 2)
         #expect(result.video?.readers == 1)
+        #expect(result.video?.conversionThread == true)
     }
 }

@@ -34,22 +34,24 @@ final class SupervisorTests {
         #expect(viaSupervisor == viaWorker, "tensors differ between the supervisor and the worker CLI")
     }
 
-    /// One caller on an idle pool: the lone clip gets the idle slots as decoder threads when it
-    /// wants most frames, never when the request chose `threads` or the selection is sparse, and
-    /// the frames are the same either way.
-    @Test func aLoneDenseClipGetsTheIdleSlotsAsDecoderThreads() throws {
+    /// One caller on an idle pool: the lone clip gets the idle slots (a conversion thread and
+    /// frame threads) when it wants most frames, never when the request chose `threads` or the
+    /// selection is sparse, and the frames are the same either way.
+    @Test func aLoneDenseClipGetsTheIdleSlotsAsThreads() throws {
         let supervisor = try SupervisorProcess(arguments: ["--workers", "3"])
         let client = try supervisor.client()
         let threads = { (answer: JSONValue) in answer["result"]?["video"]?["decoder_threads"]?.intValue }
+        let staged = { (answer: JSONValue) in answer["result"]?["video"]?["conversion_thread"]?.boolValue }
         let (dense, denseBlock) = try client.decode(goodClip, ["fps": 30])
         #expect(dense["ok"]?.boolValue == true, "\(dense.jsonString)")
-        #expect(threads(dense) == 3, "all 60 frames of an idle 3-slot pool: \(dense["result"]?["video"]?.jsonString ?? "")")
+        #expect(threads(dense) == 2 && staged(dense) == true,
+                "all 60 frames of an idle 3-slot pool: \(dense["result"]?["video"]?.jsonString ?? "")")
         let (chosen, chosenBlock) = try client.decode(goodClip, ["fps": 30, "threads": 1])
-        #expect(threads(chosen) == 1, "the request's threads are kept")
+        #expect(threads(chosen) == 1 && staged(chosen) == false, "the request's threads are kept")
         let (sparse, _) = try client.decode(goodClip, ["fps": 2])
-        #expect(threads(sparse) == 1, "4 of 60 frames: no frame threads")
+        #expect(threads(sparse) == 1 && staged(sparse) == false, "4 of 60 frames: no frame threads")
         let tensors = { (block: [UInt8]?) throws in try #require(block).withUnsafeBytes { try BlockReader.read($0).1 } }
-        #expect(try tensors(denseBlock) == tensors(chosenBlock), "frame threads changed the frames")
+        #expect(try tensors(denseBlock) == tensors(chosenBlock), "the threads changed the frames")
 
     }
 

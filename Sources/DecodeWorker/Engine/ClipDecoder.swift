@@ -311,12 +311,13 @@ enum ClipDecoder {
             width: video.width, height: video.height, rotation: video.rotation, layout: options.layout)
         let buffers = FrameBuffers(frameBytes: converter.frameBytes, bufferBytes: converter.bufferBytes)
         let sink = FrameSink(outputs: plan.outputs, writer: writer, buffers: buffers, path: path)
-        let threads = decoderThreads(plan: plan, request: request)
+        let lentDense = denseThreads(plan: plan, request: request)
+        let threads = lentDense ?? options.threads
         let reopen = { () throws(DecodeFailure) in try Demuxer(path: request.path, displayPath: path, maxPixels: options.maxSourcePixels) }
         let wanted = Array(Set(plan.outputs)).sorted()
         let outcome: VideoFrameReader.Outcome
         var readers = 1
-        if threads == options.threads, request.threadBudget > 1, video.totalBytes <= ParallelFrameReading.maxHeldBytes,
+        if lentDense == nil, request.threadBudget > 1, video.totalBytes <= ParallelFrameReading.maxHeldBytes,
             let groups = ParallelFrameReading.groups(wanted, table: table, policy: request.access, parts: request.threadBudget)
         {
             // Sparse, with idle slots lent: whole readers in parallel (ParallelFrameReading).
@@ -333,7 +334,8 @@ enum ClipDecoder {
         } else {
             let reader = try VideoFrameReader(
                 demuxer: demuxer, reopen: reopen, streamIndex: video.streamIndex, table: table, threads: threads,
-                maxPixels: options.maxSourcePixels, converter: converter, buffers: buffers, path: path)
+                maxPixels: options.maxSourcePixels, converter: converter, buffers: buffers, path: path,
+                convertsOnItsOwnThread: lentDense != nil)
             outcome = try reader.run(wanted: wanted, policy: request.access) { index, bytes, _ throws(DecodeFailure) in
                 try sink.deliver(index, bytes)
             }
@@ -391,17 +393,24 @@ enum ClipDecoder {
             shape: shape, layout: options.layout, pts: sink.written.map { table.times[$0] }, indices: sink.written,
             sampleFps: plan.sampleFps, width: video.width, height: video.height, rotationApplied: video.rotation,
             framesInRange: plan.framesInRange, access: outcome.usedSeek ? "seek" : "sequential", decoderThreads: threads,
-            readers: readers)
+            readers: readers, conversionThread: lentDense != nil)
         return (result, partialReasons, warnings)
     }
 
-    /// The request's decoder threads, or the budget the supervisor gave when most frames of the
-    /// range are wanted: frame threads then keep every core busy, while on a sparse selection
-    /// they decode frames that skipping would have dropped (measured slower on W1).
-    static func decoderThreads(plan: FrameSelectionPlan, request: ClipRequest) -> Int {
+    /// Decoder threads for a selection that wants at least half the frames of its range and
+    /// was lent idle slots (`threadBudget` > 1); nil for anything else (a sparse selection with
+    /// slots gets parallel readers instead). Such a clip converts and writes its frames on a
+    /// thread of their own beside the decoder (`ConversionStage`), which takes one of the slots;
+    /// the rest become frame threads. With 2 slots, one decoder thread and the stage beat two
+    /// frame threads at every size measured (docs/benchmarks.md, eighth session): 320x240
+    /// every frame 14.0 against 16.1 ms per clip, 640x360 63 against 79 ms, 720p 84 against
+    /// 114 ms, 720p scaled to 588x336 161 against 210 ms. Frame threads leave the conversion
+    /// and the write into shared memory on the thread that decodes; the stage takes them off it.
+    static func denseThreads(plan: FrameSelectionPlan, request: ClipRequest) -> Int? {
         let wanted = Set(plan.outputs).count
         let dense = plan.framesInRange > 0 && 2 * wanted >= plan.framesInRange
-        return request.threadBudget > 1 && dense ? request.threadBudget : request.options.threads
+        guard request.threadBudget > 1, dense else { return nil }
+        return request.threadBudget - 1
     }
 
     // MARK: - Selection

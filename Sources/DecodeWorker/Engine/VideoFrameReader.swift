@@ -46,6 +46,8 @@ final class VideoFrameReader {
     private let path: String
     private let converter: FrameConverter
     private let buffers: FrameBuffers
+    /// Wanted frames are converted and delivered on a thread of their own (`ConversionStage`).
+    private let convertsOnItsOwnThread: Bool
     private var decoder: Decoder
     private let packet: Packet
     private let frame: Frame
@@ -62,8 +64,10 @@ final class VideoFrameReader {
 
     init(
         demuxer: Demuxer, reopen: @escaping () throws(DecodeFailure) -> Demuxer, streamIndex: Int, table: FrameTable,
-        threads: Int, maxPixels: Int, converter: FrameConverter, buffers: FrameBuffers, path: String
+        threads: Int, maxPixels: Int, converter: FrameConverter, buffers: FrameBuffers, path: String,
+        convertsOnItsOwnThread: Bool = false
     ) throws(DecodeFailure) {
+        self.convertsOnItsOwnThread = convertsOnItsOwnThread
         self.demuxer = demuxer
         self.reopen = reopen
         self.streamIndex = streamIndex
@@ -288,8 +292,56 @@ final class VideoFrameReader {
     /// by its identity), else the loop stops with `lostTrack`: after a seek, counting packets
     /// alone could label every later frame with its neighbour's index.
     private func decodeLoop(
-        targets: [Int], verifying keys: [FrameTable.PacketKey: Int]? = nil,
-        store: (_ index: Int, _ bytes: [UInt8], _ corrupt: Bool) throws(DecodeFailure) -> Void
+        targets: [Int], verifying keys: [FrameTable.PacketKey: Int]? = nil, store: Deliver
+    ) throws(DecodeFailure) -> LoopResult {
+        guard convertsOnItsOwnThread else {
+            return try decodeFrames(targets: targets, verifying: keys) { index, corrupt throws(DecodeFailure) in
+                try store(index, try converted(frame), corrupt)
+            }
+        }
+        let outcome = withoutActuallyEscaping(store) { store in
+            Result { () throws(DecodeFailure) -> LoopResult in
+                let stage = ConversionStage { index, frame, corrupt throws(DecodeFailure) in
+                    try store(index, try self.converted(frame), corrupt)
+                }
+                do throws(DecodeFailure) {
+                    let result = try decodeFrames(targets: targets, verifying: keys) { index, corrupt throws(DecodeFailure) in
+                        try stage.submit(index, try frame.reference(), corrupt: corrupt)
+                    }
+                    try stage.finish()
+                    return result
+                } catch {
+                    stage.abandon()
+                    throw error
+                }
+            }
+        }
+        return try outcome.get()
+    }
+
+    /// `frame` converted into a buffer of `buffers`.
+    private func converted(_ frame: Frame) throws(DecodeFailure) -> [UInt8] {
+        var bytes = buffers.take()
+        var failure: DecodeFailure?
+        bytes.withUnsafeMutableBytes { raw in
+            do throws(DecodeFailure) {
+                try converter.convert(frame, into: raw, path: path)
+            } catch {
+                failure = error
+            }
+        }
+        if let failure {
+            buffers.give(bytes)
+            throw failure
+        }
+        return bytes
+    }
+
+    /// The packet/frame loop proper; `hand` takes each wanted frame (in `frame`) the first time
+    /// it comes out of the decoder.
+    private func decodeFrames(
+        targets: [Int], verifying keys: [FrameTable.PacketKey: Int]?,
+        hand: (_ index: Int, _ corrupt: Bool) throws(DecodeFailure) -> Void
     ) throws(DecodeFailure) -> LoopResult {
         let pending = targets.sorted()
         var head = 0
@@ -320,21 +372,8 @@ final class VideoFrameReader {
             }
             guard let index else { return head >= pending.count }
             if wanted.contains(index), !filled.contains(index) {
-                var bytes = buffers.take()
-                var failure: DecodeFailure?
-                bytes.withUnsafeMutableBytes { raw in
-                    do throws(DecodeFailure) {
-                        try converter.convert(frame, into: raw, path: path)
-                    } catch {
-                        failure = error
-                    }
-                }
-                if let failure {
-                    buffers.give(bytes)
-                    throw failure
-                }
+                try hand(index, frame.isCorrupt)
                 filled.insert(index)
-                try store(index, bytes, frame.isCorrupt)
                 advanceHead()
             }
             // A wanted frame that many later frames have overtaken is not coming.

@@ -44,7 +44,7 @@ extension Frame {
     func reference() throws(DecodeFailure) -> Frame {
         let copy = try Frame()
         let rc = av_frame_ref(copy.pointer, pointer)
-        if rc < 0 { throw FFError.failure(rc, "referencing an audio frame", path: "") }
+        if rc < 0 { throw FFError.failure(rc, "referencing a decoded frame", path: "") }
         return copy
     }
 }
