@@ -287,7 +287,8 @@ final class VideoFrameReader {
     }
 
     /// The packet/frame loop: feeds packets from the current position until every target is
-    /// produced or known missing.
+    /// produced or known missing, and hands each target to `store` converted, on this thread or,
+    /// with `convertsOnItsOwnThread`, on a `ConversionStage` that is done before this returns.
     /// With `verifying`, every packet read must be the one the frame table lists next (checked
     /// by its identity), else the loop stops with `lostTrack`: after a seek, counting packets
     /// alone could label every later frame with its neighbour's index.
@@ -337,8 +338,8 @@ final class VideoFrameReader {
         return bytes
     }
 
-    /// The packet/frame loop proper; `hand` takes each wanted frame (in `frame`) the first time
-    /// it comes out of the decoder.
+    /// `decodeLoop` without the conversion: `hand` takes each wanted frame (in `frame`, valid
+    /// until `hand` returns) the first time it comes out of the decoder.
     private func decodeFrames(
         targets: [Int], verifying keys: [FrameTable.PacketKey: Int]?,
         hand: (_ index: Int, _ corrupt: Bool) throws(DecodeFailure) -> Void
