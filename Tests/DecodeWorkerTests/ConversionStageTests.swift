@@ -90,6 +90,30 @@ import Testing
         #expect(lastFrame == nil, "a frame handed over was never released")
     }
 
+    /// The stage holds no more than `depth` frames (waiting or being converted): the decoding
+    /// thread waits for room beyond that, and big frames get fewer places (their memory counts
+    /// against the worker's limit).
+    @Test func framesWaitingAreBounded() throws {
+        #expect(ConversionStage.depth(width: 320, height: 240) == ConversionStage.maxDepth)
+        #expect(ConversionStage.depth(width: 3840, height: 2160) == 2)
+        #expect(ConversionStage.depth(width: 7680, height: 4320) == 1)
+        #expect(ConversionStage.depth(width: 0, height: 0) == ConversionStage.maxDepth)
+        let started = Atomic<Int>(0)
+        let stage = ConversionStage(depth: 2) { _, _, _ throws(DecodeFailure) in
+            started.add(1, ordering: .relaxed)
+            usleep(5000)
+        }
+        var mostWaiting = 0
+        for index in 0..<12 {
+            try stage.submit(index, try Frame(), corrupt: false)
+            // Handed over and not yet started: never more than the stage holds.
+            mostWaiting = max(mostWaiting, index + 1 - started.load(ordering: .relaxed))
+        }
+        try stage.finish()
+        #expect(started.load(ordering: .relaxed) == 12)
+        #expect(mostWaiting <= 2, "\(mostWaiting) frames were handed over and not yet started")
+    }
+
     /// `abandon` (the decoding thread failed) drops what waits and returns once nothing runs.
     @Test func abandoningDropsTheWaitingFrames() throws {
         let delivered = Atomic<Int>(0)
@@ -97,12 +121,12 @@ import Testing
             usleep(20_000)
             delivered.add(1, ordering: .relaxed)
         }
-        for index in 0..<ConversionStage.depth {
+        for index in 0..<ConversionStage.maxDepth {
             try stage.submit(index, try Frame(), corrupt: false)
         }
         stage.abandon()
         let done = delivered.load(ordering: .relaxed)
-        #expect(done < ConversionStage.depth, "abandon waited for every waiting frame")
+        #expect(done < ConversionStage.maxDepth, "abandon waited for every waiting frame")
         usleep(50_000)
         #expect(delivered.load(ordering: .relaxed) == done, "the stage went on after abandon returned")
     }

@@ -9,20 +9,34 @@ import Synchronization
 /// them on the decoding thread.
 ///
 /// Frames are converted and delivered one at a time, in the order they were handed over, so the
-/// block is the one the decoding thread alone writes: same frames, same bytes. At most `depth`
-/// frames wait; the decoding thread waits for room beyond that. A failure of the stage (the
+/// block is the one the decoding thread alone writes: same frames, same bytes. The stage holds
+/// at most `depth` frames, waiting or being converted (4, fewer for frames over 5 MP); the
+/// decoding thread waits for room beyond that. A failure of the stage (the
 /// conversion, the block) reaches the decoding thread at its next hand-over or at `finish`, and
 /// the frames still waiting are then dropped unconverted.
 final class ConversionStage: @unchecked Sendable {
     /// Converts and delivers one frame (on the stage's thread).
     typealias Work = (_ index: Int, _ frame: Frame, _ corrupt: Bool) throws(DecodeFailure) -> Void
 
-    /// Frames handed over and not yet converted, at most: enough to ride out a slow frame on
+    /// Frames handed over and not yet delivered, at most: enough to ride out a slow frame on
     /// either side, few enough that the decoder's frame pool grows by only that many.
-    static let depth = 4
+    static let maxDepth = 4
+    /// Decoded frames in the stage take at most about this much memory beyond the decoder's own
+    /// (a 4K frame is ~12 MB, an 8K one ~50 MB), so a clip that fits the worker's memory limit
+    /// with one thread fits it with the stage.
+    static let maxHeldBytes = 64 << 20
 
+    /// Frames the stage may hold when decoded frames are `width` x `height` (at most 3 bytes a
+    /// pixel: 4:4:4, or 10-bit 4:2:0), from 1 to `maxDepth`.
+    static func depth(width: Int, height: Int) -> Int {
+        let frameBytes = max(width, 1) * max(height, 1) * 3
+        return max(1, min(maxDepth, maxHeldBytes / frameBytes))
+    }
+
+    /// Frames the stage holds at most, waiting or being converted.
+    let depth: Int
     private let queue = DispatchQueue(label: "clipvisor.conversion")
-    private let room = DispatchSemaphore(value: depth)
+    private let room: DispatchSemaphore
     /// Only under `state`'s lock; `work` runs on the stage's one thread.
     private struct State: @unchecked Sendable {
         /// Until `finish` or `abandon`, which let go of it.
@@ -39,7 +53,10 @@ final class ConversionStage: @unchecked Sendable {
     /// `withoutActuallyEscaping`): `finish` and `abandon` return only when no frame is being
     /// converted any more, and drop `work` before they do, even if the stage itself lives on a
     /// moment in the queue's last block.
-    init(work: @escaping Work) {
+    init(depth: Int = maxDepth, work: @escaping Work) {
+        precondition(depth >= 1)
+        self.depth = depth
+        room = DispatchSemaphore(value: depth)
         state = Mutex(State(work: work))
     }
 

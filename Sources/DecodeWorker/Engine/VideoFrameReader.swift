@@ -302,7 +302,9 @@ final class VideoFrameReader {
         }
         let outcome = withoutActuallyEscaping(store) { store in
             Result { () throws(DecodeFailure) -> LoopResult in
-                let stage = ConversionStage { index, frame, corrupt throws(DecodeFailure) in
+                let size = demuxer.stream(streamIndex).pointee.codecpar.pointee
+                let depth = ConversionStage.depth(width: Int(size.width), height: Int(size.height))
+                let stage = ConversionStage(depth: depth) { index, frame, corrupt throws(DecodeFailure) in
                     try store(index, try self.converted(frame), corrupt)
                 }
                 do throws(DecodeFailure) {
