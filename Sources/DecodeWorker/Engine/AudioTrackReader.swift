@@ -301,7 +301,7 @@ final class AudioTrackReader {
             try feed(frame, at: t)
             return
         }
-        held = (try frame.reference(), t - expected)
+        held = (try frame.reference(path: path), t - expected)
     }
 
     /// Decides, at the first frame, whether packets before `start` can go undecoded: only with an

@@ -309,7 +309,7 @@ final class VideoFrameReader {
                 }
                 do throws(DecodeFailure) {
                     let result = try decodeFrames(targets: targets, verifying: keys) { index, corrupt throws(DecodeFailure) in
-                        try stage.submit(index, try frame.reference(), corrupt: corrupt)
+                        try stage.submit(index, try frame.reference(path: path), corrupt: corrupt)
                     }
                     try stage.finish()
                     return result

@@ -40,11 +40,12 @@ extension Frame {
     var channelCount: Int { Int(pointer.pointee.ch_layout.nb_channels) }
     var sampleFormat: Int32 { pointer.pointee.format }
 
-    /// A new reference to the same frame data (`av_frame_ref`), to hold a frame back.
-    func reference() throws(DecodeFailure) -> Frame {
+    /// A new reference to the same frame data (`av_frame_ref`), to hold a frame back or hand it
+    /// to another thread; `path` names the clip in the error.
+    func reference(path: String) throws(DecodeFailure) -> Frame {
         let copy = try Frame()
         let rc = av_frame_ref(copy.pointer, pointer)
-        if rc < 0 { throw FFError.failure(rc, "referencing a decoded frame", path: "") }
+        if rc < 0 { throw FFError.failure(rc, "referencing a decoded frame", path: path) }
         return copy
     }
 }
