@@ -1,3 +1,4 @@
+import CFFmpeg
 import Foundation
 import Shared
 import Synchronization
@@ -60,8 +61,8 @@ import Testing
     }
 
     /// The stage delivers in the order frames were handed over; a failure stops it at once (the
-    /// frames waiting are dropped, every frame is released) and reaches the decoding thread at
-    /// its next hand-over or at `finish`.
+    /// frames waiting are dropped, every frame handed over is released) and reaches the decoding
+    /// thread at its next hand-over or at `finish`.
     @Test func aFailureOnTheStageStopsTheClip() throws {
         let delivered = Mutex<[Int]>([])
         let failing = 5
@@ -70,64 +71,117 @@ import Testing
             usleep(2000)  // slower than the hand-overs, so frames wait behind the failing one
             delivered.withLock { $0.append(index) }
         }
-        weak var lastFrame: Frame?
+        var handed: [WeakFrame] = []
         var thrownAtSubmit: DecodeFailure?
         for index in 0..<40 {
             let frame = try Frame()
-            lastFrame = frame
             do throws(DecodeFailure) {
                 try stage.submit(index, frame, corrupt: false)
             } catch {
                 thrownAtSubmit = error
                 break
             }
+            handed.append(WeakFrame(frame))
         }
         var thrownAtFinish: DecodeFailure?
         do throws(DecodeFailure) { try stage.finish() } catch { thrownAtFinish = error }
         let failure = try #require(thrownAtSubmit ?? thrownAtFinish)
         #expect(failure.message.contains("disk full"))
         #expect(delivered.withLock { $0 } == Array(0..<failing), "frames after the failure were delivered, or out of order")
-        #expect(lastFrame == nil, "a frame handed over was never released")
+        #expect(handed.count > failing + 1, "no frame waited behind the failing one")
+        #expect(handed.allSatisfy { $0.frame == nil }, "a frame handed over was never released")
     }
 
     /// The stage holds no more than `depth` frames (waiting or being converted): the decoding
-    /// thread waits for room beyond that, and big frames get fewer places (their memory counts
-    /// against the worker's limit).
-    @Test func framesWaitingAreBounded() throws {
-        #expect(ConversionStage.depth(width: 320, height: 240) == ConversionStage.maxDepth)
-        #expect(ConversionStage.depth(width: 3840, height: 2160) == 2)
-        #expect(ConversionStage.depth(width: 7680, height: 4320) == 1)
-        #expect(ConversionStage.depth(width: 0, height: 0) == ConversionStage.maxDepth)
-        let started = Atomic<Int>(0)
+    /// thread waits for room beyond that, and big frames get fewer places.
+    @Test func framesHeldAreBounded() throws {
+        let frame320 = ConversionStage.frameBytes(width: 320, height: 240, format: AV_PIX_FMT_YUV420P)
+        #expect(frame320 == 320 * 240 * 3 / 2)
+        #expect(ConversionStage.depth(frameBytes: frame320) == ConversionStage.maxDepth)
+        let frame4K = ConversionStage.frameBytes(width: 3840, height: 2160, format: AV_PIX_FMT_YUV420P)
+        #expect(ConversionStage.depth(frameBytes: frame4K) == 4)
+        let frame4K444 = ConversionStage.frameBytes(width: 3840, height: 2160, format: AV_PIX_FMT_YUV444P16LE)
+        #expect(ConversionStage.depth(frameBytes: frame4K444) == 1)
+        let unknown = ConversionStage.frameBytes(width: 3840, height: 2160, format: AV_PIX_FMT_NONE)
+        #expect(unknown == 3840 * 2160 * 8)
+        let finished = Atomic<Int>(0)
         let stage = ConversionStage(depth: 2) { _, _, _ throws(DecodeFailure) in
-            started.add(1, ordering: .relaxed)
             usleep(5000)
+            finished.add(1, ordering: .sequentiallyConsistent)
         }
-        var mostWaiting = 0
+        var mostHeld = 0
         for index in 0..<12 {
             try stage.submit(index, try Frame(), corrupt: false)
-            // Handed over and not yet started: never more than the stage holds.
-            mostWaiting = max(mostWaiting, index + 1 - started.load(ordering: .relaxed))
+            mostHeld = max(mostHeld, index + 1 - finished.load(ordering: .sequentiallyConsistent))
         }
         try stage.finish()
-        #expect(started.load(ordering: .relaxed) == 12)
-        #expect(mostWaiting <= 2, "\(mostWaiting) frames were handed over and not yet started")
+        #expect(finished.load(ordering: .sequentiallyConsistent) == 12)
+        #expect(mostHeld <= 2, "\(mostHeld) frames held at once with depth 2")
     }
 
-    /// `abandon` (the decoding thread failed) drops what waits and returns once nothing runs.
-    @Test func abandoningDropsTheWaitingFrames() throws {
+    /// `abandon` (the decoding thread failed) returns only once the frame being converted is
+    /// done, and drops the frames waiting.
+    @Test func abandonWaitsForTheFrameBeingConverted() throws {
+        let started = Atomic<Int>(0)
         let delivered = Atomic<Int>(0)
         let stage = ConversionStage { _, _, _ throws(DecodeFailure) in
+            started.add(1, ordering: .sequentiallyConsistent)
             usleep(20_000)
-            delivered.add(1, ordering: .relaxed)
+            delivered.add(1, ordering: .sequentiallyConsistent)
         }
         for index in 0..<ConversionStage.maxDepth {
             try stage.submit(index, try Frame(), corrupt: false)
         }
+        while started.load(ordering: .sequentiallyConsistent) == 0 { usleep(100) }
         stage.abandon()
-        let done = delivered.load(ordering: .relaxed)
-        #expect(done < ConversionStage.maxDepth, "abandon waited for every waiting frame")
+        #expect(delivered.load(ordering: .sequentiallyConsistent) == 1, "abandon returned while a frame was converted")
         usleep(50_000)
-        #expect(delivered.load(ordering: .relaxed) == done, "the stage went on after abandon returned")
+        #expect(started.load(ordering: .sequentiallyConsistent) == 1, "frames waiting were converted after abandon")
+    }
+
+    /// `decodeLoop`'s shape: a `work` made escaping with `withoutActuallyEscaping` must be let go
+    /// by `finish` or `abandon` on every path, else the runtime traps (and this test process
+    /// dies); every failure, the stage's (early, or at the last frame, seen only by `finish`) or
+    /// the decoding thread's, comes out.
+    @Test func workIsLetGoOnEveryPath() throws {
+        func run(failAt: Int?, decodingThrowsAt: Int?) -> (delivered: [Int], failure: DecodeFailure?) {
+            var delivered: [Int] = []
+            let store: (Int) throws(DecodeFailure) -> Void = { index throws(DecodeFailure) in
+                if index == failAt { throw DecodeFailure(.decodeError, "x.mp4: the stage failed", path: "x.mp4") }
+                usleep(1000)
+                delivered.append(index)
+            }
+            let outcome = withoutActuallyEscaping(store) { store in
+                Result { () throws(DecodeFailure) -> Void in
+                    let stage = ConversionStage(depth: 3) { index, _, _ throws(DecodeFailure) in try store(index) }
+                    do throws(DecodeFailure) {
+                        for index in 0..<20 {
+                            if index == decodingThrowsAt { throw DecodeFailure(.outOfMemory, "x.mp4: ENOMEM", path: "x.mp4") }
+                            try stage.submit(index, try Frame(), corrupt: false)
+                        }
+                        try stage.finish()
+                    } catch {
+                        stage.abandon()
+                        throw error
+                    }
+                }
+            }
+            if case .failure(let failure) = outcome { return (delivered, failure) }
+            return (delivered, nil)
+        }
+        let clean = run(failAt: nil, decodingThrowsAt: nil)
+        #expect(clean.failure == nil && clean.delivered == Array(0..<20))
+        #expect(run(failAt: 4, decodingThrowsAt: nil).failure?.message.contains("the stage failed") == true)
+        let atTheEnd = run(failAt: 19, decodingThrowsAt: nil)
+        #expect(atTheEnd.failure?.message.contains("the stage failed") == true, "a failure only finish sees was lost")
+        #expect(atTheEnd.delivered == Array(0..<19))
+        let decoding = run(failAt: nil, decodingThrowsAt: 7)
+        #expect(decoding.failure?.message.contains("ENOMEM") == true)
+        #expect(decoding.delivered.count <= 7)
+    }
+
+    final class WeakFrame {
+        weak var frame: Frame?
+        init(_ frame: Frame) { self.frame = frame }
     }
 }

@@ -1,3 +1,4 @@
+import CFFmpeg
 import Dispatch
 import Shared
 import Synchronization
@@ -9,11 +10,11 @@ import Synchronization
 /// them on the decoding thread.
 ///
 /// Frames are converted and delivered one at a time, in the order they were handed over, so the
-/// block is the one the decoding thread alone writes: same frames, same bytes. The stage holds
-/// at most `depth` frames, waiting or being converted (4, fewer for frames over 5 MP); the
-/// decoding thread waits for room beyond that. A failure of the stage (the
-/// conversion, the block) reaches the decoding thread at its next hand-over or at `finish`, and
-/// the frames still waiting are then dropped unconverted.
+/// block is the one the decoding thread alone writes: same frames, same bytes. The stage holds at
+/// most `depth` frames, waiting or being converted (4, fewer past 64 MiB of decoded frames: one at
+/// 8K); the decoding thread waits for room beyond that. A failure of the stage (the conversion, the
+/// block) reaches the decoding thread at its next hand-over or at `finish`, and the frames still
+/// waiting are then dropped unconverted.
 final class ConversionStage: @unchecked Sendable {
     /// Converts and delivers one frame (on the stage's thread).
     typealias Work = (_ index: Int, _ frame: Frame, _ corrupt: Bool) throws(DecodeFailure) -> Void
@@ -21,16 +22,24 @@ final class ConversionStage: @unchecked Sendable {
     /// Frames handed over and not yet delivered, at most: enough to ride out a slow frame on
     /// either side, few enough that the decoder's frame pool grows by only that many.
     static let maxDepth = 4
-    /// Decoded frames in the stage take at most about this much memory beyond the decoder's own
-    /// (a 4K frame is ~12 MB, an 8K one ~50 MB), so a clip that fits the worker's memory limit
-    /// with one thread fits it with the stage.
+    /// Decoded frames in the stage take about this much memory at most beyond the decoder's own
+    /// (a 4K 4:2:0 frame is ~12 MB, an 8K one ~50 MB): the stage adds little to what a clip
+    /// needs on one thread, under the worker's memory limit.
     static let maxHeldBytes = 64 << 20
 
-    /// Frames the stage may hold when decoded frames are `width` x `height` (at most 3 bytes a
-    /// pixel: 4:4:4, or 10-bit 4:2:0), from 1 to `maxDepth`.
-    static func depth(width: Int, height: Int) -> Int {
-        let frameBytes = max(width, 1) * max(height, 1) * 3
-        return max(1, min(maxDepth, maxHeldBytes / frameBytes))
+    /// Frames the stage may hold when a decoded frame takes `frameBytes` bytes, from 1 to
+    /// `maxDepth`.
+    static func depth(frameBytes: Int) -> Int {
+        max(1, min(maxDepth, maxHeldBytes / max(frameBytes, 1)))
+    }
+
+    /// The bytes of one decoded `width` x `height` frame in `format`
+    /// (`av_image_get_buffer_size`); 8 bytes a pixel, the most any format takes, when the
+    /// format is not known yet.
+    static func frameBytes(width: Int, height: Int, format: AVPixelFormat) -> Int {
+        let w = max(width, 1), h = max(height, 1)
+        let size = av_image_get_buffer_size(format, Int32(clamping: w), Int32(clamping: h), 1)
+        return size > 0 ? Int(size) : w * h * 8
     }
 
     /// Frames the stage holds at most, waiting or being converted.
@@ -65,13 +74,14 @@ final class ConversionStage: @unchecked Sendable {
     func submit(_ index: Int, _ frame: Frame, corrupt: Bool) throws(DecodeFailure) {
         if let failed = state.withLock({ $0.failure }) { throw failed }
         room.wait()
-        let item = UncheckedFrame(frame)
+        let item = HandedFrame(frame)
         queue.async { [self] in
             defer { room.signal() }
+            defer { item.frame = nil }  // released before its room is given back
             let work = state.withLock { $0.failure == nil && !$0.abandoned ? $0.work : nil }
-            guard let work else { return }
+            guard let work, let frame = item.frame else { return }
             do throws(DecodeFailure) {
-                try work(index, item.frame, corrupt)
+                try work(index, frame, corrupt)
             } catch {
                 state.withLock { if $0.failure == nil { $0.failure = error } }
             }
@@ -93,8 +103,8 @@ final class ConversionStage: @unchecked Sendable {
     }
 
     /// A frame crossing to the stage's thread: the decoding thread no longer touches it.
-    private struct UncheckedFrame: @unchecked Sendable {
-        let frame: Frame
+    private final class HandedFrame: @unchecked Sendable {
+        var frame: Frame?
         init(_ frame: Frame) { self.frame = frame }
     }
 }

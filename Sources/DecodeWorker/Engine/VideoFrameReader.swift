@@ -303,7 +303,8 @@ final class VideoFrameReader {
         let outcome = withoutActuallyEscaping(store) { store in
             Result { () throws(DecodeFailure) -> LoopResult in
                 let size = demuxer.stream(streamIndex).pointee.codecpar.pointee
-                let depth = ConversionStage.depth(width: Int(size.width), height: Int(size.height))
+                let depth = ConversionStage.depth(frameBytes: ConversionStage.frameBytes(
+                    width: Int(size.width), height: Int(size.height), format: AVPixelFormat(rawValue: size.format)))
                 let stage = ConversionStage(depth: depth) { index, frame, corrupt throws(DecodeFailure) in
                     try store(index, try self.converted(frame), corrupt)
                 }

@@ -5,8 +5,12 @@ import Shared
 final class Frame {
     let pointer: UnsafeMutablePointer<AVFrame>
 
-    init() throws(DecodeFailure) {
-        guard let f = av_frame_alloc() else { throw DecodeFailure(.outOfMemory, "out of memory allocating a frame") }
+    /// `path` names the clip in the error.
+    init(path: String = "") throws(DecodeFailure) {
+        guard let f = av_frame_alloc() else {
+            let message = path.isEmpty ? "out of memory allocating a frame" : "\(path): out of memory allocating a frame"
+            throw DecodeFailure(.outOfMemory, message, path: path.isEmpty ? nil : path)
+        }
         pointer = f
     }
 
@@ -43,7 +47,7 @@ extension Frame {
     /// A new reference to the same frame data (`av_frame_ref`), to hold a frame back or hand it
     /// to another thread; `path` names the clip in the error.
     func reference(path: String) throws(DecodeFailure) -> Frame {
-        let copy = try Frame()
+        let copy = try Frame(path: path)
         let rc = av_frame_ref(copy.pointer, pointer)
         if rc < 0 { throw FFError.failure(rc, "referencing a decoded frame", path: path) }
         return copy
